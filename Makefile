@@ -1,0 +1,96 @@
+# Rendezvous — every developer and CI task starts here.
+# `make up` brings the whole mesh up from nothing; `make test` runs every check.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_BASE ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TOOLS_BIN := $(CURDIR)/tools/bin
+GHZ_VERSION := v0.120.0
+GRPCURL_VERSION := v1.9.4
+export PYTHON := $(CURDIR)/$(PY)
+
+.PHONY: help setup venv tools gen gen-check lint fmt buf-breaking unit integration test check \
+        pulsar-up pulsar-down up down status demo score ghz-smoke clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(TOOLS_BIN)/ghz:
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+$(TOOLS_BIN)/grpcurl:
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
+
+setup: venv tools ## Install everything: virtualenv, buf, ghz, grpcurl, Apache Pulsar
+	tools/pulsar.sh fetch
+
+gen: venv ## Regenerate gen/ from protos/
+	tools/gen.sh
+
+gen-check: venv ## Fail if gen/ differs from what protos/ generate
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	tools/gen.sh "$$tmp"; \
+	diff -r --exclude=__pycache__ "$$tmp/rendezvous" gen/rendezvous \
+	  || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }
+
+lint: venv ## ruff, mypy (strict), buf lint and buf format
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	$(BIN)/buf format -d --exit-code
+	tools/buf-breaking.sh
+
+fmt: venv ## Format Python and protos in place
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/buf format -w
+
+unit: venv ## Unit tests only (no broker)
+	$(BIN)/pytest -m 'not integration'
+
+test: setup lint gen-check ## Every check: lint, gen drift, unit and integration tests on a real broker
+	tools/run-tests.sh
+
+check: test ## Alias of test
+
+pulsar-up: ## Start the Apache Pulsar standalone broker on 127.0.0.1
+	tools/pulsar.sh up
+
+pulsar-down: ## Stop the broker
+	tools/pulsar.sh down
+
+ghz-smoke: setup ## Call a running grpc.aio server through reflection with ghz
+	tools/ghz-smoke.sh
+
+up: setup ## Bring the whole mesh up (broker included) and print the endpoint
+	$(BIN)/rendezvous up
+
+down: ## Stop the mesh and the broker it started
+	$(BIN)/rendezvous down
+
+status: ## Show what the mesh is running
+	$(BIN)/rendezvous status
+
+demo: ## Drive a few hundred requests through the running mesh and report per model
+	$(BIN)/rendezvous demo
+
+clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
+	-tools/pulsar.sh down
+	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Rendezvous services: a small common core and one package per component."""

@@ -1,0 +1,213 @@
+"""The mesh file: objectives, their models and roles, and their policies.
+
+A mesh file (YAML) is what an operator writes; `ObjectiveConfig` protos are what
+services act on. `load_mesh` validates the file (unknown keys, unknown models in
+a policy, steps out of order are errors with the offending path) and converts
+it. Endpoints of model containers are filled in by whoever starts them (the
+supervisor) or given in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from rendezvous.v1 import common_pb2, model_pb2, objective_pb2
+
+from services.core.protos import duration_from_seconds, set_values
+
+_ROLES = {
+    "incumbent": common_pb2.MODEL_ROLE_INCUMBENT,
+    "challenger": common_pb2.MODEL_ROLE_CHALLENGER,
+    "canary": common_pb2.MODEL_ROLE_CANARY,
+    "decoy": common_pb2.MODEL_ROLE_DECOY,
+}
+_FEATURE_TYPES = {
+    "any": model_pb2.FEATURE_TYPE_UNSPECIFIED,
+    "number": model_pb2.FEATURE_TYPE_NUMBER,
+    "string": model_pb2.FEATURE_TYPE_STRING,
+    "bool": model_pb2.FEATURE_TYPE_BOOL,
+    "list": model_pb2.FEATURE_TYPE_LIST,
+}
+_CONSENT = {
+    "granted": common_pb2.CONSENT_DECISION_GRANTED,
+    "denied": common_pb2.CONSENT_DECISION_DENIED,
+}
+
+Role = Literal["incumbent", "challenger", "canary", "decoy"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureEntry(_Strict):
+    """One input feature of an objective."""
+
+    name: str
+    type: Literal["any", "number", "string", "bool", "list"] = "number"
+    required: bool = True
+    description: str = ""
+
+
+class ModelEntry(_Strict):
+    """One model deployment: what runs (`kind` + `args`) and the role it plays."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    role: Role
+    version: str = "1"
+    # Which example container to run (sum, diabetes, flaky, ...); absent when the
+    # container is external and `endpoint` says where it listens.
+    kind: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    endpoint: str | None = None
+    replicas: int = Field(default=1, ge=1, le=16)
+    enabled: bool = True
+
+
+class PolicyStepEntry(_Strict):
+    """Accept the first of `accept` (in that order of preference) until `until_ms`."""
+
+    until_ms: float = Field(gt=0)
+    accept: list[str] = Field(min_length=1)
+    description: str = ""
+
+
+class DefaultEntry(_Strict):
+    """The designed answer when nothing acceptable came in time."""
+
+    score: float = 0.0
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    prefer_canary: bool = False
+
+
+class SamplingEntry(_Strict):
+    """Shares of traffic the optional roles see."""
+
+    challenger_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    archive_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+class ConsentEntry(_Strict):
+    """What an unspecified consent decision means for this objective."""
+
+    experimentation: Literal["granted", "denied"] = "granted"
+    archiving: Literal["granted", "denied"] = "granted"
+
+
+class ObjectiveEntry(_Strict):
+    """One business objective as the mesh file describes it."""
+
+    sla_ms: float = Field(gt=0, le=60_000)
+    late_grace_ms: float = Field(default=2_000, ge=0)
+    features: list[FeatureEntry] = Field(default_factory=list)
+    models: list[ModelEntry] = Field(min_length=1)
+    policy: list[PolicyStepEntry] = Field(min_length=1)
+    default: DefaultEntry = Field(default_factory=DefaultEntry)
+    sampling: SamplingEntry = Field(default_factory=SamplingEntry)
+    default_consent: ConsentEntry = Field(default_factory=ConsentEntry)
+
+    @model_validator(mode="after")
+    def _policy_names_models(self) -> ObjectiveEntry:
+        names = [model.name for model in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique within an objective")
+        answering = {m.name for m in self.models if m.role != "decoy"}
+        previous = 0.0
+        for index, step in enumerate(self.policy):
+            unknown = [name for name in step.accept if name not in answering]
+            if unknown:
+                raise ValueError(f"policy[{index}].accept names unknown or decoy models: {unknown}")
+            if step.until_ms <= previous:
+                raise ValueError(f"policy[{index}].until_ms must grow step by step")
+            previous = step.until_ms
+        if previous > self.sla_ms:
+            raise ValueError("the last policy step ends after the SLA")
+        return self
+
+
+class RendezvousEntry(_Strict):
+    """Where the public scoring endpoint listens."""
+
+    listen: str = "127.0.0.1:50051"
+
+
+class Mesh(_Strict):
+    """A whole mesh: every objective, and where the public endpoint listens."""
+
+    objectives: dict[str, ObjectiveEntry] = Field(min_length=1)
+    rendezvous: RendezvousEntry = Field(default_factory=RendezvousEntry)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objective_names(cls, value: dict[str, ObjectiveEntry]) -> dict[str, ObjectiveEntry]:
+        for name in value:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"objective name {name!r} must be alphanumeric, '-' or '_'")
+        return value
+
+    def objective_configs(self, version: int = 1) -> dict[str, objective_pb2.ObjectiveConfig]:
+        return {name: to_config(name, entry, version) for name, entry in self.objectives.items()}
+
+
+def load_mesh(path: Path) -> Mesh:
+    with path.open(encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    return Mesh.model_validate(data)
+
+
+def to_config(name: str, entry: ObjectiveEntry, version: int = 1) -> objective_pb2.ObjectiveConfig:
+    config = objective_pb2.ObjectiveConfig(
+        objective=name,
+        version=version,
+        sla=duration_from_seconds(entry.sla_ms / 1000),
+        late_grace=duration_from_seconds(entry.late_grace_ms / 1000),
+        sampling=objective_pb2.Sampling(
+            challenger_fraction=entry.sampling.challenger_fraction,
+            archive_fraction=entry.sampling.archive_fraction,
+        ),
+        default_consent=common_pb2.Consent(
+            experimentation=_CONSENT[entry.default_consent.experimentation],
+            archiving=_CONSENT[entry.default_consent.archiving],
+        ),
+    )
+    for feature in entry.features:
+        config.features.add(
+            name=feature.name,
+            type=_FEATURE_TYPES[feature.type],
+            required=feature.required,
+            description=feature.description,
+        )
+    for model in entry.models:
+        config.models.add(
+            name=model.name,
+            role=_ROLES[model.role],
+            version=model.version,
+            endpoint=model.endpoint or "",
+            enabled=model.enabled,
+        )
+    for step in entry.policy:
+        config.policy.steps.add(
+            until=duration_from_seconds(step.until_ms / 1000),
+            accept=step.accept,
+            description=step.description or _describe(step),
+        )
+    config.default_answer.score = entry.default.score
+    config.default_answer.prefer_canary = entry.default.prefer_canary
+    set_values(config.default_answer.outputs, entry.default.outputs)
+    return config
+
+
+def _describe(step: PolicyStepEntry) -> str:
+    if len(step.accept) == 1:
+        return f"until {step.until_ms:g}ms: {step.accept[0]} only"
+    return f"until {step.until_ms:g}ms: first of {', '.join(step.accept)}"
+
+
+def role_name(role: int) -> str:
+    for name, value in _ROLES.items():
+        if value == role:
+            return name
+    return "unspecified"

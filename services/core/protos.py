@@ -1,0 +1,125 @@
+"""Small helpers over the generated messages: JSON values, time, PII redaction."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from rendezvous.v1 import options_pb2
+
+_PII = options_pb2.pii
+
+
+def to_value(value: Any) -> struct_pb2.Value:
+    """A google.protobuf.Value from a plain Python/JSON value."""
+    out = struct_pb2.Value()
+    if value is None:
+        out.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int | float):
+        out.number_value = float(value)
+    elif isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, Mapping):
+        out.struct_value.update(value)
+    elif isinstance(value, Iterable):
+        out.list_value.extend(list(value))
+    else:
+        raise TypeError(f"not a JSON value: {type(value).__name__}")
+    return out
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    """The plain Python value a google.protobuf.Value holds."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: from_value(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [from_value(v) for v in value.list_value.values]
+    return None
+
+
+def set_values(target: Any, values: Mapping[str, Any]) -> None:
+    """Fill a `map<string, google.protobuf.Value>` field from plain values."""
+    for key, value in values.items():
+        target[key].CopyFrom(to_value(value))
+
+
+def values_dict(source: Mapping[str, struct_pb2.Value]) -> dict[str, Any]:
+    return {key: from_value(value) for key, value in source.items()}
+
+
+def finite_number(value: struct_pb2.Value) -> float | None:
+    """The value as a finite float, or None when it is not a finite number."""
+    if value.WhichOneof("kind") != "number_value":
+        return None
+    number = value.number_value
+    return number if math.isfinite(number) else None
+
+
+def now_timestamp() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+def timestamp_from_ns(epoch_ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(epoch_ns)
+    return ts
+
+
+def seconds_until(deadline: timestamp_pb2.Timestamp, now_ns: int | None = None) -> float:
+    """Seconds from now to `deadline` (negative once it has passed)."""
+    current = time.time_ns() if now_ns is None else now_ns
+    return (deadline.ToNanoseconds() - current) / 1e9
+
+
+def duration_from_seconds(seconds: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(round(seconds * 1e9))
+    return out
+
+
+def duration_ms(duration: duration_pb2.Duration) -> float:
+    return duration.ToNanoseconds() / 1e6
+
+
+def redact_pii(message: Message, prefix: str = "") -> list[str]:
+    """Clear every field marked `(rendezvous.v1.pii) = true`, recursively, in place.
+
+    Returns the paths of the fields it cleared, so sinks can record what they hid.
+    """
+    redacted: list[str] = []
+    for descriptor, value in message.ListFields():
+        path = f"{prefix}{descriptor.name}"
+        if descriptor.GetOptions().Extensions[_PII]:
+            message.ClearField(descriptor.name)
+            redacted.append(path)
+            continue
+        if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        entry_type = descriptor.message_type
+        if entry_type is not None and entry_type.GetOptions().map_entry:
+            value_field = entry_type.fields_by_name["value"]
+            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                for key, item in value.items():
+                    redacted.extend(redact_pii(item, f"{path}[{key}]."))
+        elif descriptor.is_repeated:
+            for index, item in enumerate(value):
+                redacted.extend(redact_pii(item, f"{path}[{index}]."))
+        else:
+            redacted.extend(redact_pii(value, f"{path}."))
+    return redacted

@@ -1,0 +1,150 @@
+"""Server lifecycle shared by every component.
+
+`Service` is the composition root's view of a component: it starts, it may
+run background work (consumers), and it stops in order. `GrpcServer` wraps a
+grpc.aio server with the parts every component has: the error interceptor,
+the standard health service (which drains to NOT_SERVING before stop) and
+server reflection (what ghz, grpcurl and Kubernetes probes expect). `run`
+installs the event loop (uvloop), signal handlers and the ordered shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.core.errors import ErrorInterceptor
+from services.core.settings import ServiceSettings
+from services.core.telemetry import configure_logging, configure_tracing, start_metrics_server
+
+log = logging.getLogger(__name__)
+
+Registrar = Callable[[grpc.aio.Server], None]
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection and error mapping built in."""
+
+    def __init__(
+        self,
+        *,
+        service_names: Sequence[str],
+        registrars: Sequence[Registrar],
+        tcp_address: str | None,
+        uds_path: Path | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        maximum_concurrent_rpcs: int | None = None,
+        extra_options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            *extra_options,
+        ]
+        self._server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=options,
+            maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        for register in registrars:
+            register(self._server)
+        self._service_names = list(service_names)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        self.tcp_port: int | None = None
+        self.tcp_address = tcp_address
+        if tcp_address is not None:
+            self.tcp_port = self._server.add_insecure_port(tcp_address)
+        self.uds_path = uds_path
+        if uds_path is not None:
+            uds_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileNotFoundError):
+                uds_path.unlink()
+            # The socket is created under the server's umask: owner-only access.
+            old_umask = os.umask(0o177)
+            try:
+                self._server.add_insecure_port(f"unix://{uds_path}")
+            finally:
+                os.umask(old_umask)
+
+    @property
+    def endpoint(self) -> str:
+        if self.tcp_address is None or self.tcp_port is None:
+            return ""
+        host = self.tcp_address.rsplit(":", 1)[0]
+        return f"{host}:{self.tcp_port}"
+
+    async def start(self) -> None:
+        await self._server.start()
+        if self.uds_path is not None:
+            # The umask already applies; chmod makes the intent explicit and survives odd umasks.
+            os.chmod(self.uds_path, 0o600)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set("", status)
+        for name in self._service_names:
+            await self._health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+
+class Component(Protocol):
+    """A runnable component: `start` returns once it serves; `stop` drains and closes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def write_ready_file(path: Path | None, **facts: Any) -> None:
+    """Tell a supervisor where this process listens, atomically."""
+    if path is None:
+        return
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **facts}))
+    tmp.replace(path)
+
+
+async def serve_until_signalled(component: Component) -> None:
+    """Start the component, wait for SIGTERM or SIGINT, stop it in order."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await component.start()
+    await stopping.wait()
+    log.info("signal received, draining")
+    await component.stop()
+
+
+def run(service: str, settings: ServiceSettings, build: Callable[[], Component]) -> None:
+    """The body of every `python -m services.<name>`: logging, tracing, metrics, loop, serve."""
+    configure_logging(service, settings.log_level, settings.log_format)
+    configure_tracing(service, settings.trace_exporter)
+    start_metrics_server(settings.metrics_port)
+    uvloop.run(serve_until_signalled(build()))

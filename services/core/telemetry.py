@@ -1,0 +1,140 @@
+"""Structured logs, OpenTelemetry traces and Prometheus-style metrics.
+
+Trace context crosses every hop: gRPC metadata on calls, Pulsar message
+properties on messages (see `inject` / `extract`), so one request is one trace.
+Metrics live in one process-wide registry, exposed on `/metrics` when a
+service's `metrics_port` is set; label values are kept low-cardinality (model,
+objective, outcome), never request ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+
+_STANDARD_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, extra fields, trace id."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_RECORD_KEYS and not key.startswith("_"):
+                entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(service))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def configure_tracing(service: str, exporter: str = "none") -> None:
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject(carrier: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The current trace context as string properties (traceparent, tracestate)."""
+    out: dict[str, str] = dict(carrier or {})
+    propagate.inject(out)
+    return out
+
+
+def extract(carrier: Mapping[str, str]) -> otel_context.Context:
+    """The trace context a message or call carried, to parent the next span."""
+    return propagate.extract(dict(carrier))
+
+
+def start_metrics_server(port: int) -> None:
+    if port > 0:
+        start_http_server(port, addr="127.0.0.1")
+
+
+def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+    """A process-wide counter; asking twice for one name returns the same counter."""
+    existing = REGISTRY._names_to_collectors.get(
+        name + "_total"
+    ) or REGISTRY._names_to_collectors.get(name)
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    return Counter(name, doc, labels)
+
+
+def histogram(
+    name: str, doc: str, labels: tuple[str, ...] = (), buckets: tuple[float, ...] | None = None
+) -> Histogram:
+    existing = REGISTRY._names_to_collectors.get(name) or REGISTRY._names_to_collectors.get(
+        name + "_bucket"
+    )
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    if buckets is None:
+        buckets = LATENCY_BUCKETS_S
+    return Histogram(name, doc, labels, buckets=buckets)
+
+
+# Milliseconds matter here: the rendezvous overhead target is single-digit ms.
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000.0
