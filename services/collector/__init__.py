@@ -1,0 +1,1 @@
+"""The collector sidecar: delivers a rendezvous instance's predictions to its mailboxes."""

@@ -1,0 +1,5 @@
+"""`python -m services.collector`: run the collector sidecar of one rendezvous instance."""
+
+from services.collector.app import main
+
+main()

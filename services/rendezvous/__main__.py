@@ -1,0 +1,5 @@
+"""`python -m services.rendezvous`: run one rendezvous instance."""
+
+from services.rendezvous.app import main
+
+main()

@@ -1,0 +1,161 @@
+"""Mailboxes: one per in-flight request, where its predictions meet its policy.
+
+A mailbox records every prediction delivered for its request (first copy
+only: Pulsar delivers at least once), re-evaluates the policy at each arrival
+and at each step boundary (a loop timer, not a task per request), resolves
+the caller's future exactly once, and keeps collecting late predictions for a
+grace window before it is closed and its outcome is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rendezvous.v1 import delivery_pb2, task_pb2
+
+from services.core.protos import duration_from_seconds
+from services.rendezvous.policy import Policy, Verdict, decide, next_wakeup
+
+
+@dataclass(slots=True)
+class Arrival:
+    """One prediction as it reached the mailbox."""
+
+    event: task_pb2.PredictionEvent
+    at_ms: float
+    late: bool
+
+
+@dataclass(slots=True)
+class Mailbox:
+    """The race for one request."""
+
+    mailbox_id: str
+    request_id: str
+    objective: str
+    policy: Policy
+    sla_ms: float
+    client_deadline: bool
+    started_ns: int
+    answer: asyncio.Future[Verdict]
+    arrivals: dict[str, Arrival] = field(default_factory=dict)
+    arrived_ok: dict[str, float] = field(default_factory=dict)
+    duplicates: int = 0
+    # False until the broker took the task: a default answer then means "dispatch failed".
+    dispatched: bool = False
+    verdict_ms: float | None = None
+    _timer: asyncio.TimerHandle | None = None
+
+    def elapsed_ms(self, now_ns: int | None = None) -> float:
+        return ((now_ns or time.monotonic_ns()) - self.started_ns) / 1e6
+
+    @property
+    def answered(self) -> bool:
+        return self.answer.done()
+
+    def start(self) -> None:
+        """Arm the first boundary timer; an answer can come only from here or `offer`."""
+        self._evaluate()
+
+    def offer(self, event: task_pb2.PredictionEvent) -> delivery_pb2.DeliveryStatus.ValueType:
+        if event.model in self.arrivals:
+            self.duplicates += 1
+            return delivery_pb2.DELIVERY_STATUS_DUPLICATE
+        now = self.elapsed_ms()
+        late = self.answered
+        self.arrivals[event.model] = Arrival(event, now, late)
+        if late:
+            return delivery_pb2.DELIVERY_STATUS_LATE
+        if event.WhichOneof("result") == "prediction":
+            self.arrived_ok[event.model] = now
+            self._evaluate(now)
+        return delivery_pb2.DELIVERY_STATUS_ACCEPTED
+
+    def give_up(self, verdict: Verdict) -> None:
+        """End the race now with `verdict` (e.g. the request could not be dispatched)."""
+        self._resolve(verdict, self.elapsed_ms())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.answer.done():
+            self.answer.cancel()
+
+    def _evaluate(self, now: float | None = None) -> None:
+        if self.answered:
+            return
+        now = self.elapsed_ms() if now is None else now
+        verdict = decide(
+            self.policy, self.arrived_ok, now, self.sla_ms, client_deadline=self.client_deadline
+        )
+        if verdict is not None:
+            self._resolve(verdict, now)
+            return
+        self._arm(next_wakeup(self.policy, now, self.sla_ms) - now)
+
+    def _arm(self, delay_ms: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(
+            max(delay_ms, 0.0) / 1000, self._evaluate
+        )
+
+    def _resolve(self, verdict: Verdict, now: float) -> None:
+        if self.answer.done():
+            return
+        self.verdict_ms = now
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.answer.set_result(verdict)
+
+    def candidates(self, answered_by: str | None) -> list[task_pb2.Candidate]:
+        out = []
+        for model, arrival in self.arrivals.items():
+            if arrival.event.WhichOneof("result") == "error":
+                status = task_pb2.CANDIDATE_STATUS_ERROR
+            elif arrival.late:
+                status = task_pb2.CANDIDATE_STATUS_LATE
+            elif model == answered_by:
+                status = task_pb2.CANDIDATE_STATUS_ANSWERED
+            else:
+                status = task_pb2.CANDIDATE_STATUS_IN_TIME
+            out.append(
+                task_pb2.Candidate(
+                    prediction=arrival.event,
+                    arrival=duration_from_seconds(arrival.at_ms / 1000),
+                    status=status,
+                )
+            )
+        return out
+
+
+class MailboxRegistry:
+    """Every open mailbox of this rendezvous instance, by mailbox id."""
+
+    def __init__(self, on_unknown: Callable[[task_pb2.PredictionEvent], None]) -> None:
+        self._open: dict[str, Mailbox] = {}
+        self._on_unknown = on_unknown
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, mailbox: Mailbox) -> None:
+        self._open[mailbox.mailbox_id] = mailbox
+
+    def remove(self, mailbox_id: str) -> Mailbox | None:
+        return self._open.pop(mailbox_id, None)
+
+    def open_mailboxes(self) -> list[Mailbox]:
+        return list(self._open.values())
+
+    def offer(self, event: task_pb2.PredictionEvent) -> delivery_pb2.DeliveryStatus.ValueType:
+        mailbox = self._open.get(event.mailbox_id)
+        if mailbox is None or mailbox.request_id != event.request_id:
+            self._on_unknown(event)
+            return delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX
+        return mailbox.offer(event)

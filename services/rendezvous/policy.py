@@ -1,0 +1,127 @@
+"""The policy race as a pure function of time and arrivals.
+
+A policy is a schedule over the time since the request arrived:
+
+    sla 50ms
+    until 20ms: accept incumbent only
+    until 45ms: accept the first of incumbent, challenger-a, canary
+    at the SLA: the default (static, or the canary's score if it came)
+
+`decide` says, at one instant, whether the race is over and who won; the
+mailbox calls it at every arrival and at every step boundary (`next_wakeup`).
+Nothing here reads a clock or touches I/O, so the race is property-tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from rendezvous.v1 import common_pb2, objective_pb2
+
+from services.core.protos import duration_ms
+
+
+class Reason(Enum):
+    """Why the race ended (mirrors rendezvous.v1.DecisionReason)."""
+
+    ACCEPTED = "accepted"
+    SLA_DEFAULT = "sla_default"
+    SLA_CANARY = "sla_canary"
+    CLIENT_DEADLINE = "client_deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Accept the first of `accept` (most preferred first) until `until_ms`."""
+
+    until_ms: float
+    accept: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A compiled objective policy: steps in time order, the SLA, the default's rules."""
+
+    steps: tuple[Step, ...]
+    sla_ms: float
+    canary: str | None
+    prefer_canary: bool
+
+    @classmethod
+    def from_config(cls, config: objective_pb2.ObjectiveConfig) -> Policy:
+        canaries = [
+            m.name for m in config.models if m.role == common_pb2.MODEL_ROLE_CANARY and m.enabled
+        ]
+        return cls(
+            steps=tuple(
+                Step(duration_ms(step.until), tuple(step.accept), step.description)
+                for step in config.policy.steps
+            ),
+            sla_ms=duration_ms(config.sla),
+            canary=canaries[0] if canaries else None,
+            prefer_canary=config.default_answer.prefer_canary,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The end of a race: the winning model (None for the static default) and why."""
+
+    model: str | None
+    reason: Reason
+    rule_index: int
+    rule: str
+
+
+def active_step(policy: Policy, now_ms: float) -> int | None:
+    """The index of the step in force at `now_ms`, or None past the last step."""
+    for index, step in enumerate(policy.steps):
+        if now_ms < step.until_ms:
+            return index
+    return None
+
+
+def decide(
+    policy: Policy,
+    arrived: Mapping[str, float],
+    now_ms: float,
+    sla_ms: float | None = None,
+    *,
+    client_deadline: bool = False,
+) -> Verdict | None:
+    """The verdict at `now_ms`, or None while the race goes on.
+
+    `arrived` maps each model whose successful prediction has come to its arrival
+    time (ms since the request arrived); errors never count as arrivals. `sla_ms`
+    is the effective SLA (the objective's, tightened by the client's deadline, in
+    which case `client_deadline` is true).
+    """
+    sla = policy.sla_ms if sla_ms is None else min(sla_ms, policy.sla_ms)
+    if now_ms < sla:
+        index = active_step(policy, now_ms)
+        if index is None:
+            return None
+        step = policy.steps[index]
+        for model in step.accept:
+            if model in arrived and arrived[model] <= now_ms:
+                return Verdict(model, Reason.ACCEPTED, index, step.description)
+        return None
+    if policy.prefer_canary and policy.canary is not None and policy.canary in arrived:
+        return Verdict(
+            policy.canary, Reason.SLA_CANARY, -1, f"at the SLA ({sla:g}ms): canary's score"
+        )
+    if client_deadline:
+        return Verdict(None, Reason.CLIENT_DEADLINE, -1, f"client deadline ({sla:g}ms): default")
+    return Verdict(None, Reason.SLA_DEFAULT, -1, f"at the SLA ({sla:g}ms): default")
+
+
+def next_wakeup(policy: Policy, now_ms: float, sla_ms: float | None = None) -> float:
+    """The next instant after `now_ms` at which the verdict can change without an arrival."""
+    sla = policy.sla_ms if sla_ms is None else min(sla_ms, policy.sla_ms)
+    for step in policy.steps:
+        if now_ms < step.until_ms < sla:
+            return step.until_ms
+    return sla

@@ -1,0 +1,33 @@
+"""Settings of the rendezvous service."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from services.core.settings import ServiceSettings
+
+
+class RendezvousSettings(ServiceSettings):
+    """One rendezvous instance: its public endpoint, its collector socket, its limits."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RDV_RENDEZVOUS_", yaml_config_section="rendezvous"
+    )
+
+    listen: str = "127.0.0.1:50051"
+    # The collector sidecar delivers predictions here; owner-only permissions.
+    delivery_socket: Path = Path(tempfile.gettempdir()) / "rendezvous" / "delivery.sock"
+    # Open mailboxes beyond this are shed with RESOURCE_EXHAUSTED.
+    max_in_flight: int = 20_000
+    # A client deadline is cut by this much so the answer still reaches the client in time.
+    client_deadline_margin_ms: float = 2.0
+    request_id_max_length: int = 128
+    subject_id_max_length: int = 256
+    max_features: int = 1024
+    # Batching the request topic trades up to pulsar.batching_max_delay_ms for throughput.
+    request_batching: bool = False
+    outcome_batching: bool = True
+    outcome_publish_timeout_s: float = 5.0

@@ -1,0 +1,189 @@
+"""The race over real sockets: who answers, within what time, what the outcome records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
+from services.core.bus import MemoryBus
+from services.core.protos import duration_ms
+from tests.unit.rendezvous.conftest import Mesh
+
+
+def request(**features: float) -> scoring_pb2.ScoreRequest:
+    out = scoring_pb2.ScoreRequest(objective="demo")
+    for key, value in (features or {"x": 1.0}).items():
+        out.features[key].number_value = value
+    return out
+
+
+async def outcome_of(bus: MemoryBus, request_id: str, timeout: float = 2.0) -> task_pb2.Outcome:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for raw in bus.messages(bus.topics.results("demo")):
+            outcome = task_pb2.Outcome.FromString(raw.data)
+            if outcome.request_id == request_id:
+                return outcome
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no outcome for {request_id}")
+
+
+async def test_preferred_model_in_time_wins(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (5, 10.0), "challenger": (1, 20.0)}
+    response = await mesh.stub.Score(request())
+    assert response.decision.model == "incumbent"
+    assert response.decision.reason == scoring_pb2.DECISION_REASON_ACCEPTED
+    assert response.decision.rule_index == 0
+    assert response.score == 10.0
+    assert duration_ms(response.elapsed) < 20
+
+
+async def test_preferred_late_gives_the_next_in_order(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (80, 10.0), "challenger": (3, 20.0)}
+    started = time.monotonic()
+    response = await mesh.stub.Score(request())
+    waited_ms = (time.monotonic() - started) * 1000
+    assert (response.decision.model, response.decision.rule_index) == ("challenger", 1)
+    assert 19 <= duration_ms(response.elapsed) < 30
+    assert waited_ms < 40
+
+
+async def test_all_late_gives_the_default_within_the_sla(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (90, 10.0), "challenger": (90, 20.0)}
+    started = time.monotonic()
+    response = await mesh.stub.Score(request())
+    waited_ms = (time.monotonic() - started) * 1000
+    assert response.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT
+    assert response.decision.reason == scoring_pb2.DECISION_REASON_SLA_DEFAULT
+    assert response.score == -1.0
+    assert 50 <= waited_ms < 65
+
+
+async def test_client_deadline_tightens_the_sla(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (90, 10.0)}
+    started = time.monotonic()
+    # The call succeeds (no DEADLINE_EXCEEDED): the answer left before the client's deadline.
+    response = await mesh.stub.Score(request(), timeout=0.015)
+    waited_ms = (time.monotonic() - started) * 1000
+    assert response.decision.reason == scoring_pb2.DECISION_REASON_CLIENT_DEADLINE
+    assert duration_ms(response.elapsed) < 15
+    assert waited_ms < 30
+
+
+async def test_model_error_falls_back(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (2, None), "challenger": (4, 20.0)}
+    response = await mesh.stub.Score(request())
+    assert response.decision.model == "challenger"
+    outcome = await outcome_of(mesh.bus, response.request_id)
+    statuses = {c.prediction.model: c.status for c in outcome.candidates}
+    assert statuses == {
+        "incumbent": task_pb2.CANDIDATE_STATUS_ERROR,
+        "challenger": task_pb2.CANDIDATE_STATUS_ANSWERED,
+    }
+
+
+async def test_late_prediction_is_recorded_and_duplicates_counted(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (2, 10.0), "challenger": (120, 20.0)}
+    mesh.script.duplicate = {"incumbent"}
+    response = await mesh.stub.Score(request())
+    assert response.decision.model == "incumbent"
+    outcome = await outcome_of(mesh.bus, response.request_id)
+    statuses = {c.prediction.model: c.status for c in outcome.candidates}
+    assert statuses["challenger"] == task_pb2.CANDIDATE_STATUS_LATE
+    assert statuses["incumbent"] == task_pb2.CANDIDATE_STATUS_ANSWERED
+    assert outcome.duplicates == 1
+    assert mesh.collector.delivered[delivery_pb2.DELIVERY_STATUS_DUPLICATE] == 1
+    assert outcome.response.decision.model == "incumbent"
+
+
+async def test_request_id_is_kept_or_assigned(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (1, 1.0)}
+    given = request()
+    given.request_id = "client-42"
+    assert (await mesh.stub.Score(given)).request_id == "client-42"
+    assigned = (await mesh.stub.Score(request())).request_id
+    assert len(assigned) == 32
+
+
+def violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    out: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.update({v.field: v.description for v in bad.field_violations})
+    return out
+
+
+async def test_unknown_objective_is_not_found(mesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.stub.Score(scoring_pb2.ScoreRequest(objective="nope"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_bad_features_name_every_field(mesh: Mesh) -> None:
+    bad = scoring_pb2.ScoreRequest(objective="demo")
+    bad.features["y"].string_value = "not a number"
+    bad.features["zzz"].number_value = 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.stub.Score(bad)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {"features.x", "features.y", "features.zzz"}
+
+
+async def test_non_finite_number_is_rejected(mesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.stub.Score(request(x=float("nan")))
+    assert violations(caught.value) == {"features.x": "must be a finite number"}
+
+
+async def test_undecodable_body_is_invalid_argument(mesh: Mesh) -> None:
+    channel = grpc.aio.insecure_channel(mesh.rendezvous.server.endpoint)
+    raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/rendezvous.v1.ScoringService/Score"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await raw(b"\xff\xff\xff\xff")
+    await channel.close()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Traceback" not in (caught.value.details() or "")
+
+
+async def test_oversize_request_is_resource_exhausted(mesh: Mesh) -> None:
+    big = request()
+    big.payload.data = b"x" * (5 * 1024 * 1024)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.stub.Score(big)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_overload_is_shed(mesh: Mesh) -> None:
+    mesh.script.plan = {}
+    calls = [mesh.stub.Score(request()) for _ in range(80)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    shed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    answered = [r for r in results if isinstance(r, scoring_pb2.ScoreResponse)]
+    assert shed and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in shed)
+    assert len(answered) >= 50
+    assert all(r.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT for r in answered)
+
+
+async def test_broker_down_answers_default_within_sla(mesh: Mesh) -> None:
+    mesh.script.plan = {"incumbent": (1, 1.0)}
+    mesh.bus.unavailable = True
+    started = time.monotonic()
+    response = await mesh.stub.Score(request())
+    waited_ms = (time.monotonic() - started) * 1000
+    assert response.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT
+    assert response.decision.reason == scoring_pb2.DECISION_REASON_DISPATCH_FAILED
+    assert waited_ms < 65
+    mesh.bus.unavailable = False
+    assert (await mesh.stub.Score(request())).decision.model == "incumbent"
