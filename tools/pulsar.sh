@@ -1,0 +1,516 @@
+#!/usr/bin/env bash
+# Local Apache Pulsar standalone broker for Rendezvous (no Docker needed).
+#
+#   tools/pulsar.sh fetch    download + unpack the official distribution (Maven Central) once
+#   tools/pulsar.sh up       start a fresh broker and wait until a produce/consume round trip works
+#   tools/pulsar.sh down     stop it (SIGTERM, then SIGKILL)
+#   tools/pulsar.sh status   exit 0 and print the URLs if healthy, non-zero otherwise
+#   tools/pulsar.sh env      print PULSAR_SERVICE_URL / PULSAR_ADMIN_URL lines
+#
+# Environment (all optional):
+#   PULSAR_VERSION        distribution version                  (default 4.0.8)
+#   PULSAR_BROKER_PORT    binary protocol port                  (default 6650)
+#   PULSAR_WEB_PORT       HTTP admin port                       (default 8080)
+#   PULSAR_START_TIMEOUT  seconds `up` waits for readiness      (default 180)
+#   PULSAR_STOP_TIMEOUT   seconds `down` waits before SIGKILL   (default 15)
+#   PULSAR_MEM, PULSAR_GC JVM heap/GC flags (defaults sized for 2 cores)
+#   PYTHON                interpreter for the round-trip check  (default .venv/bin/python, else python3)
+#
+# See docs/pulsar.md.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+readonly REPO_ROOT
+
+PULSAR_VERSION="${PULSAR_VERSION:-4.0.8}"
+PULSAR_BROKER_PORT="${PULSAR_BROKER_PORT:-6650}"
+PULSAR_WEB_PORT="${PULSAR_WEB_PORT:-8080}"
+PULSAR_START_TIMEOUT="${PULSAR_START_TIMEOUT:-180}"
+PULSAR_STOP_TIMEOUT="${PULSAR_STOP_TIMEOUT:-15}"
+
+readonly HOST=127.0.0.1
+readonly MVN_DEP_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.8.1
+readonly ARTIFACT_ID=pulsar-server-distribution
+readonly CACHE_DIR="${REPO_ROOT}/.cache/pulsar"
+readonly PULSAR_HOME_DIR="${CACHE_DIR}/apache-pulsar-${PULSAR_VERSION}"
+readonly UNPACKED_MARKER="${PULSAR_HOME_DIR}/.rendezvous-unpacked"
+readonly RUN_DIR="${REPO_ROOT}/.run/pulsar"
+# Outside RUN_DIR, which `up` wipes.
+readonly LOCK_FILE="${REPO_ROOT}/.run/pulsar.lock"
+readonly PID_FILE="${RUN_DIR}/pulsar.pid"
+readonly LOG_DIR="${RUN_DIR}/logs"
+readonly CONF_TEMPLATE="${REPO_ROOT}/deploy/pulsar/standalone.conf"
+readonly RENDERED_CONF="${RUN_DIR}/standalone.conf"
+readonly STANDALONE_CLASS=org.apache.pulsar.PulsarStandaloneStarter
+
+SERVICE_URL="pulsar://${HOST}:${PULSAR_BROKER_PORT}"
+ADMIN_URL="http://${HOST}:${PULSAR_WEB_PORT}"
+readonly SERVICE_URL ADMIN_URL
+
+log() { printf 'pulsar.sh: %s\n' "$*" >&2; }
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+
+usage() {
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+validate_env() {
+    local name
+    for name in PULSAR_BROKER_PORT PULSAR_WEB_PORT PULSAR_START_TIMEOUT PULSAR_STOP_TIMEOUT; do
+        is_uint "${!name}" || die "${name} must be a non-negative integer, got '${!name}'"
+    done
+    [[ "${PULSAR_VERSION}" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "PULSAR_VERSION must look like 4.0.8, got '${PULSAR_VERSION}'"
+}
+
+now() { date +%s.%N; }
+elapsed_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# Install Debian packages when possible (fresh machines); otherwise explain what is missing.
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        die "missing $*; install it (no apt-get here)"
+    fi
+    local sudo=()
+    if [[ "$(id -u)" -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "missing $*; run as root or install it"
+        sudo=(sudo)
+    fi
+    log "installing $* with apt-get"
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+java_bin() {
+    if [[ -n "${JAVA_HOME:-}" && -x "${JAVA_HOME}/bin/java" ]]; then
+        printf '%s\n' "${JAVA_HOME}/bin/java"
+    elif command -v java >/dev/null 2>&1; then
+        command -v java
+    fi
+}
+
+# Major version of the given java binary (17 for "17.0.15", 1.8 -> 8).
+java_major() {
+    local line
+    line="$("$1" -version 2>&1 | grep -m1 'version "')" || return 1
+    if [[ "${line}" =~ \"1\.([0-9]+) ]]; then
+        printf '%s\n' "${BASH_REMATCH[1]}"
+    elif [[ "${line}" =~ \"([0-9]+) ]]; then
+        printf '%s\n' "${BASH_REMATCH[1]}"
+    else
+        return 1
+    fi
+}
+
+# Java release needed by the unpacked distribution: class-file major version of the
+# standalone starter minus 44 (61 -> Java 17).  Falls back to 17 if it cannot be read.
+required_java_major() {
+    local jar
+    jar="$(compgen -G "${PULSAR_HOME_DIR}/lib/org.apache.pulsar-pulsar-broker-${PULSAR_VERSION}.jar" || true)"
+    if [[ -n "${jar}" ]] && command -v python3 >/dev/null 2>&1; then
+        python3 - "${jar}" <<'PY' 2>/dev/null && return 0
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    head = z.read("org/apache/pulsar/PulsarStandaloneStarter.class")[:8]
+assert head[:4] == b"\xca\xfe\xba\xbe"
+print(int.from_bytes(head[6:8], "big") - 44)
+PY
+    fi
+    printf '17\n'
+}
+
+ensure_java() {
+    local need java have
+    need="$(required_java_major)"
+    java="$(java_bin)"
+    have=0
+    if [[ -n "${java}" ]]; then
+        have="$(java_major "${java}" || echo 0)"
+    fi
+    if ((have >= need)); then
+        return 0
+    fi
+    log "Pulsar ${PULSAR_VERSION} needs Java ${need}+; found: ${java:-none} (major ${have})"
+    # bin/pulsar prefers JAVA_HOME; fall back to the java on PATH if that one is new enough.
+    if [[ -n "${JAVA_HOME:-}" ]]; then
+        unset JAVA_HOME
+        java="$(java_bin)"
+        if [[ -n "${java}" ]] && (($(java_major "${java}" || echo 0) >= need)); then
+            log "ignoring JAVA_HOME; using ${java}"
+            return 0
+        fi
+    fi
+    apt_install "openjdk-${need}-jre-headless"
+    java="$(java_bin)"
+    have=0
+    if [[ -n "${java}" ]]; then
+        have="$(java_major "${java}" || echo 0)"
+    fi
+    ((have >= need)) || die "Java ${need}+ is still not the default java (${java:-none}: ${have}); set JAVA_HOME"
+}
+
+cmd_fetch() {
+    if [[ -f "${UNPACKED_MARKER}" && -x "${PULSAR_HOME_DIR}/bin/pulsar" ]]; then
+        log "Pulsar ${PULSAR_VERSION} already unpacked in ${PULSAR_HOME_DIR#"${REPO_ROOT}"/}"
+        ensure_java
+        return 0
+    fi
+    command -v mvn >/dev/null 2>&1 || apt_install maven
+    command -v tar >/dev/null 2>&1 || apt_install tar
+    mkdir -p "${CACHE_DIR}"
+
+    local tarball="${CACHE_DIR}/${ARTIFACT_ID}-${PULSAR_VERSION}-bin.tar.gz"
+    if [[ ! -s "${tarball}" ]]; then
+        log "downloading org.apache.pulsar:${ARTIFACT_ID}:${PULSAR_VERSION}:tar.gz:bin from Maven Central (~240 MB, once; kept in ~/.m2)"
+        # The dependency plugin is pinned: Maven 3.8.7's super POM would otherwise use 2.8.
+        # It resolves into ~/.m2 first, so repeated fetches are local copies.
+        # sed: Maven 3.8 prints stray colour resets (ESC[0m) even with -B -q.
+        mvn -B -q "${MVN_DEP_PLUGIN}:copy" \
+            -Dartifact="org.apache.pulsar:${ARTIFACT_ID}:${PULSAR_VERSION}:tar.gz:bin" \
+            -DoutputDirectory="${CACHE_DIR}" 2>&1 | sed -e 's/\x1b\[[0-9;]*m//g' >&2 ||
+            die "mvn could not fetch Pulsar ${PULSAR_VERSION} (does that version exist on Maven Central?)"
+    fi
+    [[ -s "${tarball}" ]] || die "expected ${tarball} after mvn copy"
+
+    # Unpack into a scratch folder and move into place, so an interrupted run never leaves a
+    # half-unpacked tree that looks complete.
+    local scratch
+    scratch="$(mktemp -d "${CACHE_DIR}/.unpack.XXXXXX")"
+    log "unpacking into ${PULSAR_HOME_DIR#"${REPO_ROOT}"/}"
+    if ! tar -xzf "${tarball}" -C "${scratch}"; then
+        rm -rf "${scratch}"
+        die "could not unpack ${tarball} (corrupt download? delete it and ~/.m2/repository/org/apache/pulsar/${ARTIFACT_ID}/${PULSAR_VERSION})"
+    fi
+    [[ -x "${scratch}/apache-pulsar-${PULSAR_VERSION}/bin/pulsar" ]] || {
+        rm -rf "${scratch}"
+        die "tarball does not contain apache-pulsar-${PULSAR_VERSION}/bin/pulsar"
+    }
+    rm -rf "${PULSAR_HOME_DIR}"
+    mv "${scratch}/apache-pulsar-${PULSAR_VERSION}" "${PULSAR_HOME_DIR}"
+    rmdir "${scratch}"
+    touch "${UNPACKED_MARKER}"
+    # ~/.m2 keeps a copy; no need for a second 240 MB file in the repo cache.
+    rm -f "${tarball}"
+    ensure_java
+    log "Pulsar ${PULSAR_VERSION} ready in ${PULSAR_HOME_DIR#"${REPO_ROOT}"/}"
+}
+
+# --- process helpers -------------------------------------------------------------------
+
+read_pid() {
+    [[ -f "${PID_FILE}" ]] || return 1
+    local pid
+    pid="$(<"${PID_FILE}")"
+    is_uint "${pid}" || return 1
+    printf '%s\n' "${pid}"
+}
+
+# True if pid is alive and is our standalone broker (guards against pid reuse).
+is_our_broker() {
+    local pid="$1"
+    [[ -r "/proc/${pid}/cmdline" ]] || return 1
+    tr '\0' ' ' <"/proc/${pid}/cmdline" | grep -q "${STANDALONE_CLASS}"
+}
+
+running_pid() {
+    local pid
+    pid="$(read_pid)" || return 1
+    is_our_broker "${pid}" || return 1
+    printf '%s\n' "${pid}"
+}
+
+group_alive() { kill -0 -- "-$1" 2>/dev/null; }
+
+rss_mib() {
+    awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "?"
+}
+
+http_code() {
+    curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true
+}
+
+port_in_use() {
+    (exec 3<>"/dev/tcp/${HOST}/$1") 2>/dev/null
+}
+
+broker_healthy() {
+    [[ "$(http_code "${ADMIN_URL}/admin/v2/brokers/health")" == 200 ]] || return 1
+    curl -sf --max-time 5 "${ADMIN_URL}/admin/v2/namespaces/public" 2>/dev/null | grep -q '"public/default"'
+}
+
+python_bin() {
+    if [[ -n "${PYTHON:-}" ]]; then
+        printf '%s\n' "${PYTHON}"
+    elif [[ -x "${REPO_ROOT}/.venv/bin/python" ]]; then
+        printf '%s\n' "${REPO_ROOT}/.venv/bin/python"
+    else
+        printf '%s\n' python3
+    fi
+}
+
+# One produce + consume round trip on a fresh topic in public/default, bounded by $1 seconds.
+round_trip() {
+    local budget="$1" topic payload py
+    topic="persistent://public/default/rendezvous-selfcheck-$(date +%s%N)"
+    payload="ping-$$-${RANDOM}"
+    py="$(python_bin)"
+    if "${py}" -c 'import pulsar' >/dev/null 2>&1; then
+        timeout -k 5 "${budget}" "${py}" - "${SERVICE_URL}" "${topic}" "${payload}" <<'PY' >>"${LOG_DIR}/selfcheck.log" 2>&1
+import sys
+import pulsar
+
+url, topic, payload = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+client = pulsar.Client(url, operation_timeout_seconds=10, connection_timeout_ms=5000,
+                       logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
+try:
+    consumer = client.subscribe(topic, "selfcheck",
+                                initial_position=pulsar.InitialPosition.Earliest)
+    producer = client.create_producer(topic, send_timeout_millis=10000)
+    producer.send(payload)
+    msg = consumer.receive(timeout_millis=10000)
+    consumer.acknowledge(msg)
+    if msg.data() != payload:
+        sys.exit(f"round trip returned {msg.data()!r}, expected {payload!r}")
+finally:
+    client.close()
+PY
+    else
+        # No pulsar-client Python package: use the distribution's CLI (a JVM per call, slower).
+        local client="${PULSAR_HOME_DIR}/bin/pulsar-client" out
+        out="$(mktemp)"
+        if timeout -k 5 "${budget}" "${client}" --url "${SERVICE_URL}" produce "${topic}" -m "${payload}" >>"${LOG_DIR}/selfcheck.log" 2>&1 &&
+            timeout -k 5 "${budget}" "${client}" --url "${SERVICE_URL}" consume "${topic}" -s selfcheck \
+                -p Earliest -n 1 >"${out}" 2>&1; then
+            cat "${out}" >>"${LOG_DIR}/selfcheck.log"
+            grep -q "${payload}" "${out}" && rm -f "${out}" && return 0
+        else
+            cat "${out}" >>"${LOG_DIR}/selfcheck.log"
+        fi
+        rm -f "${out}"
+        return 1
+    fi
+}
+
+print_log_tail() {
+    local f
+    # The distribution logs to the console by default, i.e. into stdout.log.
+    for f in "${LOG_DIR}/stdout.log" "${LOG_DIR}/selfcheck.log"; do
+        [[ -s "${f}" ]] || continue
+        log "---- last 40 lines of ${f#"${REPO_ROOT}"/} ----"
+        tail -n 40 "${f}" >&2
+    done
+}
+
+render_conf() {
+    [[ -f "${CONF_TEMPLATE}" ]] || die "missing ${CONF_TEMPLATE}"
+    local key
+    for key in brokerServicePort webServicePort; do
+        [[ "$(grep -c "^${key}=" "${CONF_TEMPLATE}")" == 1 ]] ||
+            die "${CONF_TEMPLATE#"${REPO_ROOT}"/} must contain exactly one '${key}=' line"
+    done
+    sed -e "s/^brokerServicePort=.*/brokerServicePort=${PULSAR_BROKER_PORT}/" \
+        -e "s/^webServicePort=.*/webServicePort=${PULSAR_WEB_PORT}/" \
+        "${CONF_TEMPLATE}" >"${RENDERED_CONF}"
+    if ! grep -qx "brokerServicePort=${PULSAR_BROKER_PORT}" "${RENDERED_CONF}" ||
+        ! grep -qx "webServicePort=${PULSAR_WEB_PORT}" "${RENDERED_CONF}"; then
+        die "could not render ports into ${RENDERED_CONF}"
+    fi
+}
+
+# Serialise up/down across processes (e.g. a test fixture and a developer both calling `up`):
+# without it, two `up`s wipe each other's data dir and fight over the RocksDB lock.
+# fd 9 holds the lock until this script exits; the broker is started with fd 9 closed.
+take_lock() {
+    mkdir -p "$(dirname "${LOCK_FILE}")"
+    if ! command -v flock >/dev/null 2>&1; then
+        log "flock not found; not serialising concurrent up/down"
+        return 0
+    fi
+    exec 9>"${LOCK_FILE}"
+    if ! flock -n 9; then
+        log "another tools/pulsar.sh up/down is running; waiting for it"
+        flock -w "$((PULSAR_START_TIMEOUT + PULSAR_STOP_TIMEOUT + 60))" 9 ||
+            die "timed out waiting for ${LOCK_FILE}"
+    fi
+}
+
+# --- subcommands -----------------------------------------------------------------------
+
+cmd_up() {
+    command -v curl >/dev/null 2>&1 || apt_install curl
+    take_lock
+    local pid
+    if pid="$(running_pid)"; then
+        if broker_healthy; then
+            log "already up and healthy (pid ${pid}, RSS $(rss_mib "${pid}") MiB)"
+            cmd_env
+            return 0
+        fi
+        log "broker pid ${pid} is running but not healthy; restarting it from a clean state"
+        stop_broker
+    fi
+    cmd_fetch
+
+    local port
+    for port in "${PULSAR_BROKER_PORT}" "${PULSAR_WEB_PORT}"; do
+        if port_in_use "${port}"; then
+            die "${HOST}:${port} is already in use (another broker without our pid file? see 'ss -ltnp')"
+        fi
+    done
+
+    # Fresh data every time: the RocksDB metadata store is locked per process, and stale
+    # metadata next to a wiped/changed bookie breaks topic loading.
+    rm -rf "${RUN_DIR}"
+    mkdir -p "${RUN_DIR}/data" "${LOG_DIR}"
+    render_conf
+
+    # Sized for 2 cores / a small dev box.  G1 with short pauses instead of the
+    # distribution's ZGC + AlwaysPreTouch (which would commit the whole heap up front).
+    export PULSAR_MEM="${PULSAR_MEM:--Xms256m -Xmx768m -XX:MaxDirectMemorySize=512m}"
+    export PULSAR_GC="${PULSAR_GC:--XX:+UseG1GC -XX:MaxGCPauseMillis=10 -XX:+ParallelRefProcEnabled -XX:+PerfDisableSharedMem}"
+    export PULSAR_STANDALONE_CONF="${RENDERED_CONF}"
+    export PULSAR_LOG_DIR="${LOG_DIR}"
+
+    local started
+    started="$(now)"
+    # setsid: own session and process group (pgid == pid), detached from the caller's
+    # terminal and job control; the inner shell records its pid, which bin/pulsar exec's into java.
+    # shellcheck disable=SC2016  # $$ and "$@" are for the inner shell
+    nohup setsid bash -c 'echo "$$" >"$0"; exec "$@"' "${PID_FILE}" \
+        "${PULSAR_HOME_DIR}/bin/pulsar" standalone --no-functions-worker --no-stream-storage \
+        --metadata-dir "${RUN_DIR}/data/metadata" \
+        --bookkeeper-dir "${RUN_DIR}/data/bookkeeper" \
+        --zookeeper-dir "${RUN_DIR}/data/zookeeper" \
+        </dev/null >"${LOG_DIR}/stdout.log" 2>&1 9>&- &
+
+    local deadline=$((SECONDS + PULSAR_START_TIMEOUT))
+    pid=""
+    while [[ -z "${pid}" ]]; do
+        pid="$(read_pid || true)"
+        ((SECONDS < deadline)) || break
+        [[ -n "${pid}" ]] || sleep 0.1
+    done
+    [[ -n "${pid}" ]] || {
+        print_log_tail
+        die "broker did not start (no pid file)"
+    }
+    log "started pid ${pid}; waiting up to ${PULSAR_START_TIMEOUT}s for health, public/default and a round trip"
+
+    local stage="health" healthy_at=""
+    while :; do
+        if ! kill -0 "${pid}" 2>/dev/null; then
+            print_log_tail
+            rm -f "${PID_FILE}"
+            die "broker process ${pid} exited during startup"
+        fi
+        if ((SECONDS >= deadline)); then
+            print_log_tail
+            log "timed out after ${PULSAR_START_TIMEOUT}s waiting for: ${stage}; stopping it"
+            stop_broker
+            exit 1
+        fi
+        case "${stage}" in
+            health)
+                if [[ "$(http_code "${ADMIN_URL}/admin/v2/brokers/health")" == 200 ]]; then
+                    stage="public/default"
+                    continue
+                fi
+                ;;
+            public/default)
+                if curl -sf --max-time 5 "${ADMIN_URL}/admin/v2/namespaces/public" 2>/dev/null |
+                    grep -q '"public/default"'; then
+                    healthy_at="$(elapsed_since "${started}")"
+                    stage="round trip"
+                    continue
+                fi
+                ;;
+            "round trip")
+                if round_trip "$((deadline - SECONDS > 5 ? deadline - SECONDS : 5))"; then
+                    break
+                fi
+                ;;
+            *) die "internal: unknown stage ${stage}" ;;
+        esac
+        sleep 0.5
+    done
+
+    local total
+    total="$(elapsed_since "${started}")"
+    log "ready in ${total}s (admin healthy + public/default after ${healthy_at}s); pid ${pid}, RSS $(rss_mib "${pid}") MiB"
+    cmd_env
+}
+
+cmd_down() {
+    take_lock
+    stop_broker
+}
+
+stop_broker() {
+    local pid
+    if ! pid="$(read_pid)"; then
+        rm -f "${PID_FILE}"
+        log "not running"
+        return 0
+    fi
+    if ! is_our_broker "${pid}"; then
+        rm -f "${PID_FILE}"
+        log "not running (stale pid file removed)"
+        return 0
+    fi
+    log "stopping pid ${pid} (SIGTERM to its process group)"
+    kill -TERM -- "-${pid}" 2>/dev/null || kill -TERM "${pid}" 2>/dev/null || true
+    local deadline=$((SECONDS + PULSAR_STOP_TIMEOUT))
+    while group_alive "${pid}" && ((SECONDS < deadline)); do
+        sleep 0.2
+    done
+    if group_alive "${pid}"; then
+        log "still alive after ${PULSAR_STOP_TIMEOUT}s; SIGKILL"
+        kill -KILL -- "-${pid}" 2>/dev/null || true
+        deadline=$((SECONDS + 10))
+        while group_alive "${pid}" && ((SECONDS < deadline)); do sleep 0.1; done
+        ! group_alive "${pid}" || die "process group ${pid} survived SIGKILL"
+    fi
+    rm -f "${PID_FILE}"
+    log "stopped"
+}
+
+cmd_status() {
+    local pid
+    if ! pid="$(running_pid)"; then
+        log "not running"
+        return 3
+    fi
+    if ! broker_healthy; then
+        log "pid ${pid} is running but ${ADMIN_URL} is not healthy (yet)"
+        return 1
+    fi
+    log "healthy: pid ${pid}, RSS $(rss_mib "${pid}") MiB"
+    cmd_env
+}
+
+cmd_env() {
+    printf 'PULSAR_SERVICE_URL=%s\n' "${SERVICE_URL}"
+    printf 'PULSAR_ADMIN_URL=%s\n' "${ADMIN_URL}"
+}
+
+main() {
+    validate_env
+    case "${1:-}" in
+        fetch) cmd_fetch ;;
+        up) cmd_up ;;
+        down) cmd_down ;;
+        status) cmd_status ;;
+        env) cmd_env ;;
+        -h | --help | help) usage ;;
+        *)
+            usage >&2
+            exit 2
+            ;;
+    esac
+}
+
+main "$@"
