@@ -396,6 +396,9 @@ class PulsarBus(Bus):
         import pulsar.asyncio
 
         self._client_name = client_name
+        # Every consumer and reader stays referenced until close(): the C++ client aborts
+        # the process (std::bad_weak_ptr) when one is garbage-collected while it is open.
+        self._open: list[_PulsarSubscription[Any] | _PulsarReader[Any]] = []
         self._client = pulsar.asyncio.Client(
             settings.service_url,
             operation_timeout_seconds=max(1, int(settings.operation_timeout_s)),
@@ -467,7 +470,9 @@ class PulsarBus(Bus):
         async def dead_letter() -> Publisher[Any]:
             return await self.dead_letter_publisher(topic)
 
-        return _PulsarSubscription(consumer, topic, message_type, dead_letter)
+        opened = _PulsarSubscription(consumer, topic, message_type, dead_letter)
+        self._open.append(opened)
+        return opened
 
     async def reader(
         self, topic: str, message_type: type[M], *, start: Start = "earliest"
@@ -482,9 +487,14 @@ class PulsarBus(Bus):
             )
         except pulsar.PulsarException as exc:
             raise _pulsar_error(exc) from exc
-        return _PulsarReader(reader, topic, message_type)
+        opened = _PulsarReader(reader, topic, message_type)
+        self._open.append(opened)
+        return opened
 
     async def close(self) -> None:
+        for opened in self._open:
+            await opened.close()
+        self._open.clear()
         await super().close()
         with contextlib.suppress(Exception):
             await self._client.close()

@@ -130,9 +130,14 @@ def write_ready_file(path: Path | None, **facts: Any) -> None:
     tmp.replace(path)
 
 
-async def serve_until_signalled(component: Component) -> None:
-    """Start the component, wait for SIGTERM or SIGINT, stop it in order."""
+async def serve_until_signalled(build: Callable[[], Component]) -> None:
+    """Build the component inside the loop, start it, wait for SIGTERM or SIGINT, stop it.
+
+    Building here, not before the loop exists, matters: grpc.aio servers and asyncio
+    primitives bind to the loop that is running when they are created.
+    """
     loop = asyncio.get_running_loop()
+    component = build()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -147,4 +152,4 @@ def run(service: str, settings: ServiceSettings, build: Callable[[], Component])
     configure_logging(service, settings.log_level, settings.log_format)
     configure_tracing(service, settings.trace_exporter)
     start_metrics_server(settings.metrics_port)
-    uvloop.run(serve_until_signalled(build()))
+    uvloop.run(serve_until_signalled(build))

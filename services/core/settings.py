@@ -11,22 +11,15 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
+import yaml
 from pydantic import Field
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_FILE_ENV = "RENDEZVOUS_CONFIG"
-
-# The YAML keys in model_config are used only when RENDEZVOUS_CONFIG names a file.
-warnings.filterwarnings("ignore", message="Config key `yaml", category=UserWarning)
 
 
 def _default_instance() -> str:
@@ -60,11 +53,9 @@ class PulsarSettings(BaseSettings):
 class ServiceSettings(BaseSettings):
     """What every component shares: identity, endpoints, logging, tracing, metrics."""
 
-    model_config = SettingsConfigDict(
-        extra="forbid",
-        env_nested_delimiter="__",
-        yaml_file_encoding="utf-8",
-    )
+    model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__")
+    # This service's section of the RENDEZVOUS_CONFIG file.
+    config_section: ClassVar[str] = "service"
 
     instance: str = Field(default_factory=_default_instance)
     listen: str = "127.0.0.1:0"
@@ -89,8 +80,32 @@ class ServiceSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get(CONFIG_FILE_ENV)
-        if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=Path(config_file)))
-        return tuple(sources)
+        section = getattr(settings_cls, "config_section", "service")
+        return (
+            init_settings,
+            env_settings,
+            _YamlSection(settings_cls, Path(config_file) if config_file else None, section),
+        )
+
+
+class _YamlSection(PydanticBaseSettingsSource):
+    """One service's section of the shared YAML config file; a missing section is empty."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, section: str) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the top level must be a mapping of service sections")
+            section_data = loaded.get(section) or {}
+            if not isinstance(section_data, dict):
+                raise ValueError(f"{path}: section {section!r} must be a mapping")
+            self._data = section_data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)

@@ -1,0 +1,2 @@
+"""The decoy: subscribes to an objective's tasks like a model, never answers, and archives
+every task exactly as the models saw it, PII redacted, for audit and replay."""

@@ -1,0 +1,196 @@
+"""The Pulsar path: an objective's request topic in, its modelling (tasks) topic out.
+
+Replicas share one SHARED subscription per request topic, so they split the load. Each
+task is handled in its own asyncio task, at most `max_in_flight` at once, so a slow
+publish never holds up the receive loop and a flood never grows memory without bound.
+A task whose deadline has passed is acknowledged and counted, never enriched (nobody is
+waiting for its answer). A publish is bounded by the task's remaining budget; the message
+is acknowledged only after the enriched task is on the tasks topic, and negatively
+acknowledged when the publish fails (Pulsar redelivers it; by then it may be expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from rendezvous.v1 import task_pb2
+
+from services.core.bus import (
+    Bus,
+    BusError,
+    Envelope,
+    Publisher,
+    Subscription,
+    SubscriptionMode,
+)
+from services.core.protos import seconds_until
+from services.core.telemetry import counter, extract, histogram, tracer
+from services.enricher.enrich import Enricher
+
+log = logging.getLogger(__name__)
+
+TASKS = counter(
+    "rdv_enricher_tasks",
+    "Scoring tasks the enricher handled, by outcome (enriched, expired, publish_failed)",
+    ("objective", "outcome"),
+)
+TASK_SECONDS = histogram(
+    "rdv_enricher_task_seconds",
+    "From receipt of a scoring task to its enriched task being on the tasks topic",
+    ("objective",),
+)
+
+_tracer = tracer(__name__)
+
+TRACEPARENT = "traceparent"
+
+
+def parent_context(envelope: Envelope[task_pb2.ScoringTask]) -> otel_context.Context:
+    """The trace the task belongs to: the message's properties, else the task's own copy."""
+    if TRACEPARENT not in envelope.properties and envelope.message.trace_context:
+        return extract(envelope.message.trace_context)
+    return envelope.trace_context()
+
+
+class TaskPipeline:
+    """Enriches one objective's scoring tasks and publishes them to its tasks topic."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        objective: str,
+        enricher: Enricher,
+        *,
+        subscription: str,
+        max_in_flight: int,
+        send_timeout_s: float,
+        retry_delay_s: float,
+    ) -> None:
+        self.bus = bus
+        self.objective = objective
+        self.requests_topic = bus.topics.requests(objective)
+        self.tasks_topic = bus.topics.tasks(objective)
+        self._enricher = enricher
+        self._subscription_name = subscription
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._send_timeout_s = send_timeout_s
+        self._retry_delay_s = retry_delay_s
+        self._subscription: Subscription[task_pb2.ScoringTask] | None = None
+        self._publisher: Publisher[task_pb2.EnrichedTask] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        """Create the subscription and the publisher (from here on no task is missed)."""
+        # "earliest" only matters the first time the subscription is created: tasks sent
+        # before any enricher ran are then still enriched (or skipped once expired).
+        self._subscription = await self.bus.subscribe(
+            self.requests_topic,
+            self._subscription_name,
+            task_pb2.ScoringTask,
+            mode=SubscriptionMode.SHARED,
+            start="earliest",
+        )
+        self._publisher = await self.bus.publisher(self.tasks_topic, task_pb2.EnrichedTask)
+
+    @property
+    def dead_lettered(self) -> int:
+        return self._subscription.dead_lettered if self._subscription is not None else 0
+
+    async def run(self) -> None:
+        """Receive until cancelled, handing each task to its own bounded asyncio task."""
+        if self._subscription is None:
+            await self.open()
+        subscription = self._subscription
+        assert subscription is not None
+        while True:
+            await self._slots.acquire()
+            try:
+                envelope = await subscription.receive()
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception:
+                self._slots.release()
+                log.exception(
+                    "receiving scoring tasks failed", extra={"topic": self.requests_topic}
+                )
+                await asyncio.sleep(self._retry_delay_s)
+                continue
+            handler = asyncio.create_task(self._handle(subscription, envelope, time.monotonic()))
+            self._in_flight.add(handler)
+            handler.add_done_callback(self._finished)
+
+    def _finished(self, handler: asyncio.Task[None]) -> None:
+        self._in_flight.discard(handler)
+        self._slots.release()
+
+    async def _handle(
+        self,
+        subscription: Subscription[task_pb2.ScoringTask],
+        envelope: Envelope[task_pb2.ScoringTask],
+        received: float,
+    ) -> None:
+        task = envelope.message
+        try:
+            remaining = seconds_until(task.deadline) if task.HasField("deadline") else None
+            if remaining is not None and remaining <= 0:
+                await subscription.ack(envelope)
+                TASKS.labels(self.objective, "expired").inc()
+                return
+            publisher = self._publisher
+            assert publisher is not None
+            with _tracer.start_as_current_span(
+                "enricher.enrich",
+                context=parent_context(envelope),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "rdv.objective": self.objective,
+                    "rdv.request_id": task.request.request_id,
+                },
+            ) as span:
+                enriched = self._enricher.enrich(task)
+                budget = (
+                    self._send_timeout_s
+                    if remaining is None
+                    else min(remaining, self._send_timeout_s)
+                )
+                try:
+                    # The current span's context goes out in the message's properties.
+                    await publisher.publish(
+                        enriched, key=task.request.request_id or None, timeout=budget
+                    )
+                except BusError as exc:
+                    span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                    TASKS.labels(self.objective, "publish_failed").inc()
+                    log.warning(
+                        "publishing an enriched task failed; redelivery requested",
+                        extra={"topic": self.tasks_topic, "error": type(exc).__name__},
+                    )
+                    await subscription.nack(envelope)
+                    return
+                await subscription.ack(envelope)
+            TASKS.labels(self.objective, "enriched").inc()
+            TASK_SECONDS.labels(self.objective).observe(time.monotonic() - received)
+        except Exception:
+            # An ack or nack to a broker that went away: Pulsar redelivers what was not acked.
+            log.exception("handling a scoring task failed", extra={"topic": self.requests_topic})
+
+    async def drain(self, grace_s: float) -> None:
+        """Let in-flight tasks finish for up to `grace_s`, then cancel the rest."""
+        pending = set(self._in_flight)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for handler in still:
+                handler.cancel()
+            if still:
+                await asyncio.wait(still)
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.close()

@@ -1,0 +1,32 @@
+"""Settings of the model data enricher (env prefix `RDV_ENRICHER_`, YAML section `enricher`)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.core.settings import ServiceSettings
+
+
+class EnricherSettings(ServiceSettings):
+    """What the enricher follows, how much state it keeps and how hard it works."""
+
+    model_config = SettingsConfigDict(env_prefix="RDV_ENRICHER_")
+    config_section: ClassVar[str] = "enricher"
+
+    # Objectives whose requests this enricher serves; empty means every objective of mesh_file.
+    objectives: list[str] = Field(default_factory=list)
+    # The SHARED subscription on each request topic: enricher replicas split the load.
+    subscription: str = "enricher"
+    # LRU bound over (objective, subject) pairs; the least recently used subject is forgotten.
+    max_subjects: int = Field(default=100_000, ge=1)
+    # Events kept per subject (the newest by event time); counts go on beyond it.
+    max_events_per_subject: int = Field(default=20, ge=1)
+    # Distinct kinds counted per subject; further kinds are counted under OTHER_KIND.
+    max_kinds_per_subject: int = Field(default=32, ge=1)
+    # Tasks being enriched and published at once, per request topic.
+    max_in_flight: int = Field(default=256, ge=1)
+    # Pause before a failed events reader or request subscription tries again.
+    retry_delay_s: float = Field(default=1.0, gt=0)

@@ -1,0 +1,5 @@
+"""`python -m services.runner`: run one model runner."""
+
+from .app import main
+
+main()

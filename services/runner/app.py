@@ -1,0 +1,364 @@
+"""The model runner: enriched tasks in, predictions out to each task's return address.
+
+Flow per task (each in its own asyncio task, at most `concurrency` in flight, while
+the receive loop keeps going):
+
+1. skip (count, ack, publish nothing) when the task's deadline has passed, or when
+   this deployment is a challenger or canary and the subject denied
+   experimentation (the rendezvous resolved the objective's default consent
+   into the task, so only DENIED matters here);
+2. call `ModelService.Predict` with the time left to the deadline as timeout and
+   the trace context in the call's metadata;
+3. publish a `PredictionEvent` (the prediction, or the model's error, DEADLINE_EXCEEDED
+   included: the rendezvous records it) to the return address, keyed by request id,
+   inside a span that continues the task's trace;
+4. ack after the publish; nack when the publish failed (at least once).
+
+A model restart costs error predictions, not the runner: the channel reconnects
+with a short backoff. The runner serves only gRPC health (+ reflection), SERVING
+once subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+from opentelemetry import trace
+from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, task_pb2
+
+from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode, connect
+from services.core.protos import (
+    duration_from_seconds,
+    seconds_until,
+    timestamp_from_ns,
+)
+from services.core.server import GrpcServer, run, write_ready_file
+from services.core.telemetry import counter, histogram, inject, tracer
+from services.runner.settings import RunnerRole, RunnerSettings
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = counter(
+    "rdv_runner_predictions_published",
+    "Prediction events published to a return address",
+    ("model", "outcome"),
+)
+MODEL_ERRORS = counter(
+    "rdv_runner_model_errors", "Predict calls that ended with an error", ("model", "code")
+)
+SKIPPED = counter("rdv_runner_skipped", "Tasks skipped without a model call", ("model", "reason"))
+PUBLISH_FAILURES = counter(
+    "rdv_runner_publish_failures", "Prediction events that could not be published", ("model",)
+)
+RECEIVE_ERRORS = counter("rdv_runner_receive_errors", "Failed receives from the bus", ("model",))
+MODEL_LATENCY = histogram(
+    "rdv_runner_model_latency_seconds",
+    "Duration of Predict calls as the runner saw them",
+    ("model", "outcome"),
+)
+
+ROLES: dict[RunnerRole, common_pb2.ModelRole.ValueType] = {
+    "incumbent": common_pb2.MODEL_ROLE_INCUMBENT,
+    "challenger": common_pb2.MODEL_ROLE_CHALLENGER,
+    "canary": common_pb2.MODEL_ROLE_CANARY,
+}
+# Roles that exist for experimentation: a subject's DENIED keeps them from the task.
+EXPERIMENTAL_ROLES: frozenset[RunnerRole] = frozenset({"challenger", "canary"})
+
+OK = "ok"
+SKIP_EXPIRED = "expired"
+SKIP_CONSENT = "consent_denied"
+SKIP_NO_RETURN_ADDRESS = "no_return_address"
+
+
+class ModelRunner:
+    """A Component: one consumer of the objective's tasks for one model deployment."""
+
+    def __init__(self, settings: RunnerSettings, bus: Bus | None = None) -> None:
+        self.settings = settings
+        self._owns_bus = bus is None
+        self._bus = bus
+        self._role = ROLES[settings.role]
+        self._experimental = settings.role in EXPERIMENTAL_ROLES
+        self._tracer = tracer(__name__)
+        # Made in start(): grpc.aio objects belong to the loop they are made on.
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: model_pb2_grpc.ModelServiceAsyncStub | None = None
+        self._server: GrpcServer | None = None
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._subscription: Subscription[task_pb2.EnrichedTask] | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._stopping = False
+        model = settings.model
+        self._skipped = {
+            reason: SKIPPED.labels(model, reason)
+            for reason in (SKIP_EXPIRED, SKIP_CONSENT, SKIP_NO_RETURN_ADDRESS)
+        }
+
+    @property
+    def endpoint(self) -> str:
+        """Where the runner's health service listens."""
+        return self._server.endpoint if self._server is not None else ""
+
+    @property
+    def instance(self) -> str:
+        return self.settings.instance
+
+    async def start(self) -> None:
+        settings = self.settings
+        if self._bus is None:
+            self._bus = connect(settings.pulsar, f"runner-{settings.model}")
+        bus = self._bus
+        self._channel = grpc.aio.insecure_channel(
+            settings.endpoint,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", settings.initial_reconnect_backoff_ms),
+                ("grpc.max_reconnect_backoff_ms", settings.max_reconnect_backoff_ms),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+        )
+        self._stub = model_pb2_grpc.ModelServiceStub(self._channel)
+        self._server = GrpcServer(
+            service_names=[],
+            registrars=[],
+            tcp_address=settings.listen,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        topic = bus.topics.tasks(settings.objective)
+        self._subscription = await bus.subscribe(
+            topic,
+            settings.subscription,
+            task_pb2.EnrichedTask,
+            mode=SubscriptionMode.SHARED,
+            start=settings.start_position,
+        )
+        await self._server.start()
+        self._receiver = asyncio.create_task(self._receive_loop(), name="runner-receive")
+        await self._server.set_serving(True)
+        write_ready_file(
+            self.settings.ready_file,
+            endpoint=self.endpoint,
+            model=self.settings.model,
+            topic=topic,
+            subscription=self.settings.subscription,
+        )
+        log.info(
+            "runner subscribed",
+            extra={
+                "topic": topic,
+                "subscription": self.settings.subscription,
+                "model": self.settings.model,
+                "model_endpoint": self.settings.endpoint,
+                "health_endpoint": self.endpoint,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Stop receiving, let in-flight tasks finish (bounded), then close everything."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            await self._server.set_serving(False)
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+        if self._in_flight:
+            _, pending = await asyncio.wait(
+                set(self._in_flight), timeout=self.settings.shutdown_grace_s
+            )
+            # Unacknowledged, so the broker hands them to another replica.
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._subscription is not None:
+            await self._subscription.close()
+        if self._owns_bus and self._bus is not None:
+            await self._bus.close()
+        if self._channel is not None:
+            await self._channel.close()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_s)
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive_loop(self) -> None:
+        subscription = self._subscription
+        assert subscription is not None
+        while not self._stopping:
+            # A slot first: a task is only taken off the queue when it can be worked on.
+            await self._slots.acquire()
+            try:
+                envelope = await subscription.receive()
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception:
+                self._slots.release()
+                if self._stopping:
+                    return
+                RECEIVE_ERRORS.labels(self.settings.model).inc()
+                log.exception("receive failed", extra={"model": self.settings.model})
+                await asyncio.sleep(self.settings.receive_retry_s)
+                continue
+            handler = asyncio.create_task(self._handle(envelope))
+            self._in_flight.add(handler)
+            handler.add_done_callback(self._finished)
+
+    def _finished(self, handler: asyncio.Task[None]) -> None:
+        self._in_flight.discard(handler)
+        self._slots.release()
+        if not handler.cancelled() and handler.exception() is not None:
+            log.error("task handler failed", exc_info=handler.exception())
+
+    # ------------------------------------------------------------------ one task
+
+    async def _handle(self, envelope: Envelope[task_pb2.EnrichedTask]) -> None:
+        try:
+            await self._process(envelope)
+        except Exception:
+            # A bug must not strand the task unacknowledged: redeliver it (and after
+            # max_redeliveries the broker dead-letters it).
+            log.exception("task failed", extra={"model": self.settings.model})
+            await self._settle(envelope, ack=False)
+
+    async def _process(self, envelope: Envelope[task_pb2.EnrichedTask]) -> None:
+        received_ns = time.time_ns()
+        enriched = envelope.message
+        task = enriched.task
+        with self._tracer.start_as_current_span(
+            "runner.task",
+            context=envelope.trace_context(),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"rdv.model": self.settings.model, "rdv.objective": self._objective(task)},
+        ) as span:
+            skip = self._skip_reason(task, received_ns)
+            if skip is not None:
+                span.set_attribute("rdv.skipped", skip)
+                self._skipped[skip].inc()
+                await self._settle(envelope, ack=True)
+                return
+            event = await self._predict(enriched, received_ns)
+            try:
+                assert self._bus is not None
+                publisher = await self._bus.publisher(task.return_address, task_pb2.PredictionEvent)
+                await publisher.publish(
+                    event, key=event.request_id, timeout=self.settings.publish_timeout_s
+                )
+            except Exception:
+                PUBLISH_FAILURES.labels(self.settings.model).inc()
+                log.warning(
+                    "publishing a prediction failed; the task will be redelivered",
+                    exc_info=True,
+                    extra={"request_id": event.request_id, "return_address": task.return_address},
+                )
+                await self._settle(envelope, ack=False)
+                return
+            PUBLISHED.labels(self.settings.model, event.WhichOneof("result") or "").inc()
+            await self._settle(envelope, ack=True)
+
+    def _objective(self, task: task_pb2.ScoringTask) -> str:
+        return task.request.objective or self.settings.objective
+
+    def _skip_reason(self, task: task_pb2.ScoringTask, now_ns: int) -> str | None:
+        if task.HasField("deadline") and seconds_until(task.deadline, now_ns) <= 0:
+            return SKIP_EXPIRED
+        if (
+            self._experimental
+            and task.request.consent.experimentation == common_pb2.CONSENT_DECISION_DENIED
+        ):
+            return SKIP_CONSENT
+        if not task.return_address:
+            return SKIP_NO_RETURN_ADDRESS
+        return None
+
+    def _timeout_s(self, task: task_pb2.ScoringTask) -> float:
+        ceiling = self.settings.max_model_timeout_s
+        if not task.HasField("deadline"):
+            return ceiling
+        return max(0.0, min(ceiling, seconds_until(task.deadline)))
+
+    async def _predict(
+        self, enriched: task_pb2.EnrichedTask, received_ns: int
+    ) -> task_pb2.PredictionEvent:
+        task = enriched.task
+        request = model_pb2.PredictRequest(
+            request_id=task.request.request_id,
+            objective=self._objective(task),
+            features=task.request.features,
+            subject_state=enriched.subject_state,
+        )
+        if task.request.HasField("payload"):
+            request.payload.CopyFrom(task.request.payload)
+        if task.HasField("deadline"):
+            request.deadline.CopyFrom(task.deadline)
+        event = task_pb2.PredictionEvent(
+            request_id=task.request.request_id,
+            mailbox_id=task.mailbox_id,
+            objective=request.objective,
+            model=self.settings.model,
+            model_version=self.settings.model_version,
+            role=self._role,
+            task_received_time=timestamp_from_ns(received_ns),
+            runner=self.settings.instance,
+        )
+        timeout = self._timeout_s(task)
+        metadata = tuple(inject().items())
+        stub = self._stub
+        assert stub is not None
+        started = time.perf_counter()
+        try:
+            response = await stub.Predict(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            outcome = code.name
+            event.error.SetInParent()
+            event.error.grpc_code = code.value[0]
+            event.error.reason = code.name
+            event.error.message = (err.details() or "")[: self.settings.max_error_message_chars]
+        except Exception as exc:
+            # Not a status from the model (e.g. the channel is closing): still an answer.
+            outcome = grpc.StatusCode.INTERNAL.name
+            event.error.SetInParent()
+            event.error.grpc_code = grpc.StatusCode.INTERNAL.value[0]
+            event.error.reason = grpc.StatusCode.INTERNAL.name
+            event.error.message = f"runner: {type(exc).__name__}"
+        else:
+            outcome = OK
+            event.prediction.SetInParent()
+            event.prediction.score = response.score
+            event.prediction.outputs.MergeFrom(response.outputs)
+            if response.model_version:
+                event.model_version = response.model_version
+        elapsed = time.perf_counter() - started
+        event.predicted_time.CopyFrom(timestamp_from_ns(time.time_ns()))
+        event.model_latency.CopyFrom(duration_from_seconds(elapsed))
+        MODEL_LATENCY.labels(self.settings.model, outcome).observe(elapsed)
+        if outcome != OK:
+            MODEL_ERRORS.labels(self.settings.model, outcome).inc()
+        return event
+
+    async def _settle(self, envelope: Envelope[task_pb2.EnrichedTask], *, ack: bool) -> None:
+        subscription = self._subscription
+        assert subscription is not None
+        try:
+            if ack:
+                await subscription.ack(envelope)
+            else:
+                await subscription.nack(envelope)
+        except Exception:
+            # The broker redelivers what it did not see acknowledged: a duplicate, not a loss.
+            log.warning("ack/nack failed", exc_info=True, extra={"model": self.settings.model})
+
+
+def main() -> None:
+    # Required fields (objective, model, role, endpoint) come from the environment or YAML.
+    settings = RunnerSettings()  # type: ignore[call-arg]
+    run("runner", settings, lambda: ModelRunner(settings))

@@ -1,0 +1,55 @@
+"""Settings of a model runner (env prefix RDV_RUNNER_, YAML section "runner")."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.core.settings import ServiceSettings
+
+RunnerRole = Literal["incumbent", "challenger", "canary"]
+
+
+class RunnerSettings(ServiceSettings):
+    """Which deployment this runner serves, where its model listens, how hard it works."""
+
+    model_config = SettingsConfigDict(env_prefix="RDV_RUNNER_")
+    config_section: ClassVar[str] = "runner"
+
+    objective: str = Field(min_length=1)
+    # The model deployment's name: predictions carry it.
+    model: str = Field(min_length=1)
+    role: RunnerRole
+    # Reported when the model's response carries no version of its own.
+    model_version: str = ""
+    # The model container's gRPC address, host:port.
+    endpoint: str = Field(min_length=1)
+    # Most Predict calls in flight at once; further tasks wait in the consumer's queue.
+    concurrency: int = Field(default=16, ge=1)
+    # Replicas of one deployment share this subscription; empty means the model's name.
+    subscription: str = ""
+    # Where a brand-new subscription starts. Tasks older than the SLA are useless, so a
+    # new deployment starts at the live end; an existing subscription resumes its cursor.
+    start_position: Literal["earliest", "latest"] = "latest"
+    # Reconnect fast after a model restart (gRPC's defaults wait up to 120 s).
+    initial_reconnect_backoff_ms: int = Field(default=100, ge=1)
+    max_reconnect_backoff_ms: int = Field(default=1000, ge=1)
+    # Ceiling of a Predict call for a task without a deadline, and of any call.
+    max_model_timeout_s: float = Field(default=10.0, gt=0)
+    # A prediction is worth publishing even after the deadline (it is recorded late),
+    # but a publish that hangs must end so the task can be redelivered.
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    # Pause after a failed receive before trying again.
+    receive_retry_s: float = Field(default=0.5, gt=0)
+    # A model's error text is kept for evaluation, cut to this length.
+    max_error_message_chars: int = Field(default=512, ge=0)
+
+    @model_validator(mode="after")
+    def _default_subscription(self) -> RunnerSettings:
+        if not self.subscription:
+            self.subscription = self.model
+        if self.max_reconnect_backoff_ms < self.initial_reconnect_backoff_ms:
+            raise ValueError("max_reconnect_backoff_ms must be >= initial_reconnect_backoff_ms")
+        return self
