@@ -1,0 +1,337 @@
+"""The `rendezvous` command: bring a mesh up and down, look at it, score through it.
+
+rendezvous up [--mesh FILE] [--pulsar-url URL]   broker (unless given) + every component
+rendezvous status                                 what runs, where, and whether it is healthy
+rendezvous score [--features JSON]                one request, the answer as JSON
+rendezvous demo [--requests N] [--rate R]         traffic, then a per-model report
+rendezvous down                                   stop the mesh and the broker `up` started
+rendezvous run COMPONENT                          run one component in the foreground
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
+DEFAULT_STATE = REPO / ".run" / "mesh"
+PULSAR_SCRIPT = REPO / "tools" / "pulsar.sh"
+COMPONENTS = ("rendezvous", "collector", "enricher", "runner", "models", "decoy")
+
+
+def _state(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((state_dir / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pulsar_env() -> dict[str, str]:
+    out = subprocess.run(
+        [str(PULSAR_SCRIPT), "env"], check=True, capture_output=True, text=True
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+# ---------------------------------------------------------------------------- up / down / status
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    state_dir: Path = args.state_dir
+    current = _state(state_dir)
+    if current and _alive(current.get("supervisor_pid")) and current.get("phase") == "ready":
+        print(f"The mesh is already up: {current['endpoint']}")
+        return 0
+    broker_started = False
+    if args.pulsar_url is None:
+        subprocess.run([str(PULSAR_SCRIPT), "up"], check=True)
+        broker_started = True
+        env = _pulsar_env()
+        args.pulsar_url = env["PULSAR_SERVICE_URL"]
+        args.pulsar_admin_url = env["PULSAR_ADMIN_URL"]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "state.json").unlink(missing_ok=True)
+    log_file = state_dir / "supervisor.log"
+    command = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "--state-dir",
+        str(state_dir.resolve()),
+        "supervise",
+        "--mesh",
+        str(args.mesh.resolve()),
+        "--pulsar-url",
+        args.pulsar_url,
+        "--pulsar-admin-url",
+        args.pulsar_admin_url,
+    ]
+    if broker_started:
+        command.append("--owns-broker")
+    with log_file.open("ab") as log:
+        # A session of its own: the mesh outlives this command, `rendezvous down` ends it.
+        supervisor = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=REPO,
+        )
+    started = time.monotonic()
+    while time.monotonic() - started < args.timeout:
+        state = _state(state_dir)
+        if state and state.get("phase") in ("ready", "failed", "stopped"):
+            break
+        if supervisor.poll() is not None:
+            state = _state(state_dir)
+            break
+        time.sleep(0.5)
+    else:
+        state = _state(state_dir)
+    if not state or state.get("phase") != "ready":
+        print(f"The mesh did not come up; see {log_file} and {state_dir / 'logs'}", file=sys.stderr)
+        _print_processes(state)
+        return 1
+    took = time.monotonic() - started
+    print(f"Rendezvous is up in {took:.1f}s: {len(state['processes'])} processes.")
+    _print_processes(state)
+    endpoint = state["endpoint"]
+    body = json.dumps({"objective": "demo", "features": _sample_features()})
+    print(
+        f"\nScoringService at {endpoint} (gRPC, reflection on). Try:\n"
+        f"  tools/bin/grpcurl -plaintext -d '{body}' \\\n"
+        f"    {endpoint} rendezvous.v1.ScoringService/Score\n"
+        f"  .venv/bin/rendezvous score\n  make demo\n  make down"
+    )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = _state(args.state_dir)
+    pid = state.get("supervisor_pid") if state else None
+    if pid and _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        print("The mesh is stopped.")
+    else:
+        print("No mesh is running.")
+    if state and state.get("owns_broker"):
+        subprocess.run([str(PULSAR_SCRIPT), "down"], check=False)
+    return 0
+
+
+def _print_processes(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    print(f"{'process':28} {'role':11} {'endpoint':22} {'pid':>7} {'restarts':>8}  status")
+    for process in state["processes"]:
+        print(
+            f"{process['name']:28} {process['role'] or '-':11} {process['endpoint']:22} "
+            f"{process['pid'] or '-':>7} {process['restarts']:>8}  {process['status']}"
+        )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.supervisor.app import check_health
+
+    state = _state(args.state_dir)
+    if not state or not _alive(state.get("supervisor_pid")):
+        print("No mesh is running.")
+        return 1
+
+    async def probe() -> list[bool]:
+        return list(
+            await asyncio.gather(*(check_health(p["endpoint"]) for p in state["processes"]))
+        )
+
+    healthy = asyncio.run(probe())
+    for process, ok in zip(state["processes"], healthy, strict=True):
+        process["status"] = "SERVING" if ok else f"NOT SERVING ({process['status']})"
+    if args.json:
+        print(json.dumps(state, indent=2))
+    else:
+        print(
+            f"phase: {state['phase']}  endpoint: {state['endpoint']}  broker: {state['pulsar_url']}"
+        )
+        _print_processes(state)
+    return 0 if all(healthy) else 1
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from services.core.mesh import load_mesh
+    from services.core.telemetry import configure_logging
+    from services.supervisor.app import Supervisor
+    from services.supervisor.plan import plan
+
+    configure_logging("supervisor")
+    mesh = load_mesh(args.mesh)
+    specs = plan(mesh, args.mesh, args.state_dir, args.pulsar_url, args.pulsar_admin_url)
+    supervisor = Supervisor(
+        specs,
+        args.state_dir / "state.json",
+        facts={
+            "endpoint": mesh.rendezvous.listen,
+            "mesh": str(args.mesh),
+            "pulsar_url": args.pulsar_url,
+            "pulsar_admin_url": args.pulsar_admin_url,
+            "owns_broker": args.owns_broker,
+        },
+    )
+    return asyncio.run(supervisor.run())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    sys.argv = [f"services.{args.component}"]
+    runpy.run_module(f"services.{args.component}", run_name="__main__", alter_sys=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------- score / demo
+
+
+def _sample_features() -> dict[str, float]:
+    """The diabetes dataset's first row (scaled), as the demo objective expects."""
+    return {
+        "age": 0.0380759,
+        "sex": 0.0506801,
+        "bmi": 0.0616962,
+        "bp": 0.0218724,
+        "s1": -0.0442235,
+        "s2": -0.0348208,
+        "s3": -0.0434008,
+        "s4": -0.0025923,
+        "s5": 0.0199075,
+        "s6": -0.0176461,
+    }
+
+
+def _target(args: argparse.Namespace) -> str:
+    if args.target:
+        return str(args.target)
+    state = _state(args.state_dir)
+    return str(state["endpoint"]) if state else "127.0.0.1:50051"
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+    from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
+
+    from services.core.protos import set_values
+
+    request = scoring_pb2.ScoreRequest(objective=args.objective, subject_id=args.subject or "")
+    set_values(request.features, json.loads(args.features) if args.features else _sample_features())
+    with grpc.insecure_channel(_target(args)) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        try:
+            response = stub.Score(request, timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"{err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(json_format.MessageToJson(response, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    state = _state(args.state_dir)
+    return asyncio.run(
+        run_demo(
+            target=_target(args),
+            objective=args.objective,
+            requests=args.requests,
+            rate=args.rate,
+            pulsar_url=(state or {}).get("pulsar_url", "pulsar://127.0.0.1:6650"),
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rendezvous", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the broker (unless given) and every component")
+    up.add_argument("--mesh", type=Path, default=DEFAULT_MESH)
+    up.add_argument("--pulsar-url", help="use this broker instead of starting one")
+    up.add_argument("--pulsar-admin-url", default="http://127.0.0.1:8080")
+    up.add_argument("--timeout", type=float, default=240.0)
+    up.set_defaults(handler=cmd_up)
+
+    down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
+    down.add_argument("--timeout", type=float, default=60.0)
+    down.set_defaults(handler=cmd_down)
+
+    status = sub.add_parser("status", help="show every process and its health")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    score = sub.add_parser("score", help="send one request and print the answer")
+    score.add_argument("--target")
+    score.add_argument("--objective", default="demo")
+    score.add_argument("--features", help="JSON object of features (default: a diabetes row)")
+    score.add_argument("--subject")
+    score.add_argument("--timeout", type=float, default=5.0)
+    score.set_defaults(handler=cmd_score)
+
+    demo = sub.add_parser("demo", help="drive traffic and report per model")
+    demo.add_argument("--target")
+    demo.add_argument("--objective", default="demo")
+    demo.add_argument("--requests", type=int, default=300)
+    demo.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    demo.set_defaults(handler=cmd_demo)
+
+    run = sub.add_parser("run", help="run one component in the foreground")
+    run.add_argument("component", choices=COMPONENTS)
+    run.set_defaults(handler=cmd_run)
+
+    supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
+    supervise.add_argument("--mesh", type=Path, required=True)
+    supervise.add_argument("--pulsar-url", required=True)
+    supervise.add_argument("--pulsar-admin-url", required=True)
+    supervise.add_argument("--owns-broker", action="store_true")
+    supervise.set_defaults(handler=cmd_supervise)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Behave like a Unix tool when piped into `head`.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = build_parser().parse_args(argv)
+    handler: Any = args.handler
+    return int(handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

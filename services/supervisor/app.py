@@ -1,0 +1,225 @@
+"""The local supervisor: starts every process of a mesh, keeps them running, stops them.
+
+Processes start stage by stage (models, then consumers, then the rendezvous,
+then its collector); a stage is ready when each process wrote its ready file
+and answers the standard gRPC health check with SERVING. A process that exits
+unexpectedly is restarted on the same port with a growing backoff. SIGTERM
+stops everything in reverse order: SIGTERM, then SIGKILL after the grace.
+The supervisor's view is written to `state.json` for `rendezvous status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.supervisor.plan import ProcessSpec
+
+log = logging.getLogger(__name__)
+
+
+class SupervisorSettings(BaseSettings):
+    """How patient the supervisor is (env RDV_SUPERVISOR_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="RDV_SUPERVISOR_", extra="forbid")
+
+    ready_timeout_s: float = 90.0
+    stop_grace_s: float = 10.0
+    restart_backoff_initial_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+
+
+async def check_health(endpoint: str, service: str = "", timeout: float = 1.0) -> bool:
+    """True when the process at `endpoint` reports SERVING."""
+    try:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except (grpc.aio.AioRpcError, OSError):
+        return False
+
+
+class Supervised:
+    """One process and its restarts."""
+
+    def __init__(self, spec: ProcessSpec, settings: SupervisorSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.status = "pending"
+        self.started_at = 0.0
+        self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._ready_check: asyncio.Task[bool] | None = None
+
+    async def start(self) -> None:
+        self.spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.spec.ready_file.unlink()
+        log_handle = self.spec.log_file.open("ab")
+        env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            self.spec.module,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_handle,
+            stderr=log_handle,
+            env=env,
+        )
+        log_handle.close()
+        self.started_at = time.time()
+        self.status = "starting"
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self._stopping:
+                return False
+            if self.spec.ready_file.exists() and await check_health(
+                self.spec.endpoint, self.spec.health_service
+            ):
+                self.status = "ready"
+                return True
+            await asyncio.sleep(0.2)
+        self.status = "not ready"
+        return False
+
+    async def _watch(self) -> None:
+        backoff = self.settings.restart_backoff_initial_s
+        while not self._stopping:
+            assert self.process is not None
+            code = await self.process.wait()
+            if self._stopping:
+                break
+            self.status = f"exited {code}, restarting"
+            log.warning("process exited", extra={"process": self.spec.name, "code": code})
+            await asyncio.sleep(backoff)
+            if self._stopping:
+                break
+            # A process that stayed up for a while earns a fresh backoff.
+            if time.time() - self.started_at > self.settings.restart_backoff_max_s:
+                backoff = self.settings.restart_backoff_initial_s
+            else:
+                backoff = min(backoff * 2, self.settings.restart_backoff_max_s)
+            self.restarts += 1
+            await self.start()
+            # Readiness is tracked on the side: the watcher must see the next exit at once.
+            self._ready_check = asyncio.create_task(self.wait_ready())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        process = self.process
+        if process is None or process.returncode is not None:
+            self.status = "stopped"
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self.settings.stop_grace_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        self.status = "stopped"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "module": self.spec.module,
+            "role": self.spec.role,
+            "endpoint": self.spec.endpoint,
+            "pid": self.process.pid if self.process else None,
+            "status": self.status,
+            "restarts": self.restarts,
+            "log": str(self.spec.log_file),
+            **self.spec.labels,
+        }
+
+
+class Supervisor:
+    """Starts a planned mesh stage by stage and keeps it running until signalled."""
+
+    def __init__(
+        self,
+        specs: list[ProcessSpec],
+        state_file: Path,
+        facts: dict[str, Any],
+        settings: SupervisorSettings | None = None,
+    ) -> None:
+        self.settings = settings or SupervisorSettings()
+        self.processes = [Supervised(spec, self.settings) for spec in specs]
+        self.state_file = state_file
+        self.facts = facts
+        self.phase = "starting"
+
+    def write_state(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "phase": self.phase,
+                    "supervisor_pid": os.getpid(),
+                    **self.facts,
+                    "processes": [p.describe() for p in self.processes],
+                },
+                indent=2,
+            )
+        )
+        tmp.replace(self.state_file)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        ok = await self._start_all(stopping)
+        self.phase = "ready" if ok else "failed"
+        self.write_state()
+        if ok:
+            while not stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 1.0)
+                self.write_state()
+        self.phase = "stopping"
+        self.write_state()
+        for process in reversed(self.processes):
+            await process.stop()
+        self.phase = "stopped"
+        self.write_state()
+        return 0 if ok else 1
+
+    async def _start_all(self, stopping: asyncio.Event) -> bool:
+        for stage in sorted({p.spec.stage for p in self.processes}):
+            batch = [p for p in self.processes if p.spec.stage == stage]
+            for process in batch:
+                await process.start()
+            self.write_state()
+            results = await asyncio.gather(*(p.wait_ready() for p in batch))
+            self.write_state()
+            if stopping.is_set():
+                return False
+            if not all(results):
+                failed = [p.spec.name for p, ok in zip(batch, results, strict=True) if not ok]
+                log.error("processes not ready", extra={"processes": ",".join(failed)})
+                return False
+        return True
