@@ -4,6 +4,7 @@
 #   tools/pulsar.sh fetch    download + unpack the official distribution (Maven Central) once
 #   tools/pulsar.sh up       start a fresh broker and wait until a produce/consume round trip works
 #   tools/pulsar.sh down     stop it (SIGTERM, then SIGKILL)
+#   tools/pulsar.sh restart  stop it and start it again with its data (topics, cursors) kept
 #   tools/pulsar.sh status   exit 0 and print the URLs if healthy, non-zero otherwise
 #   tools/pulsar.sh env      print PULSAR_SERVICE_URL / PULSAR_ADMIN_URL lines
 #
@@ -362,10 +363,16 @@ cmd_up() {
         fi
     done
 
-    # Fresh data every time: the RocksDB metadata store is locked per process, and stale
-    # metadata next to a wiped/changed bookie breaks topic loading.
-    rm -rf "${RUN_DIR}"
-    mkdir -p "${RUN_DIR}/data" "${LOG_DIR}"
+    # Fresh data on every `up`: the RocksDB metadata store is locked per process, and stale
+    # metadata next to a wiped/changed bookie breaks topic loading. `restart` is the one
+    # exception: after a clean stop the same broker comes back with its topics and cursors.
+    if [[ "${KEEP_DATA:-0}" == 1 && -d "${RUN_DIR}/data" ]]; then
+        log "keeping the previous run's data (restart)"
+        mkdir -p "${LOG_DIR}"
+    else
+        rm -rf "${RUN_DIR}"
+        mkdir -p "${RUN_DIR}/data" "${LOG_DIR}"
+    fi
     render_conf
 
     # Sized for 2 cores / a small dev box.  G1 with short pauses instead of the
@@ -449,6 +456,13 @@ cmd_down() {
     stop_broker
 }
 
+# Stop and start the same broker, keeping its data (what a broker restart is in production).
+cmd_restart() {
+    take_lock
+    stop_broker
+    KEEP_DATA=1 cmd_up
+}
+
 stop_broker() {
     local pid
     if ! pid="$(read_pid)"; then
@@ -503,6 +517,7 @@ main() {
         fetch) cmd_fetch ;;
         up) cmd_up ;;
         down) cmd_down ;;
+        restart) cmd_restart ;;
         status) cmd_status ;;
         env) cmd_env ;;
         -h | --help | help) usage ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic_settings import SettingsConfigDict
 
@@ -13,7 +14,8 @@ from services.core.settings import ServiceSettings
 class CollectorSettings(ServiceSettings):
     """Which rendezvous instance this collector serves, and how it delivers."""
 
-    model_config = SettingsConfigDict(env_prefix="RDV_COLLECTOR_", yaml_config_section="collector")
+    model_config = SettingsConfigDict(env_prefix="RDV_COLLECTOR_")
+    config_section: ClassVar[str] = "collector"
 
     # Must equal the rendezvous instance's name: it selects the return-address topic.
     instance: str

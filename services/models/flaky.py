@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rendezvous.v1 import model_pb2
 
 from services.core.errors import ServiceError, Unavailable
-from services.core.protos import set_values
+from services.core.protos import set_values, values_dict
 from services.models.base import DeadlineExceeded, sum_numeric
 
 PLATFORM = "python"
@@ -46,6 +46,9 @@ class FlakyArgs(BaseModel):
     seed: int | None = None
     # None: score = sum of the features; otherwise this constant.
     score: float | None = None
+    # Return the enricher's subject state in outputs["subject_state"]: shows, end to end,
+    # what a model actually received.
+    echo_subject_state: bool = False
 
     @model_validator(mode="after")
     def _p99_above_median(self) -> FlakyArgs:
@@ -111,4 +114,8 @@ class FlakyModel:
         score = self.args.score if self.args.score is not None else sum_numeric(request.features)
         response = model_pb2.PredictResponse(score=score, model_version=self._version)
         set_values(response.outputs, {"latency_ms": latency * 1000.0})
+        if self.args.echo_subject_state:
+            response.outputs["subject_state"].struct_value.update(
+                values_dict(request.subject_state)
+            )
         return response

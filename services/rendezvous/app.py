@@ -89,7 +89,9 @@ class Rendezvous:
         self._request_publishers: dict[str, Publisher[task_pb2.ScoringTask]] = {}
         self._outcome_publishers: dict[str, Publisher[task_pb2.Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Insertion-ordered: the first entry is the oldest answered mailbox.
         self._closers: dict[str, asyncio.TimerHandle] = {}
+        self._awaiting = 0
         self.server = GrpcServer(
             service_names=[
                 scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
@@ -165,7 +167,7 @@ class Rendezvous:
         if objective is None:
             raise NotFound(f"unknown objective {request.objective!r}")
         validate(request, objective.config, self.settings)
-        if len(self.registry) >= self.settings.max_in_flight:
+        if self._awaiting >= self.settings.max_in_flight:
             SHED.labels(request.objective).inc()
             raise ResourceExhausted("too many requests in flight; retry later")
 
@@ -194,9 +196,11 @@ class Rendezvous:
             self.registry.add(mailbox)
             mailbox.start()
             self._spawn(self._dispatch(task, mailbox, sla_ms))
+            self._awaiting += 1
             try:
                 verdict = await mailbox.answer
             finally:
+                self._awaiting -= 1
                 self._schedule_close(mailbox, objective.late_grace_s)
             response = self._response(task, objective, mailbox, verdict)
             span.set_attribute("rdv.answered_by", response.decision.model or "default")
@@ -283,6 +287,10 @@ class Rendezvous:
     # ------------------------------------------------------------------ mailboxes and outcomes
 
     def _schedule_close(self, mailbox: Mailbox, grace_s: float) -> None:
+        while len(self._closers) >= self.settings.max_grace_mailboxes:
+            oldest = next(iter(self._closers))
+            self._closers.pop(oldest).cancel()
+            self._close_mailbox(oldest)
         loop = asyncio.get_running_loop()
         self._closers[mailbox.mailbox_id] = loop.call_later(
             grace_s, self._close_mailbox, mailbox.mailbox_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic_settings import SettingsConfigDict
 
@@ -13,15 +14,17 @@ from services.core.settings import ServiceSettings
 class RendezvousSettings(ServiceSettings):
     """One rendezvous instance: its public endpoint, its collector socket, its limits."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="RDV_RENDEZVOUS_", yaml_config_section="rendezvous"
-    )
+    model_config = SettingsConfigDict(env_prefix="RDV_RENDEZVOUS_")
+    config_section: ClassVar[str] = "rendezvous"
 
     listen: str = "127.0.0.1:50051"
     # The collector sidecar delivers predictions here; owner-only permissions.
     delivery_socket: Path = Path(tempfile.gettempdir()) / "rendezvous" / "delivery.sock"
-    # Open mailboxes beyond this are shed with RESOURCE_EXHAUSTED.
-    max_in_flight: int = 20_000
+    # Requests still awaiting their answer; beyond this, Score is shed with RESOURCE_EXHAUSTED.
+    max_in_flight: int = 5_000
+    # Answered mailboxes kept open for late predictions; beyond this the oldest closes early
+    # (its outcome goes out with the late predictions it has so far).
+    max_grace_mailboxes: int = 200_000
     # A client deadline is cut by this much so the answer still reaches the client in time.
     client_deadline_margin_ms: float = 2.0
     request_id_max_length: int = 128

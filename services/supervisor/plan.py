@@ -9,6 +9,7 @@ the services read in production, nothing supervisor-specific.
 from __future__ import annotations
 
 import json
+import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +39,42 @@ class ProcessSpec:
     # Health is checked on this service name ("" = the whole server).
     health_service: str = ""
     role: str = ""
+    # On the answer path: scheduled ahead of the models and the broker (see SupervisorSettings).
+    latency_critical: bool = False
     labels: dict[str, str] = field(default_factory=dict)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Below the kernel's ephemeral range: a port chosen now and bound by a child a moment later
+# cannot meanwhile be taken as the source port of some outgoing connection.
+PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A loopback TCP port that is free now and not in the ephemeral range."""
+    low, high = PORT_RANGE
+    ephemeral_low, ephemeral_high = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, high)
+        if port in _handed_out or ephemeral_low <= port <= ephemeral_high:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def plan(
@@ -67,6 +96,7 @@ def plan(
         settings: dict[str, str],
         listen: str | None = None,
         role: str = "",
+        latency_critical: bool = False,
     ) -> ProcessSpec:
         endpoint = listen or f"127.0.0.1:{free_port()}"
         ready_file = state_dir / "ready" / f"{name}.json"
@@ -87,6 +117,7 @@ def plan(
             ready_file=ready_file,
             log_file=state_dir / "logs" / f"{name}.log",
             role=role,
+            latency_critical=latency_critical,
             labels={"metrics": f"127.0.0.1:{env[f'{prefix}METRICS_PORT']}"},
         )
         specs.append(spec)
@@ -155,6 +186,7 @@ def plan(
             "DELIVERY_SOCKET": str(socket_path),
         },
         listen=mesh.rendezvous.listen,
+        latency_critical=True,
     )
     add(
         "collector",
@@ -162,5 +194,6 @@ def plan(
         "RDV_COLLECTOR_",
         STAGE_COLLECTOR,
         {"INSTANCE": RENDEZVOUS_INSTANCE, "DELIVERY_SOCKET": str(socket_path)},
+        latency_critical=True,
     )
     return specs
