@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 import uvloop
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +30,34 @@ from services.core.settings import ServiceSettings
 from services.core.telemetry import configure_logging, configure_tracing, start_metrics_server
 
 log = logging.getLogger(__name__)
+
+
+class _ReflectionPool:
+    """The default descriptor pool, also resolving method names (`pkg.Service.Method`).
+
+    ghz asks server reflection for the file containing the *method*; protobuf's Python
+    pool only resolves messages, enums, services and extensions (grpc/grpc#34743,
+    bojand/ghz#419), so ghz failed with "Symbol not found" against every component.
+    """
+
+    def __init__(self) -> None:
+        self._pool = descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, name: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(name)
+        except KeyError:
+            service_name, _, method = name.rpartition(".")
+            if not service_name:
+                raise
+            service = self._pool.FindServiceByName(service_name)
+            if method not in service.methods_by_name:
+                raise
+            return service.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
 
 Registrar = Callable[[grpc.aio.Server], None]
 
@@ -64,7 +93,9 @@ class GrpcServer:
             register(self._server)
         self._service_names = list(service_names)
         reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            self._server,
+            pool=_ReflectionPool(),
         )
         self.tcp_port: int | None = None
         self.tcp_address = tcp_address

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -27,10 +27,14 @@ def _default_instance() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-class PulsarSettings(BaseSettings):
-    """How a service reaches the broker and how hard it tries."""
+class PulsarSettings(BaseModel):
+    """How a service reaches the broker and how hard it tries.
 
-    model_config = SettingsConfigDict(extra="forbid")
+    A plain model, not a settings source of its own: it is read as part of a service's
+    settings (`RDV_<SERVICE>_PULSAR__SERVICE_URL`), never from bare environment variables.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     service_url: str = "pulsar://127.0.0.1:6650"
     admin_url: str = "http://127.0.0.1:8080"
@@ -48,6 +52,8 @@ class PulsarSettings(BaseSettings):
     max_redeliveries: int = 5
     io_threads: int = 1
     listener_threads: int = 1
+    # Pause after closing the client before the process may exit (see PulsarBus.close).
+    close_grace_s: float = 0.1
 
 
 class ServiceSettings(BaseSettings):

@@ -26,7 +26,7 @@ class RendezvousSettings(ServiceSettings):
     # (its outcome goes out with the late predictions it has so far).
     max_grace_mailboxes: int = 200_000
     # A client deadline is cut by this much so the answer still reaches the client in time.
-    client_deadline_margin_ms: float = 2.0
+    client_deadline_margin_ms: float = 5.0
     request_id_max_length: int = 128
     subject_id_max_length: int = 256
     max_features: int = 1024
