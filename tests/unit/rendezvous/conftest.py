@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from rendezvous.v1 import common_pb2, scoring_pb2_grpc, task_pb2
+
 from services.collector.app import Collector
 from services.collector.settings import CollectorSettings
 from services.core.bus import MemoryBus, SubscriptionMode
@@ -103,7 +103,11 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     socket = tmp_path / "delivery.sock"
     rendezvous = Rendezvous(
         RendezvousSettings(
-            instance="rdv-test", listen="127.0.0.1:0", delivery_socket=socket, max_in_flight=50
+            instance="rdv-test",
+            listen="127.0.0.1:0",
+            delivery_socket=socket,
+            max_in_flight=50,
+            max_grace_mailboxes=1000,
         ),
         {"demo": to_config("demo", OBJECTIVE)},
         bus=bus,
@@ -119,7 +123,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     models = asyncio.create_task(_scripted_models(bus, script))
     channel = grpc.aio.insecure_channel(rendezvous.server.endpoint)
     try:
-        stub = scoring_pb2_grpc.ScoringServiceAsyncStub(channel)
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         yield Mesh(bus, rendezvous, collector, stub, script)
     finally:
         models.cancel()

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
+
 from services.core.bus import MemoryBus
 from services.core.protos import duration_ms
 from tests.unit.rendezvous.conftest import Mesh

@@ -1,0 +1,127 @@
+"""Fixtures every test may use: the real Pulsar broker (integration) and the in-memory twin.
+
+`pulsar` is session-scoped and only started when an integration test asks for it, so
+unit tests never need the broker. When a healthy broker is already up (`tools/pulsar.sh
+status` exits 0, e.g. because `tools/run-tests.sh` started it), the fixture uses it and
+leaves it running; otherwise it starts one with `tools/pulsar.sh up` and stops it when the
+session ends.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.core.bus import MemoryBus
+from services.core.settings import PulsarSettings
+
+REPO = Path(__file__).resolve().parents[1]
+PULSAR_SH = REPO / "tools" / "pulsar.sh"
+
+# Tests wait for nack redeliveries; the production default (1 s) would make them slow.
+TEST_NACK_DELAY_MS = 100
+# Starting the standalone broker takes 15-40 s on 2 cores; `up` waits until it works.
+BROKER_START_TIMEOUT_S = 240.0
+BROKER_STOP_TIMEOUT_S = 60.0
+ADMIN_TIMEOUT_S = 10.0
+
+
+def quick_settings(**overrides: Any) -> PulsarSettings:
+    """PulsarSettings for tests: short nack delay; anything else as given."""
+    values: dict[str, Any] = {"negative_ack_redelivery_delay_ms": TEST_NACK_DELAY_MS}
+    values.update(overrides)
+    return PulsarSettings(**values)
+
+
+@dataclass(frozen=True)
+class PulsarBroker:
+    """A running Apache Pulsar standalone: where it listens, and its admin API."""
+
+    service_url: str
+    admin_url: str
+
+    def settings(self, **overrides: Any) -> PulsarSettings:
+        """PulsarSettings pointing at this broker, tuned for tests (short nack delay)."""
+        return quick_settings(service_url=self.service_url, admin_url=self.admin_url, **overrides)
+
+    def admin_get(self, path: str) -> Any:
+        """GET `path` from the admin REST API (e.g. `/admin/v2/persistent/public/default`)."""
+        url = self.admin_url.rstrip("/") + "/" + path.lstrip("/")
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT_S) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def topic_stats(self, topic: str) -> Any:
+        """The admin stats of a persistent topic given by its full name."""
+        parsed = urllib.parse.urlparse(topic)
+        if parsed.scheme != "persistent":
+            raise ValueError(f"not a persistent topic: {topic}")
+        rest = urllib.parse.quote(f"{parsed.netloc}{parsed.path}", safe="/")
+        return self.admin_get(f"/admin/v2/persistent/{rest}/stats")
+
+
+def _broker_urls() -> PulsarBroker:
+    """Where tools/pulsar.sh says the broker listens (it reads PULSAR_BROKER_PORT etc.)."""
+    printed = _pulsar_sh("env", ADMIN_TIMEOUT_S)
+    values = dict(
+        line.split("=", 1) for line in printed.stdout.splitlines() if line.startswith("PULSAR_")
+    )
+    if printed.returncode != 0 or not {"PULSAR_SERVICE_URL", "PULSAR_ADMIN_URL"} <= set(values):
+        pytest.fail(
+            f"tools/pulsar.sh env printed no URLs (exit {printed.returncode}):\n{printed.stdout}"
+        )
+    return PulsarBroker(
+        service_url=values["PULSAR_SERVICE_URL"], admin_url=values["PULSAR_ADMIN_URL"]
+    )
+
+
+def _pulsar_sh(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(PULSAR_SH), command],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def pulsar() -> Iterator[PulsarBroker]:
+    """The real broker: reused when healthy, otherwise started here and stopped at the end."""
+    if not PULSAR_SH.exists():
+        pytest.fail(f"{PULSAR_SH} is missing: integration tests need the real broker")
+    started_here = False
+    if _pulsar_sh("status", ADMIN_TIMEOUT_S * 3).returncode != 0:
+        up = _pulsar_sh("up", BROKER_START_TIMEOUT_S)
+        if up.returncode != 0:
+            # `up` may have left a half-started broker behind.
+            _pulsar_sh("down", BROKER_STOP_TIMEOUT_S)
+            pytest.fail(f"tools/pulsar.sh up failed (exit {up.returncode}):\n{up.stdout}")
+        started_here = True
+    try:
+        yield _broker_urls()
+    finally:
+        if started_here:
+            _pulsar_sh("down", BROKER_STOP_TIMEOUT_S)
+
+
+@pytest.fixture
+async def memory_bus() -> AsyncIterator[MemoryBus]:
+    """A fresh in-memory twin of the bus, with the test settings."""
+    bus = MemoryBus(quick_settings())
+    try:
+        yield bus
+    finally:
+        await bus.close()

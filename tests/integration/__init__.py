@@ -1,0 +1,1 @@
+"""Integration tests: the real Pulsar broker, real servers and real sockets."""

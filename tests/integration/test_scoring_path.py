@@ -1,0 +1,538 @@
+"""The scoring path end to end: the real supervisor runs every component as its own
+process against the real broker; requests go in over real gRPC sockets.
+
+Scenario objectives use the flaky model with fixed latencies so each race has a
+known winner:
+
+    hops     incumbent 2 ms (echoes the subject state), challenger 2 ms, decoy
+    slowinc  incumbent 32 ms, challenger 3 ms       -> challenger at the step boundary (25 ms)
+    alllate  both 300 ms (past the deadline)        -> the default at the SLA
+    failing  incumbent always errors, challenger 3 ms -> challenger
+
+The broker-restart test runs last: it restarts the session's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import yaml
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from rendezvous.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc, task_pb2
+
+from services.core.bus import PulsarBus
+from services.core.protos import duration_ms, from_value, now_timestamp
+from services.supervisor.plan import free_port
+from tests.conftest import REPO, PulsarBroker
+
+pytestmark = pytest.mark.integration
+
+M = TypeVar("M", bound=Message)
+
+SLA_MS = 60.0
+# What the machine may add to an SLA between the server's answer and the client's receipt.
+CLIENT_MARGIN_MS = 40.0
+MAX_IN_FLIGHT = 40
+
+
+def _flaky(name: str, role: str, latency_ms: float, **args: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "role": role,
+        "kind": "flaky",
+        "args": {"latency_ms_median": latency_ms, **args},
+    }
+
+
+def _objective(models: list[dict[str, Any]], grace_ms: float, default: float) -> dict[str, Any]:
+    incumbent, challenger = models[0]["name"], models[1]["name"]
+    return {
+        "sla_ms": SLA_MS,
+        "late_grace_ms": grace_ms,
+        "features": [{"name": "x"}],
+        "models": models,
+        "policy": [
+            {"until_ms": 25, "accept": [incumbent]},
+            {"until_ms": 55, "accept": [incumbent, challenger]},
+        ],
+        "default": {"score": default},
+    }
+
+
+def mesh_document(listen: str) -> dict[str, Any]:
+    return {
+        "rendezvous": {"listen": listen},
+        "objectives": {
+            "hops": _objective(
+                [
+                    _flaky("echo-incumbent", "incumbent", 2, score=1.0, echo_subject_state=True),
+                    _flaky("hops-challenger", "challenger", 2, score=2.0),
+                    {"name": "decoy", "role": "decoy"},
+                ],
+                grace_ms=6000,
+                default=-1.0,
+            ),
+            "slowinc": _objective(
+                [
+                    _flaky("slow-incumbent", "incumbent", 32, score=1.0),
+                    _flaky("quick-challenger", "challenger", 3, score=2.0),
+                ],
+                grace_ms=1500,
+                default=-1.0,
+            ),
+            "alllate": _objective(
+                [
+                    _flaky("late-incumbent", "incumbent", 300, score=1.0),
+                    _flaky("late-challenger", "challenger", 300, score=2.0),
+                ],
+                grace_ms=500,
+                default=7.0,
+            ),
+            "failing": _objective(
+                [
+                    _flaky("broken-incumbent", "incumbent", 1, error_rate=1.0),
+                    _flaky("backup-challenger", "challenger", 3, score=2.0),
+                ],
+                grace_ms=500,
+                default=-1.0,
+            ),
+        },
+    }
+
+
+@dataclass
+class RunningMesh:
+    endpoint: str
+    state_dir: Path
+    broker: PulsarBroker
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
+        return data
+
+    def process(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.state()["processes"] if p["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    root = tmp_path_factory.mktemp("mesh")
+    endpoint = f"127.0.0.1:{free_port()}"
+    mesh_file = root / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump(mesh_document(endpoint)))
+    state_dir = root / "state"
+    env = {**os.environ, "RDV_RENDEZVOUS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)}
+    log = (root / "supervisor.log").open("wb")
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "--state-dir",
+            str(state_dir),
+            "supervise",
+            "--mesh",
+            str(mesh_file),
+            "--pulsar-url",
+            pulsar.service_url,
+            "--pulsar-admin-url",
+            pulsar.admin_url,
+        ],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
+    running = RunningMesh(endpoint, state_dir, pulsar)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if supervisor.poll() is not None:
+                pytest.fail(f"the supervisor exited; see {root}")
+            state_file = state_dir / "state.json"
+            if state_file.exists() and running.state()["phase"] in ("ready", "failed"):
+                break
+            time.sleep(0.5)
+        assert running.state()["phase"] == "ready", f"mesh not ready; logs in {state_dir}/logs"
+        yield running
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(60)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+        log.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def request(objective: str, x: float = 1.0, **fields: Any) -> scoring_pb2.ScoreRequest:
+    out = scoring_pb2.ScoreRequest(objective=objective, **fields)
+    out.features["x"].number_value = x
+    return out
+
+
+async def score(
+    mesh: RunningMesh, req: scoring_pb2.ScoreRequest, timeout: float = 5.0
+) -> tuple[scoring_pb2.ScoreResponse, float]:
+    """The response and the milliseconds the client waited for it."""
+    async with grpc.aio.insecure_channel(mesh.endpoint) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        started = time.monotonic()
+        response = await stub.Score(req, timeout=timeout)
+        return response, (time.monotonic() - started) * 1000
+
+
+async def find(
+    broker: PulsarBroker,
+    topic: str,
+    message_type: type[M],
+    predicate: Callable[[M], bool],
+    timeout: float = 20.0,
+) -> M:
+    """The first message on `topic` (read from the start) that satisfies `predicate`."""
+    bus = PulsarBus(broker.settings(), "test-reader")
+    try:
+        reader = await bus.reader(topic, message_type)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                envelope = await asyncio.wait_for(reader.read_next(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            if predicate(envelope.message):
+                return envelope.message
+        raise AssertionError(f"no matching {message_type.__name__} on {topic} in {timeout}s")
+    finally:
+        await bus.close()
+
+
+async def outcome(mesh: RunningMesh, objective: str, request_id: str) -> task_pb2.Outcome:
+    topic = f"persistent://public/default/rdv.{objective}.results"
+    return await find(
+        mesh.broker, topic, task_pb2.Outcome, lambda o: o.request_id == request_id, timeout=30
+    )
+
+
+def statuses(result: task_pb2.Outcome) -> dict[str, int]:
+    return {c.prediction.model: c.status for c in result.candidates}
+
+
+# ----------------------------------------------------------------------------- the hops
+
+
+async def test_one_request_through_every_hop(mesh: RunningMesh) -> None:
+    subject = f"alice-{uuid.uuid4().hex[:8]}"  # the events topic outlives test runs
+    bus = PulsarBus(mesh.broker.settings(), "test-events")
+    events = await bus.publisher(bus.topics.events("hops"), task_pb2.SubjectEvent)
+    for kind in ("view", "purchase"):
+        await events.publish(
+            task_pb2.SubjectEvent(
+                subject_id=subject, objective="hops", kind=kind, event_time=now_timestamp()
+            ),
+            key=subject,
+        )
+    await bus.close()
+
+    # The enricher follows the events topic live; poll until it has both events.
+    state: dict[str, Any] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        response, _ = await score(mesh, request("hops", subject_id=subject))
+        state = (
+            from_value(response.outputs["subject_state"])
+            if "subject_state" in response.outputs
+            else {}
+        )
+        if state.get("event_count") == 2:
+            break
+        await asyncio.sleep(0.2)
+    # The enrichment reached the model: it echoes the state it was given.
+    assert state["event_count"] == 2
+    assert state["last_event_kind"] == "purchase"
+    assert response.decision.model == "echo-incumbent"
+    assert response.decision.source == scoring_pb2.ANSWER_SOURCE_MODEL
+    assert response.decision.role == common_pb2.MODEL_ROLE_INCUMBENT
+
+    archived = await find(
+        mesh.broker,
+        "persistent://public/default/rdv.hops.archive",
+        task_pb2.ArchiveRecord,
+        lambda r: r.task.task.request.request_id == response.request_id,
+    )
+    assert archived.task.task.request.subject_id == ""  # PII redacted in the archive
+    assert "task.task.request.subject_id" in archived.redacted_fields
+    assert archived.task.task.request.features["x"].number_value == 1.0
+    assert archived.task.subject_state["event_count"].number_value == 2
+
+    result = await outcome(mesh, "hops", response.request_id)
+    assert result.response.decision.model == "echo-incumbent"
+    assert statuses(result)["echo-incumbent"] == task_pb2.CANDIDATE_STATUS_ANSWERED
+    assert "hops-challenger" in statuses(result)
+
+    # It was the real broker: its admin API lists the topics the request crossed.
+    topics = set(mesh.broker.admin_get("/admin/v2/persistent/public/default"))
+    for name in ("requests", "tasks", "results", "archive", "events"):
+        assert f"persistent://public/default/rdv.hops.{name}" in topics
+    assert "persistent://public/default/rdv.predictions.rdv-0" in topics
+
+
+# ----------------------------------------------------------------------------- the race
+
+
+async def test_preferred_model_in_time_wins(mesh: RunningMesh) -> None:
+    responses = [(await score(mesh, request("hops")))[0] for _ in range(20)]
+    seen = [(r.decision.model, r.decision.rule_index, duration_ms(r.elapsed)) for r in responses]
+    # The challenger is as fast, but the first step accepts the incumbent only.
+    assert not any(model == "hops-challenger" and rule == 0 for model, rule, _ in seen), seen
+    # In time means inside the first step, on most requests of a loaded 2-core machine
+    # running twenty processes and a broker.
+    assert sum(model == "echo-incumbent" and rule == 0 for model, rule, _ in seen) >= 15, seen
+
+
+async def test_preferred_late_gives_the_next_in_order(mesh: RunningMesh) -> None:
+    response, waited = await score(mesh, request("slowinc"))
+    assert response.decision.model == "quick-challenger"
+    assert response.decision.rule_index == 1
+    assert 25 <= duration_ms(response.elapsed) < SLA_MS
+    assert waited < SLA_MS + CLIENT_MARGIN_MS
+    result = await outcome(mesh, "slowinc", response.request_id)
+    # The incumbent came at ~150 ms, after the answer: recorded as late.
+    assert statuses(result) == {
+        "quick-challenger": task_pb2.CANDIDATE_STATUS_ANSWERED,
+        "slow-incumbent": task_pb2.CANDIDATE_STATUS_LATE,
+    }
+
+
+async def test_all_late_gives_the_default_within_the_sla(mesh: RunningMesh) -> None:
+    response, waited = await score(mesh, request("alllate"))
+    assert response.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT
+    assert response.decision.reason == scoring_pb2.DECISION_REASON_SLA_DEFAULT
+    assert response.score == 7.0
+    assert SLA_MS <= duration_ms(response.elapsed) < SLA_MS + 5
+    assert waited < SLA_MS + CLIENT_MARGIN_MS
+
+
+async def test_client_deadline_tightens_the_sla(mesh: RunningMesh) -> None:
+    response, _ = await score(mesh, request("alllate"), timeout=0.03)
+    assert response.decision.reason == scoring_pb2.DECISION_REASON_CLIENT_DEADLINE
+    assert duration_ms(response.elapsed) < 30
+
+
+async def test_model_error_falls_back_to_the_next(mesh: RunningMesh) -> None:
+    response, _ = await score(mesh, request("failing"))
+    assert response.decision.model == "backup-challenger"
+    result = await outcome(mesh, "failing", response.request_id)
+    assert statuses(result)["broken-incumbent"] == task_pb2.CANDIDATE_STATUS_ERROR
+    error = next(c for c in result.candidates if c.prediction.model == "broken-incumbent")
+    assert error.prediction.error.grpc_code in (
+        grpc.StatusCode.UNAVAILABLE.value[0],
+        grpc.StatusCode.INTERNAL.value[0],
+    )
+
+
+async def test_duplicate_prediction_is_ignored_and_counted(mesh: RunningMesh) -> None:
+    response, _ = await score(mesh, request("hops"))
+    archived = await find(
+        mesh.broker,
+        "persistent://public/default/rdv.hops.archive",
+        task_pb2.ArchiveRecord,
+        lambda r: r.task.task.request.request_id == response.request_id,
+    )
+    task = archived.task.task
+    # Pulsar delivers at least once: replay the incumbent's prediction to the return address.
+    duplicate = task_pb2.PredictionEvent(
+        request_id=task.request.request_id,
+        mailbox_id=task.mailbox_id,
+        objective="hops",
+        model="echo-incumbent",
+        model_version="1",
+        role=common_pb2.MODEL_ROLE_INCUMBENT,
+    )
+    duplicate.prediction.score = 99.0
+    bus = PulsarBus(mesh.broker.settings(), "test-duplicate")
+    await (await bus.publisher(task.return_address, task_pb2.PredictionEvent)).publish(duplicate)
+    await bus.close()
+    result = await outcome(mesh, "hops", response.request_id)
+    assert result.duplicates == 1
+    answered = next(c for c in result.candidates if c.prediction.model == "echo-incumbent")
+    assert answered.prediction.prediction.score == 1.0  # the first copy, not the replay
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _violations(err: grpc.aio.AioRpcError) -> set[str]:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    fields: set[str] = set()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields |= {v.field for v in bad.field_violations}
+    return fields
+
+
+async def test_bad_input_gets_clear_statuses(mesh: RunningMesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await score(mesh, request("no-such-objective"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    bad = scoring_pb2.ScoreRequest(objective="hops")
+    bad.features["x"].string_value = "one"
+    bad.features["y"].number_value = 2
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await score(mesh, bad)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(invalid.value) == {"features.x", "features.y"}
+
+    missing = scoring_pb2.ScoreRequest(objective="hops")
+    with pytest.raises(grpc.aio.AioRpcError) as absent:
+        await score(mesh, missing)
+    assert _violations(absent.value) == {"features.x"}
+
+    oversize = request("hops")
+    oversize.payload.data = b"\0" * (5 * 1024 * 1024)
+    with pytest.raises(grpc.aio.AioRpcError) as large:
+        await score(mesh, oversize)
+    assert large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for err in (unknown.value, invalid.value, absent.value, large.value):
+        assert "Traceback" not in (err.details() or "")
+
+
+async def test_overload_is_shed_with_resource_exhausted(mesh: RunningMesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.endpoint) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        calls = [stub.Score(request("alllate"), timeout=10) for _ in range(MAX_IN_FLIGHT * 3)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    shed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    answered = [r for r in results if isinstance(r, scoring_pb2.ScoreResponse)]
+    assert shed, "nothing was shed"
+    assert {e.code() for e in shed} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert len(answered) >= MAX_IN_FLIGHT
+
+
+async def test_undecodable_message_goes_to_the_dead_letter_topic(mesh: RunningMesh) -> None:
+    bus = PulsarBus(mesh.broker.settings(), "test-garbage")
+    requests_topic = bus.topics.requests("hops")
+    publisher = await bus.publisher(requests_topic, task_pb2.ScoringTask)
+    marker = f"garbage-{time.time_ns()}"
+    await publisher.publish_bytes(b"\xff\xfe not a proto", {"marker": marker})
+    await bus.close()
+    reader_bus = PulsarBus(mesh.broker.settings(), "test-dlq")
+    try:
+        reader = await reader_bus.reader(f"{requests_topic}-DLQ", task_pb2.ScoringTask)
+        deadline = time.monotonic() + 20
+        found = False
+        while not found and time.monotonic() < deadline:
+            raw = await asyncio.wait_for(reader._read_raw(), deadline - time.monotonic())
+            found = raw.properties.get("marker") == marker
+        assert found, "the undecodable message never reached the dead-letter topic"
+        assert "rdv-dead-letter-reason" in raw.properties
+    finally:
+        await reader_bus.close()
+    # ... and the enricher carried on.
+    response, _ = await score(mesh, request("hops"))
+    assert response.decision.model == "echo-incumbent"
+
+
+# ----------------------------------------------------------------------------- bad days
+
+
+async def test_collector_restart_loses_nothing(mesh: RunningMesh) -> None:
+    collector = mesh.process("collector")
+    os.kill(collector["pid"], signal.SIGKILL)
+    # While the collector is down the answers are defaults; the predictions wait in Pulsar.
+    during = [(await score(mesh, request("hops")))[0] for _ in range(5)]
+    assert all(r.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT for r in during)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        restarted = mesh.process("collector")
+        if restarted["restarts"] >= 1 and restarted["status"] == "ready":
+            break
+        await asyncio.sleep(0.2)
+    assert mesh.process("collector")["restarts"] >= 1
+    # Every prediction made while it was down was delivered after its restart (as late).
+    for response in during:
+        result = await outcome(mesh, "hops", response.request_id)
+        assert statuses(result) == {
+            "echo-incumbent": task_pb2.CANDIDATE_STATUS_LATE,
+            "hops-challenger": task_pb2.CANDIDATE_STATUS_LATE,
+        }
+    after, _ = await score(mesh, request("hops"))
+    assert after.decision.model == "echo-incumbent"
+
+
+async def test_broker_restart_mid_traffic(mesh: RunningMesh) -> None:
+    results: list[tuple[float, scoring_pb2.ScoreResponse | BaseException, float]] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        async with grpc.aio.insecure_channel(mesh.endpoint) as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    response: scoring_pb2.ScoreResponse | BaseException = await stub.Score(
+                        request("hops"), timeout=5
+                    )
+                except grpc.aio.AioRpcError as err:
+                    response = err
+                results.append((started, response, (time.monotonic() - started) * 1000))
+                await asyncio.sleep(0.02)
+
+    sender = asyncio.create_task(traffic())
+    await asyncio.sleep(1)
+    restart = await asyncio.create_subprocess_exec(
+        str(REPO / "tools" / "pulsar.sh"),
+        "restart",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await restart.wait() == 0
+    restarted_at = time.monotonic()
+    # Normal answers resume by themselves once the broker is back.
+    resumed_at = None
+    deadline = restarted_at + 90
+    while time.monotonic() < deadline:
+        recent = [r for t, r, _ in results if t > restarted_at]
+        models = [
+            r for r in recent if isinstance(r, scoring_pb2.ScoreResponse) and r.decision.model
+        ]
+        if len(models) >= 5:
+            resumed_at = time.monotonic()
+            break
+        await asyncio.sleep(0.5)
+    stop.set()
+    await sender
+    errors = [r for _, r, _ in results if not isinstance(r, scoring_pb2.ScoreResponse)]
+    assert not errors, f"requests failed during the restart: {errors[:3]}"
+    answers = [r for _, r, _ in results if isinstance(r, scoring_pb2.ScoreResponse)]
+    defaults = [r for r in answers if r.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT]
+    assert defaults, "the outage was never seen"
+    # Every request, during the outage too, was answered, and all but a few within the SLA
+    # plus 5 ms: while the broker's JVM stops and boots it takes both cores, and a rare
+    # answer is scheduled up to ~35 ms late even at raised priority (measured, see the
+    # supervisor's latency_critical_nice). None may be later than that.
+    elapsed = [duration_ms(r.elapsed) for r in answers]
+    assert sum(e < SLA_MS + 5 for e in elapsed) >= 0.99 * len(elapsed), sorted(elapsed)[-5:]
+    assert max(elapsed) < SLA_MS + 50
+    assert resumed_at is not None, "model answers did not resume after the broker restart"

@@ -1,0 +1,1 @@
+"""Unit tests: one package per component, no broker, no external processes."""

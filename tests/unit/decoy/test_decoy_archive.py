@@ -1,0 +1,261 @@
+"""The decoy: what an archive record keeps, and the decoy over MemoryBus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
+
+from services.core.bus import TYPE_PROPERTY, BusError, MemoryBus
+from services.core.protos import set_values, timestamp_from_ns, values_dict
+from services.core.settings import PulsarSettings
+from services.decoy.app import DecoyComponent, default_archiving_denied
+from services.decoy.archive import archive_record
+from services.decoy.settings import DecoySettings
+
+SECOND = 1_000_000_000
+SUBJECT_PATH = "task.task.request.subject_id"
+
+
+def _enriched(
+    objective: str,
+    request_id: str,
+    *,
+    subject: str = "alice",
+    archiving: common_pb2.ConsentDecision.ValueType = common_pb2.CONSENT_DECISION_GRANTED,
+    deadline_s: float = 5.0,
+) -> task_pb2.EnrichedTask:
+    request = scoring_pb2.ScoreRequest(
+        objective=objective,
+        request_id=request_id,
+        subject_id=subject,
+        consent=common_pb2.Consent(archiving=archiving),
+    )
+    set_values(request.features, {"bmi": 0.05, "age": 0.01})
+    request.payload.data = b"raw"
+    request.payload.content_type = "application/octet-stream"
+    task = task_pb2.EnrichedTask(
+        task=task_pb2.ScoringTask(
+            request=request,
+            mailbox_id=f"mb-{request_id}",
+            deadline=timestamp_from_ns(time.time_ns() + int(deadline_s * SECOND)),
+        ),
+        enriched_time=timestamp_from_ns(time.time_ns()),
+    )
+    set_values(task.subject_state, {"event_count": 3, "last_event_kind": "buy"})
+    return task
+
+
+def test_the_record_keeps_the_task_with_the_subject_redacted() -> None:
+    task = _enriched("o", "r1")
+    record = archive_record(task, default_denied=False)
+
+    assert record.redacted_fields == [SUBJECT_PATH]
+    assert record.task.task.request.subject_id == ""
+    assert not record.features_dropped
+    assert values_dict(record.task.task.request.features) == {"bmi": 0.05, "age": 0.01}
+    assert record.task.task.request.payload.data == b"raw"
+    assert values_dict(record.task.subject_state) == {"event_count": 3, "last_event_kind": "buy"}
+    assert record.HasField("archived_time")
+    # Everything else is exactly what the models saw.
+    expected = task_pb2.EnrichedTask()
+    expected.CopyFrom(task)
+    expected.task.request.ClearField("subject_id")
+    assert record.task == expected
+    # The task given is not changed.
+    assert task.task.request.subject_id == "alice"
+
+
+def test_denied_archiving_drops_features_payload_and_state() -> None:
+    task = _enriched("o", "r1", archiving=common_pb2.CONSENT_DECISION_DENIED)
+    record = archive_record(task, default_denied=False)
+
+    assert record.features_dropped
+    assert len(record.task.task.request.features) == 0
+    assert not record.task.task.request.HasField("payload")
+    assert len(record.task.subject_state) == 0
+    assert record.redacted_fields == [SUBJECT_PATH]
+    assert record.task.task.request.request_id == "r1"
+    assert record.task.task.mailbox_id == "mb-r1"
+
+
+def test_unspecified_consent_follows_the_objective_default() -> None:
+    task = _enriched("o", "r1", archiving=common_pb2.CONSENT_DECISION_UNSPECIFIED)
+    assert archive_record(task, default_denied=True).features_dropped
+    assert not archive_record(task, default_denied=False).features_dropped
+    granted = _enriched("o", "r2", archiving=common_pb2.CONSENT_DECISION_GRANTED)
+    assert not archive_record(granted, default_denied=True).features_dropped
+
+
+def test_nothing_is_listed_when_there_was_no_subject() -> None:
+    record = archive_record(_enriched("o", "r1", subject=""), default_denied=False)
+    assert list(record.redacted_fields) == []
+
+
+# --------------------------------------------------------------------------- over MemoryBus
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def _archived(bus: MemoryBus, objective: str) -> list[task_pb2.ArchiveRecord]:
+    return [
+        task_pb2.ArchiveRecord.FromString(raw.data)
+        for raw in bus.messages(bus.topics.archive(objective))
+    ]
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def decoy(tmp_path: Path) -> AsyncIterator[tuple[DecoyComponent, MemoryBus, str]]:
+    pulsar = PulsarSettings(send_timeout_s=0.2, negative_ack_redelivery_delay_ms=50)
+    bus = MemoryBus(pulsar)
+    objective = f"t{uuid.uuid4().hex[:10]}"
+    settings = DecoySettings(
+        objective=objective,
+        listen="127.0.0.1:0",
+        pulsar=pulsar,
+        ready_file=tmp_path / "ready.json",
+        shutdown_grace_s=1.0,
+    )
+    component = DecoyComponent(settings, bus=bus)
+    await component.start()
+    try:
+        yield component, bus, objective
+    finally:
+        await component.stop()
+
+
+async def test_every_task_is_archived_redacted_and_keyed_by_request(
+    decoy: tuple[DecoyComponent, MemoryBus, str], tmp_path: Path
+) -> None:
+    component, bus, objective = decoy
+    assert json.loads((tmp_path / "ready.json").read_text())["endpoint"] == component.endpoint
+    async with grpc.aio.insecure_channel(component.endpoint) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    kept = {"objective": objective, "features_dropped": "false"}
+    dropped = {"objective": objective, "features_dropped": "true"}
+    tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    await tasks.publish(_enriched(objective, "granted"), key="granted")
+    await tasks.publish(
+        _enriched(objective, "denied", archiving=common_pb2.CONSENT_DECISION_DENIED), key="denied"
+    )
+    # Expired before the decoy saw it: archived all the same (audit and replay).
+    await tasks.publish(_enriched(objective, "expired", deadline_s=-1.0), key="expired")
+
+    await _until(lambda: len(_archived(bus, objective)) == 3)
+    raws = bus.messages(bus.topics.archive(objective))
+    records = {record.task.task.request.request_id: record for record in _archived(bus, objective)}
+    assert sorted(records) == ["denied", "expired", "granted"]
+    assert sorted(raw.key or "" for raw in raws) == ["denied", "expired", "granted"]
+    assert all(raw.properties[TYPE_PROPERTY] == "rendezvous.v1.ArchiveRecord" for raw in raws)
+    for record in records.values():
+        assert record.task.task.request.subject_id == ""
+        assert list(record.redacted_fields) == [SUBJECT_PATH]
+    assert not records["granted"].features_dropped
+    assert values_dict(records["granted"].task.task.request.features) == {
+        "bmi": 0.05,
+        "age": 0.01,
+    }
+    assert records["denied"].features_dropped
+    assert len(records["denied"].task.task.request.features) == 0
+    assert len(records["denied"].task.subject_state) == 0
+    assert _sample("rdv_decoy_archived_total", kept) == 2
+    assert _sample("rdv_decoy_archived_total", dropped) == 1
+    assert component.archived == 3
+
+
+async def test_an_undecodable_task_goes_to_the_dlq_and_the_next_is_archived(
+    decoy: tuple[DecoyComponent, MemoryBus, str],
+) -> None:
+    _, bus, objective = decoy
+    topic = bus.topics.tasks(objective)
+    tasks = await bus.publisher(topic, task_pb2.EnrichedTask)
+    await tasks.publish_bytes(b"\xff\xfe", {TYPE_PROPERTY: "rendezvous.v1.EnrichedTask"}, "bad")
+    await tasks.publish(_enriched(objective, "good"), key="good")
+
+    await _until(lambda: len(_archived(bus, objective)) == 1)
+    assert _archived(bus, objective)[0].task.task.request.request_id == "good"
+    assert [raw.data for raw in bus.messages(bus.topics.dead_letter(topic))] == [b"\xff\xfe"]
+
+
+async def test_a_failed_archive_publish_is_nacked_and_redelivered(
+    decoy: tuple[DecoyComponent, MemoryBus, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, bus, objective = decoy
+    archive = await bus.publisher(bus.topics.archive(objective), task_pb2.ArchiveRecord)
+    original = archive._send
+    calls: list[int] = []
+
+    async def refuse_once(data: bytes, properties: dict[str, str], key: str | None) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise BusError("the broker refused the message")
+        await original(data, properties, key)
+
+    monkeypatch.setattr(archive, "_send", refuse_once)
+    failures = {"objective": objective}
+    before = _sample("rdv_decoy_archive_failures_total", failures)
+    tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    await tasks.publish(_enriched(objective, "r1"), key="r1")
+
+    await _until(lambda: len(_archived(bus, objective)) == 1)
+    assert len(calls) == 2
+    assert _sample("rdv_decoy_archive_failures_total", failures) == before + 1
+
+
+def test_the_mesh_default_consent_applies(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(
+        """
+objectives:
+  strict:
+    sla_ms: 50
+    models: [{name: m, role: incumbent}]
+    policy: [{until_ms: 40, accept: [m]}]
+    default_consent: {archiving: denied}
+"""
+    )
+    assert default_archiving_denied(DecoySettings(objective="strict", mesh_file=mesh))
+    # The mesh wins over the setting for an objective it names...
+    assert default_archiving_denied(
+        DecoySettings(objective="strict", mesh_file=mesh, default_archiving="granted")
+    )
+    # ...and an objective it does not name falls back to the setting.
+    assert not default_archiving_denied(DecoySettings(objective="other", mesh_file=mesh))
+    assert default_archiving_denied(
+        DecoySettings(objective="other", mesh_file=mesh, default_archiving="denied")
+    )
+
+
+def test_it_can_be_built_before_its_event_loop_runs() -> None:
+    # `services.core.server.run` builds the component first, then starts uvloop.
+    component = DecoyComponent(DecoySettings(objective="o", listen="127.0.0.1:0"), bus=MemoryBus())
+
+    async def start_and_stop() -> str:
+        await component.start()
+        endpoint = component.endpoint
+        await component.stop()
+        return endpoint
+
+    assert uvloop.run(start_and_stop()).startswith("127.0.0.1:")

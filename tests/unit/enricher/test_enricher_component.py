@@ -1,0 +1,382 @@
+"""The enricher over MemoryBus: Enrich on a real gRPC server, and the Pulsar path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import uvloop
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY
+from rendezvous.v1 import enricher_pb2, enricher_pb2_grpc, scoring_pb2, task_pb2
+
+from services.core.bus import TYPE_PROPERTY, BusError, MemoryBus
+from services.core.errors import Unavailable
+from services.core.protos import timestamp_from_ns, values_dict
+from services.core.server import GrpcServer
+from services.core.settings import PulsarSettings
+from services.enricher.app import EnricherComponent
+from services.enricher.enrich import Enricher
+from services.enricher.service import SERVICE_NAME, EnricherServicer, registrar
+from services.enricher.settings import EnricherSettings
+from services.enricher.store import SubjectStore
+
+SECOND = 1_000_000_000
+
+
+def _sdk_tracing() -> None:
+    # Real spans (not the no-op API) so a test can tell a child span from its parent.
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+
+
+def _objective() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def _settings(
+    objective: str, tmp_path: Path | None = None, pulsar: PulsarSettings | None = None
+) -> EnricherSettings:
+    return EnricherSettings(
+        objectives=[objective],
+        listen="127.0.0.1:0",
+        instance=f"test-{uuid.uuid4().hex[:6]}",
+        pulsar=pulsar or PulsarSettings(send_timeout_s=0.2, negative_ack_redelivery_delay_ms=50),
+        ready_file=tmp_path / "ready.json" if tmp_path is not None else None,
+        shutdown_grace_s=1.0,
+    )
+
+
+def _event(objective: str, subject: str, kind: str, age_s: float) -> task_pb2.SubjectEvent:
+    return task_pb2.SubjectEvent(
+        subject_id=subject,
+        objective=objective,
+        kind=kind,
+        event_time=timestamp_from_ns(time.time_ns() - int(age_s * SECOND)),
+    )
+
+
+def _task(
+    objective: str, request_id: str, subject: str, deadline_s: float = 5.0
+) -> task_pb2.ScoringTask:
+    return task_pb2.ScoringTask(
+        request=scoring_pb2.ScoreRequest(
+            objective=objective, request_id=request_id, subject_id=subject
+        ),
+        mailbox_id=f"mb-{request_id}",
+        return_address="persistent://public/default/rdv.predictions.test",
+        received_time=timestamp_from_ns(time.time_ns()),
+        deadline=timestamp_from_ns(time.time_ns() + int(deadline_s * SECOND)),
+    )
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def _tasks_out(bus: MemoryBus, objective: str) -> list[task_pb2.EnrichedTask]:
+    return [
+        task_pb2.EnrichedTask.FromString(raw.data)
+        for raw in bus.messages(bus.topics.tasks(objective))
+    ]
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _publish_events(bus: MemoryBus, objective: str, subject: str) -> None:
+    events = await bus.publisher(bus.topics.events(objective), task_pb2.SubjectEvent)
+    for kind, age in [("view", 30.0), ("view", 20.0), ("buy", 10.0)]:
+        await events.publish(_event(objective, subject, kind, age), key=subject)
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[tuple[EnricherComponent, MemoryBus, str]]:
+    bus = MemoryBus(PulsarSettings(send_timeout_s=0.2, negative_ack_redelivery_delay_ms=50))
+    objective = _objective()
+    await _publish_events(bus, objective, "alice")
+    component = EnricherComponent(_settings(objective, tmp_path), bus=bus)
+    await component.start()
+    try:
+        yield component, bus, objective
+    finally:
+        await component.stop()
+
+
+async def test_enrich_returns_the_state_of_events_published_before(
+    running: tuple[EnricherComponent, MemoryBus, str], tmp_path: Path
+) -> None:
+    component, _, objective = running
+    ready = json.loads((tmp_path / "ready.json").read_text())
+    assert ready["endpoint"] == component.endpoint
+
+    async with grpc.aio.insecure_channel(component.endpoint) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        stub = enricher_pb2_grpc.EnricherServiceStub(channel)
+        task = _task(objective, "r1", "alice")
+        response = await stub.Enrich(enricher_pb2.EnrichRequest(task=task))
+
+    enriched = response.enriched_task
+    assert enriched.task == task
+    state = values_dict(enriched.subject_state)
+    assert state["event_count"] == 3
+    assert state["last_event_kind"] == "buy"
+    assert state["recent_kinds"] == ["buy", "view", "view"]
+    assert state["counts_by_kind"] == {"view": 2, "buy": 1}
+    assert 9.0 < state["last_event_age_s"] < 15.0
+
+
+async def test_enrich_follows_live_events(
+    running: tuple[EnricherComponent, MemoryBus, str],
+) -> None:
+    component, bus, objective = running
+    events = await bus.publisher(bus.topics.events(objective), task_pb2.SubjectEvent)
+    await events.publish(_event(objective, "alice", "return", 0.0), key="alice")
+    await _until(lambda: component.store.state(objective, "alice", 0)["event_count"] == 4)
+
+    async with grpc.aio.insecure_channel(component.endpoint) as channel:
+        response = await enricher_pb2_grpc.EnricherServiceStub(channel).Enrich(
+            enricher_pb2.EnrichRequest(task=_task(objective, "r2", "alice"))
+        )
+    assert values_dict(response.enriched_task.subject_state)["last_event_kind"] == "return"
+
+
+async def test_enrich_without_task_is_invalid_argument_with_field(
+    running: tuple[EnricherComponent, MemoryBus, str],
+) -> None:
+    component, _, _ = running
+    async with grpc.aio.insecure_channel(component.endpoint) as channel:
+        stub = enricher_pb2_grpc.EnricherServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Enrich(enricher_pb2.EnrichRequest())
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(error)
+    assert status is not None
+    violations: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations.extend(v.field for v in bad_request.field_violations)
+    assert violations == ["task"]
+
+
+async def test_enrich_of_an_objective_not_served_is_not_found(
+    running: tuple[EnricherComponent, MemoryBus, str],
+) -> None:
+    component, _, _ = running
+    async with grpc.aio.insecure_channel(component.endpoint) as channel:
+        stub = enricher_pb2_grpc.EnricherServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Enrich(enricher_pb2.EnrichRequest(task=_task("elsewhere", "r", "alice")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_enrich_before_the_state_caught_up_is_unavailable() -> None:
+    servicer = EnricherServicer(Enricher(["o"], SubjectStore(10, 3, 8)), lambda: False)
+    server = GrpcServer(
+        service_names=[SERVICE_NAME], registrars=[registrar(servicer)], tcp_address="127.0.0.1:0"
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.endpoint) as channel:
+            stub = enricher_pb2_grpc.EnricherServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Enrich(enricher_pb2.EnrichRequest(task=_task("o", "r", "alice")))
+    finally:
+        await server.stop(0.5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (
+        caught.value.details()
+        == Unavailable("the subject state is still catching up with the events topic").message
+    )
+
+
+async def test_a_task_comes_out_enriched_on_the_tasks_topic(
+    running: tuple[EnricherComponent, MemoryBus, str],
+) -> None:
+    _sdk_tracing()
+    _, bus, objective = running
+    requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
+    with trace.get_tracer("test").start_as_current_span("rendezvous.score") as parent:
+        await requests.publish(_task(objective, "r1", "alice"), key="r1")
+    parent_context = parent.get_span_context()
+
+    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    raw = bus.messages(bus.topics.tasks(objective))[0]
+    enriched = _tasks_out(bus, objective)[0]
+    assert raw.key == "r1"
+    assert raw.properties[TYPE_PROPERTY] == "rendezvous.v1.EnrichedTask"
+    assert enriched.task.request.request_id == "r1"
+    assert enriched.task.mailbox_id == "mb-r1"
+    state = values_dict(enriched.subject_state)
+    assert state["event_count"] == 3
+    assert state["recent_kinds"] == ["buy", "view", "view"]
+    # The trace continues: same trace, a new (child) span.
+    _, trace_id, span_id, _ = raw.properties["traceparent"].split("-")
+    assert int(trace_id, 16) == parent_context.trace_id
+    assert int(span_id, 16) != parent_context.span_id
+
+
+async def test_the_grpc_and_pulsar_paths_give_the_same_state(
+    running: tuple[EnricherComponent, MemoryBus, str],
+) -> None:
+    component, bus, objective = running
+    requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
+    await requests.publish(_task(objective, "r1", "alice"), key="r1")
+    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    async with grpc.aio.insecure_channel(component.endpoint) as channel:
+        response = await enricher_pb2_grpc.EnricherServiceStub(channel).Enrich(
+            enricher_pb2.EnrichRequest(task=_task(objective, "r2", "alice"))
+        )
+    via_pulsar = values_dict(_tasks_out(bus, objective)[0].subject_state)
+    via_grpc = values_dict(response.enriched_task.subject_state)
+    # The age grows with the clock; everything else is the same.
+    assert abs(via_pulsar.pop("last_event_age_s") - via_grpc.pop("last_event_age_s")) < 1.0
+    assert via_pulsar == via_grpc
+
+
+async def test_an_expired_task_is_skipped_and_counted(
+    running: tuple[EnricherComponent, MemoryBus, str],
+) -> None:
+    _, bus, objective = running
+    expired_before = _sample(
+        "rdv_enricher_tasks_total", {"objective": objective, "outcome": "expired"}
+    )
+    requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
+    await requests.publish(_task(objective, "old", "alice", deadline_s=-0.1), key="old")
+    await requests.publish(_task(objective, "new", "alice"), key="new")
+
+    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    await asyncio.sleep(0.05)
+    assert [t.task.request.request_id for t in _tasks_out(bus, objective)] == ["new"]
+    expired = _sample("rdv_enricher_tasks_total", {"objective": objective, "outcome": "expired"})
+    assert expired == expired_before + 1
+
+
+async def test_an_undecodable_request_goes_to_the_dlq_and_the_next_flows(
+    running: tuple[EnricherComponent, MemoryBus, str],
+) -> None:
+    _, bus, objective = running
+    topic = bus.topics.requests(objective)
+    raw_publisher = await bus.publisher(topic, task_pb2.ScoringTask)
+    await raw_publisher.publish_bytes(
+        b"\xff\xff\xff not a task", {TYPE_PROPERTY: "rendezvous.v1.ScoringTask"}, key="bad"
+    )
+    await raw_publisher.publish(_task(objective, "good", "alice"), key="good")
+
+    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    assert _tasks_out(bus, objective)[0].task.request.request_id == "good"
+    dead = bus.messages(bus.topics.dead_letter(topic))
+    assert [raw.data for raw in dead] == [b"\xff\xff\xff not a task"]
+
+
+async def _failing_tasks_publisher(
+    bus: MemoryBus, objective: str, monkeypatch: pytest.MonkeyPatch, *, hang: bool
+) -> list[int]:
+    """Make the first publish to the tasks topic fail (refused, or never completing)."""
+    calls: list[int] = []
+    # The bus shares one publisher per topic: this is the one the enricher publishes with.
+    topic_publisher = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    original = topic_publisher._send
+
+    async def send(data: bytes, properties: dict[str, str], key: str | None) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            if hang:
+                await asyncio.Event().wait()
+            raise BusError("the broker refused the message")
+        await original(data, properties, key)
+
+    monkeypatch.setattr(topic_publisher, "_send", send)
+    return calls
+
+
+async def test_a_failed_publish_is_nacked_and_redelivered(
+    running: tuple[EnricherComponent, MemoryBus, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, bus, objective = running
+    labels = {"objective": objective, "outcome": "publish_failed"}
+    failed_before = _sample("rdv_enricher_tasks_total", labels)
+    calls = await _failing_tasks_publisher(bus, objective, monkeypatch, hang=False)
+    requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
+    await requests.publish(_task(objective, "r1", "alice"), key="r1")
+
+    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    assert _tasks_out(bus, objective)[0].task.request.request_id == "r1"
+    assert len(calls) == 2  # refused once, then the redelivered message went through
+    assert _sample("rdv_enricher_tasks_total", labels) == failed_before + 1
+
+
+async def test_a_publish_is_bounded_by_the_task_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The publish ceiling is far (5 s); the task's deadline is near (0.3 s).
+    pulsar = PulsarSettings(send_timeout_s=5.0, negative_ack_redelivery_delay_ms=50)
+    bus = MemoryBus(pulsar)
+    objective = _objective()
+    component = EnricherComponent(_settings(objective, pulsar=pulsar), bus=bus)
+    await component.start()
+    try:
+        failed = {"objective": objective, "outcome": "publish_failed"}
+        expired = {"objective": objective, "outcome": "expired"}
+        failed_before = _sample("rdv_enricher_tasks_total", failed)
+        expired_before = _sample("rdv_enricher_tasks_total", expired)
+        await _failing_tasks_publisher(bus, objective, monkeypatch, hang=True)
+        requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
+        started = time.monotonic()
+        await requests.publish(_task(objective, "r1", "alice", deadline_s=0.3), key="r1")
+
+        await _until(lambda: _sample("rdv_enricher_tasks_total", failed) > failed_before)
+        assert 0.2 < time.monotonic() - started < 1.5
+        # Redelivered after its deadline: skipped, never published.
+        await _until(lambda: _sample("rdv_enricher_tasks_total", expired) > expired_before)
+        assert _tasks_out(bus, objective) == []
+    finally:
+        await component.stop()
+
+
+def test_objectives_default_to_the_mesh_file() -> None:
+    mesh = Path(__file__).resolve().parents[3] / "deploy" / "mesh" / "demo.yaml"
+    settings = EnricherSettings(mesh_file=mesh, listen="127.0.0.1:0")
+    component = EnricherComponent(settings, bus=MemoryBus())
+    assert component.objectives == ["demo"]
+
+
+def test_without_objectives_or_mesh_it_refuses_to_start() -> None:
+    with pytest.raises(ValueError, match="objectives"):
+        EnricherComponent(EnricherSettings(listen="127.0.0.1:0"), bus=MemoryBus())
+
+
+def test_it_can_be_built_before_its_event_loop_runs() -> None:
+    # `services.core.server.run` builds the component first, then starts uvloop.
+    objective = _objective()
+    component = EnricherComponent(_settings(objective), bus=MemoryBus())
+
+    async def start_and_stop() -> str:
+        await component.start()
+        endpoint = component.endpoint
+        await component.stop()
+        return endpoint
+
+    assert uvloop.run(start_and_stop()).startswith("127.0.0.1:")

@@ -1,0 +1,67 @@
+"""Fixtures for runner tests: a MemoryBus, real model servers, runners on top of them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from services.core.bus import MemoryBus
+from services.runner.app import ModelRunner
+from services.runner.settings import RunnerSettings
+from tests.unit.models.model_testing import Served, ServeModel, serve
+
+StartRunner = Callable[..., Awaitable[ModelRunner]]
+
+
+@pytest.fixture
+def bus(memory_bus: MemoryBus) -> MemoryBus:
+    """The in-memory bus (short nack redelivery delay) the runners and the test share."""
+    return memory_bus
+
+
+@pytest.fixture
+def objective() -> str:
+    return f"obj-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def serve_model() -> AsyncIterator[ServeModel]:
+    started: list[Served] = []
+
+    async def start(kind: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Served:
+        served = await serve(kind, args, **kwargs)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        await served.close()
+
+
+@pytest.fixture
+async def start_runner(bus: MemoryBus, objective: str) -> AsyncIterator[StartRunner]:
+    """Start runners on the test's bus; each gets a unique model name unless given one."""
+    started: list[ModelRunner] = []
+
+    async def start(endpoint: str, **overrides: Any) -> ModelRunner:
+        fields: dict[str, Any] = {
+            "objective": objective,
+            "model": f"model-{uuid.uuid4().hex[:8]}",
+            "role": "incumbent",
+            "endpoint": endpoint,
+            "listen": "127.0.0.1:0",
+            "start_position": "earliest",
+            "shutdown_grace_s": 2.0,
+        }
+        fields.update(overrides)
+        runner = ModelRunner(RunnerSettings(**fields), bus=bus)
+        await runner.start()
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        await runner.stop()
