@@ -65,7 +65,8 @@ fmt: venv ## Format Python and protos in place
 unit: venv ## Unit tests only (no broker)
 	$(BIN)/pytest -m 'not integration'
 
-test: setup lint gen-check ## Every check: lint, gen drift, unit and integration tests on a real broker
+test: setup lint gen-check ## Every check: lint, gen drift, ghz smoke, unit and integration tests on a real broker
+	tools/ghz-smoke.sh
 	tools/run-tests.sh
 
 check: test ## Alias of test
@@ -76,7 +77,7 @@ pulsar-up: ## Start the Apache Pulsar standalone broker on 127.0.0.1
 pulsar-down: ## Stop the broker
 	tools/pulsar.sh down
 
-ghz-smoke: setup ## Call a running grpc.aio server through reflection with ghz
+ghz-smoke: setup ## Start a model container and call it through reflection with ghz
 	tools/ghz-smoke.sh
 
 up: setup ## Bring the whole mesh up (broker included) and print the endpoint
@@ -87,6 +88,9 @@ down: ## Stop the mesh and the broker it started
 
 status: ## Show what the mesh is running
 	$(BIN)/rendezvous status
+
+score: ## Send one request to the running mesh and print the answer
+	$(BIN)/rendezvous score
 
 demo: ## Drive a few hundred requests through the running mesh and report per model
 	$(BIN)/rendezvous demo

@@ -92,6 +92,18 @@ class Envelope(Generic[M]):
     publish_time_ms: int
     raw: RawMessage = field(repr=False)
 
+    @classmethod
+    def of(cls, message: M, raw: RawMessage) -> Envelope[M]:
+        return cls(
+            message=message,
+            properties=raw.properties,
+            key=raw.key,
+            topic=raw.topic,
+            redelivery_count=raw.redelivery_count,
+            publish_time_ms=raw.publish_time_ms,
+            raw=raw,
+        )
+
     def trace_context(self) -> otel_context.Context:
         return extract(self.properties)
 
@@ -178,15 +190,7 @@ class Subscription(abc.ABC, Generic[M]):
             if isinstance(decoded, str):
                 await self._send_to_dead_letter(raw, decoded)
                 continue
-            return Envelope(
-                message=decoded,
-                properties=raw.properties,
-                key=raw.key,
-                topic=raw.topic,
-                redelivery_count=raw.redelivery_count,
-                publish_time_ms=raw.publish_time_ms,
-                raw=raw,
-            )
+            return Envelope.of(decoded, raw)
 
     async def _send_to_dead_letter(self, raw: RawMessage, reason: str) -> None:
         publisher: Publisher[Any] = await self._dead_letter_publisher()
@@ -239,15 +243,7 @@ class Reader(abc.ABC, Generic[M]):
                 self.skipped += 1
                 DEAD_LETTERS.labels(self.topic, "undecodable-read").inc()
                 continue
-            return Envelope(
-                message=decoded,
-                properties=raw.properties,
-                key=raw.key,
-                topic=raw.topic,
-                redelivery_count=0,
-                publish_time_ms=raw.publish_time_ms,
-                raw=raw,
-            )
+            return Envelope.of(decoded, raw)
 
     @abc.abstractmethod
     async def has_message_available(self) -> bool: ...
