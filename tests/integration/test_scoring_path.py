@@ -481,6 +481,50 @@ async def test_collector_restart_loses_nothing(mesh: RunningMesh) -> None:
     assert after.decision.model == "echo-incumbent"
 
 
+async def _wait_restarted(mesh: RunningMesh, name: str, before: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        process = mesh.process(name)
+        if process["restarts"] > before and process["status"] == "ready":
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{name} was not restarted: {mesh.process(name)}")
+
+
+async def _answers_from(mesh: RunningMesh, model: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response, _ = await score(mesh, request("hops"), timeout=1)
+            if response.decision.model == model:
+                return
+        except grpc.aio.AioRpcError:
+            pass  # the rendezvous itself may still be coming up
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{model} never answered again")
+
+
+async def test_rendezvous_restart_the_collector_reconnects(mesh: RunningMesh) -> None:
+    rendezvous = mesh.process("rendezvous")
+    collector_restarts = mesh.process("collector")["restarts"]
+    os.kill(rendezvous["pid"], signal.SIGKILL)
+    await _wait_restarted(mesh, "rendezvous", rendezvous["restarts"])
+    # Answers from the models again: the collector found the new socket by itself.
+    await _answers_from(mesh, "echo-incumbent")
+    assert mesh.process("collector")["restarts"] == collector_restarts
+
+
+async def test_model_restart_is_ridden_out(mesh: RunningMesh) -> None:
+    model = mesh.process("model-echo-incumbent")
+    os.kill(model["pid"], signal.SIGKILL)
+    # While it is down the challenger answers (the incumbent's runner publishes errors).
+    during, _ = await score(mesh, request("hops"))
+    assert during.decision.model in ("hops-challenger", "echo-incumbent")
+    await _wait_restarted(mesh, "model-echo-incumbent", model["restarts"])
+    await _answers_from(mesh, "echo-incumbent")
+    assert mesh.process("runner-echo-incumbent-0")["restarts"] == 0
+
+
 async def test_broker_restart_mid_traffic(mesh: RunningMesh) -> None:
     results: list[tuple[float, scoring_pb2.ScoreResponse | BaseException, float]] = []
     stop = asyncio.Event()
