@@ -11,8 +11,6 @@ reflection (SERVING once the subscription exists).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from opentelemetry import trace
@@ -27,6 +25,7 @@ from services.core.bus import (
     SubscriptionMode,
     connect,
 )
+from services.core.consumer import BoundedConsumer
 from services.core.mesh import load_mesh
 from services.core.server import GrpcServer, run, write_ready_file
 from services.core.telemetry import counter, tracer
@@ -72,9 +71,7 @@ class DecoyComponent:
         self._server: GrpcServer | None = None
         self._subscription: Subscription[task_pb2.EnrichedTask] | None = None
         self._publisher: Publisher[task_pb2.ArchiveRecord] | None = None
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._receiver: asyncio.Task[None] | None = None
+        self._consumer: BoundedConsumer[task_pb2.EnrichedTask] | None = None
         self.archived = 0
 
     @property
@@ -115,33 +112,23 @@ class DecoyComponent:
         self._publisher = await self._bus.publisher(
             topics.archive(self.objective), task_pb2.ArchiveRecord
         )
-        self._receiver = asyncio.create_task(self._receive_loop(), name="decoy:tasks")
+        subscription = self._subscription
+        self._consumer = BoundedConsumer(
+            subscription,
+            lambda envelope: self._archive(subscription, envelope),
+            max_in_flight=self.settings.max_in_flight,
+            retry_delay_s=self.settings.retry_delay_s,
+            name="decoy:tasks",
+            on_receive_error=self._receive_failed,
+        )
+        self._consumer.start()
         await self.server.set_serving(True)
         write_ready_file(self.settings.ready_file, endpoint=self.endpoint, objective=self.objective)
         log.info("decoy serving", extra={"endpoint": self.endpoint, "objective": self.objective})
 
-    async def _receive_loop(self) -> None:
-        subscription = self._subscription
-        assert subscription is not None
-        while True:
-            await self._slots.acquire()
-            try:
-                envelope = await subscription.receive()
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            except Exception:
-                self._slots.release()
-                log.exception("receiving tasks failed", extra={"topic": subscription.topic})
-                await asyncio.sleep(self.settings.retry_delay_s)
-                continue
-            handler = asyncio.create_task(self._archive(subscription, envelope))
-            self._in_flight.add(handler)
-            handler.add_done_callback(self._finished)
-
-    def _finished(self, handler: asyncio.Task[None]) -> None:
-        self._in_flight.discard(handler)
-        self._slots.release()
+    def _receive_failed(self, _: Exception) -> None:
+        topic = self._subscription.topic if self._subscription is not None else ""
+        log.exception("receiving tasks failed", extra={"topic": topic})
 
     async def _archive(
         self,
@@ -185,18 +172,9 @@ class DecoyComponent:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.set_serving(False)
-        if self._receiver is not None:
-            self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._receiver
-            self._receiver = None
-        pending = set(self._in_flight)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_s)
-            for handler in still:
-                handler.cancel()
-            if still:
-                await asyncio.wait(still)
+        if self._consumer is not None:
+            await self._consumer.stop(self.settings.shutdown_grace_s)
+            self._consumer = None
         if self._subscription is not None:
             await self._subscription.close()
         if self._server is not None:

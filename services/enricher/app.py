@@ -56,7 +56,6 @@ class EnricherComponent:
         self.followers: list[EventFollower] = []
         self.pipelines: list[TaskPipeline] = []
         self._follower_tasks: list[asyncio.Task[None]] = []
-        self._pipeline_tasks: list[asyncio.Task[None]] = []
 
     @property
     def server(self) -> GrpcServer:
@@ -109,10 +108,8 @@ class EnricherComponent:
             for follower in self.followers
         ]
         await asyncio.gather(*(follower.caught_up.wait() for follower in self.followers))
-        self._pipeline_tasks = [
-            asyncio.create_task(pipeline.run(), name=f"requests:{pipeline.objective}")
-            for pipeline in self.pipelines
-        ]
+        for pipeline in self.pipelines:
+            await pipeline.start()
         self._ready = True
         await self.server.set_serving(True)
         write_ready_file(
@@ -131,9 +128,10 @@ class EnricherComponent:
         self._ready = False
         if self._server is not None:
             await self._server.set_serving(False)
-        await _cancel(self._pipeline_tasks)
-        for pipeline in self.pipelines:
-            await pipeline.drain(self.settings.shutdown_grace_s)
+        # Together: every pipeline stops receiving at once, and the grace runs for all at once.
+        await asyncio.gather(
+            *(pipeline.stop(self.settings.shutdown_grace_s) for pipeline in self.pipelines)
+        )
         await _cancel(self._follower_tasks)
         for pipeline in self.pipelines:
             await pipeline.close()

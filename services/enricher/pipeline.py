@@ -11,7 +11,6 @@ acknowledged when the publish fails (Pulsar redelivers it; by then it may be exp
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -28,6 +27,7 @@ from services.core.bus import (
     Subscription,
     SubscriptionMode,
 )
+from services.core.consumer import BoundedConsumer
 from services.core.protos import seconds_until
 from services.core.telemetry import counter, extract, histogram, tracer
 from services.enricher.enrich import Enricher
@@ -77,12 +77,12 @@ class TaskPipeline:
         self.tasks_topic = bus.topics.tasks(objective)
         self._enricher = enricher
         self._subscription_name = subscription
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
         self._send_timeout_s = send_timeout_s
         self._retry_delay_s = retry_delay_s
         self._subscription: Subscription[task_pb2.ScoringTask] | None = None
         self._publisher: Publisher[task_pb2.EnrichedTask] | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._consumer: BoundedConsumer[task_pb2.ScoringTask] | None = None
 
     async def open(self) -> None:
         """Create the subscription and the publisher (from here on no task is missed)."""
@@ -101,33 +101,25 @@ class TaskPipeline:
     def dead_lettered(self) -> int:
         return self._subscription.dead_lettered if self._subscription is not None else 0
 
-    async def run(self) -> None:
-        """Receive until cancelled, handing each task to its own bounded asyncio task."""
+    async def start(self) -> None:
+        """Start receiving, each task handled in its own bounded asyncio task."""
         if self._subscription is None:
             await self.open()
         subscription = self._subscription
         assert subscription is not None
-        while True:
-            await self._slots.acquire()
-            try:
-                envelope = await subscription.receive()
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            except Exception:
-                self._slots.release()
-                log.exception(
-                    "receiving scoring tasks failed", extra={"topic": self.requests_topic}
-                )
-                await asyncio.sleep(self._retry_delay_s)
-                continue
-            handler = asyncio.create_task(self._handle(subscription, envelope, time.monotonic()))
-            self._in_flight.add(handler)
-            handler.add_done_callback(self._finished)
+        self._consumer = BoundedConsumer(
+            subscription,
+            # Called on receipt, so the task's latency is measured from there.
+            lambda envelope: self._handle(subscription, envelope, time.monotonic()),
+            max_in_flight=self._max_in_flight,
+            retry_delay_s=self._retry_delay_s,
+            name=f"requests:{self.objective}",
+            on_receive_error=self._receive_failed,
+        )
+        self._consumer.start()
 
-    def _finished(self, handler: asyncio.Task[None]) -> None:
-        self._in_flight.discard(handler)
-        self._slots.release()
+    def _receive_failed(self, _: Exception) -> None:
+        log.exception("receiving scoring tasks failed", extra={"topic": self.requests_topic})
 
     async def _handle(
         self,
@@ -180,15 +172,11 @@ class TaskPipeline:
             # An ack or nack to a broker that went away: Pulsar redelivers what was not acked.
             log.exception("handling a scoring task failed", extra={"topic": self.requests_topic})
 
-    async def drain(self, grace_s: float) -> None:
-        """Let in-flight tasks finish for up to `grace_s`, then cancel the rest."""
-        pending = set(self._in_flight)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=grace_s)
-            for handler in still:
-                handler.cancel()
-            if still:
-                await asyncio.wait(still)
+    async def stop(self, grace_s: float) -> None:
+        """Stop receiving, let in-flight tasks finish for up to `grace_s`, cancel the rest."""
+        if self._consumer is not None:
+            await self._consumer.stop(grace_s)
+            self._consumer = None
 
     async def close(self) -> None:
         if self._subscription is not None:

@@ -21,8 +21,6 @@ once subscribed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
@@ -31,6 +29,7 @@ from opentelemetry import trace
 from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, task_pb2
 
 from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode, connect
+from services.core.consumer import BoundedConsumer
 from services.core.protos import (
     duration_from_seconds,
     seconds_until,
@@ -89,10 +88,8 @@ class ModelRunner:
         self._channel: grpc.aio.Channel | None = None
         self._stub: model_pb2_grpc.ModelServiceAsyncStub | None = None
         self._server: GrpcServer | None = None
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._in_flight: set[asyncio.Task[None]] = set()
         self._subscription: Subscription[task_pb2.EnrichedTask] | None = None
-        self._receiver: asyncio.Task[None] | None = None
+        self._consumer: BoundedConsumer[task_pb2.EnrichedTask] | None = None
         self._stopping = False
         model = settings.model
         self._skipped = {
@@ -139,7 +136,15 @@ class ModelRunner:
             start=settings.start_position,
         )
         await self._server.start()
-        self._receiver = asyncio.create_task(self._receive_loop(), name="runner-receive")
+        self._consumer = BoundedConsumer(
+            self._subscription,
+            self._handle,
+            max_in_flight=settings.concurrency,
+            retry_delay_s=settings.receive_retry_s,
+            name="runner-receive",
+            on_receive_error=self._receive_failed,
+        )
+        self._consumer.start()
         await self._server.set_serving(True)
         write_ready_file(
             self.settings.ready_file,
@@ -166,18 +171,10 @@ class ModelRunner:
         self._stopping = True
         if self._server is not None:
             await self._server.set_serving(False)
-        if self._receiver is not None:
-            self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._receiver
-        if self._in_flight:
-            _, pending = await asyncio.wait(
-                set(self._in_flight), timeout=self.settings.shutdown_grace_s
-            )
-            # Unacknowledged, so the broker hands them to another replica.
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        if self._consumer is not None:
+            # Tasks still unfinished after the grace are cancelled unacknowledged, so the
+            # broker hands them to another replica.
+            await self._consumer.stop(self.settings.shutdown_grace_s)
         if self._subscription is not None:
             await self._subscription.close()
         if self._owns_bus and self._bus is not None:
@@ -189,34 +186,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ receiving
 
-    async def _receive_loop(self) -> None:
-        subscription = self._subscription
-        assert subscription is not None
-        while not self._stopping:
-            # A slot first: a task is only taken off the queue when it can be worked on.
-            await self._slots.acquire()
-            try:
-                envelope = await subscription.receive()
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            except Exception:
-                self._slots.release()
-                if self._stopping:
-                    return
-                RECEIVE_ERRORS.labels(self.settings.model).inc()
-                log.exception("receive failed", extra={"model": self.settings.model})
-                await asyncio.sleep(self.settings.receive_retry_s)
-                continue
-            handler = asyncio.create_task(self._handle(envelope))
-            self._in_flight.add(handler)
-            handler.add_done_callback(self._finished)
-
-    def _finished(self, handler: asyncio.Task[None]) -> None:
-        self._in_flight.discard(handler)
-        self._slots.release()
-        if not handler.cancelled() and handler.exception() is not None:
-            log.error("task handler failed", exc_info=handler.exception())
+    def _receive_failed(self, _: Exception) -> None:
+        # A receive that fails because the runner is stopping is not a bus error.
+        if self._stopping:
+            return
+        RECEIVE_ERRORS.labels(self.settings.model).inc()
+        log.exception("receive failed", extra={"model": self.settings.model})
 
     # ------------------------------------------------------------------ one task
 
