@@ -84,8 +84,7 @@ class Rendezvous:
         self.bus = bus or connect(settings.pulsar, f"rendezvous-{settings.instance}")
         self.objectives = {name: _Objective(cfg) for name, cfg in objectives.items()}
         self.return_address = self.bus.topics.predictions(settings.instance)
-        self.unknown_mailbox = 0
-        self.registry = MailboxRegistry(self._on_unknown_mailbox)
+        self.registry = MailboxRegistry()
         self._request_publishers: dict[str, Publisher[task_pb2.ScoringTask]] = {}
         self._outcome_publishers: dict[str, Publisher[task_pb2.Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -192,6 +191,7 @@ class Rendezvous:
                 client_deadline=client_deadline,
                 started_ns=started_ns,
                 answer=asyncio.get_running_loop().create_future(),
+                received_ns=task.received_time.ToNanoseconds(),
             )
             self.registry.add(mailbox)
             mailbox.start()
@@ -202,7 +202,8 @@ class Rendezvous:
             finally:
                 self._awaiting -= 1
                 self._schedule_close(mailbox, objective.late_grace_s)
-            response = self._response(task, objective, mailbox, verdict)
+            response = self._response(task.request.request_id, objective, mailbox, verdict)
+            mailbox.response = response
             span.set_attribute("rdv.answered_by", response.decision.model or "default")
         ANSWERS.labels(
             request.objective,
@@ -250,13 +251,13 @@ class Rendezvous:
 
     def _response(
         self,
-        task: task_pb2.ScoringTask,
+        request_id: str,
         objective: _Objective,
         mailbox: Mailbox,
         verdict: Verdict,
     ) -> scoring_pb2.ScoreResponse:
         response = scoring_pb2.ScoreResponse(
-            request_id=task.request.request_id,
+            request_id=request_id,
             objective_version=objective.config.version,
         )
         decision = response.decision
@@ -305,29 +306,19 @@ class Rendezvous:
         self._spawn(self._publish_outcome(mailbox))
 
     async def _publish_outcome(self, mailbox: Mailbox) -> None:
-        objective = self.objectives[mailbox.objective]
-        verdict = (
-            mailbox.answer.result()
-            if mailbox.answer.done() and not mailbox.answer.cancelled()
-            else None
-        )
         outcome = task_pb2.Outcome(
             request_id=mailbox.request_id,
             objective=mailbox.objective,
             rendezvous_instance=self.settings.instance,
             duplicates=mailbox.duplicates,
             sla=duration_from_seconds(mailbox.sla_ms / 1000),
-            received_time=timestamp_from_ns(
-                time.time_ns() - (time.monotonic_ns() - mailbox.started_ns)
-            ),
+            received_time=timestamp_from_ns(mailbox.received_ns),
         )
-        outcome.candidates.extend(mailbox.candidates(verdict.model if verdict else None))
-        if verdict is not None:
-            task = task_pb2.ScoringTask(mailbox_id=mailbox.mailbox_id)
-            task.request.request_id = mailbox.request_id
-            response = self._response(task, objective, mailbox, verdict)
-            response.elapsed.CopyFrom(duration_from_seconds((mailbox.verdict_ms or 0.0) / 1000))
-            outcome.response.CopyFrom(response)
+        answered_by = None
+        if mailbox.response is not None:
+            outcome.response.CopyFrom(mailbox.response)
+            answered_by = mailbox.response.decision.model or None
+        outcome.candidates.extend(mailbox.candidates(answered_by))
         try:
             await self._outcome_publishers[mailbox.objective].publish(
                 outcome,
@@ -338,9 +329,6 @@ class Rendezvous:
         except BusError:
             OUTCOMES.labels("failed").inc()
             log.warning("outcome not published", extra={"request_id": mailbox.request_id})
-
-    def _on_unknown_mailbox(self, event: task_pb2.PredictionEvent) -> None:
-        self.unknown_mailbox += 1
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[Any] = asyncio.create_task(coro)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rendezvous.v1 import delivery_pb2, task_pb2
+from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
 
 from services.core.protos import duration_from_seconds
 from services.rendezvous.policy import Policy, Verdict, decide, next_wakeup
@@ -47,6 +46,10 @@ class Mailbox:
     # False until the broker took the task: a default answer then means "dispatch failed".
     dispatched: bool = False
     verdict_ms: float | None = None
+    # Wall-clock arrival, for the outcome record (the race itself runs on the monotonic clock).
+    received_ns: int = 0
+    # The answer the client got, kept for the outcome (None if the client went away first).
+    response: scoring_pb2.ScoreResponse | None = None
     _timer: asyncio.TimerHandle | None = None
 
     def elapsed_ms(self, now_ns: int | None = None) -> float:
@@ -137,9 +140,8 @@ class Mailbox:
 class MailboxRegistry:
     """Every open mailbox of this rendezvous instance, by mailbox id."""
 
-    def __init__(self, on_unknown: Callable[[task_pb2.PredictionEvent], None]) -> None:
+    def __init__(self) -> None:
         self._open: dict[str, Mailbox] = {}
-        self._on_unknown = on_unknown
 
     def __len__(self) -> int:
         return len(self._open)
@@ -156,6 +158,6 @@ class MailboxRegistry:
     def offer(self, event: task_pb2.PredictionEvent) -> delivery_pb2.DeliveryStatus.ValueType:
         mailbox = self._open.get(event.mailbox_id)
         if mailbox is None or mailbox.request_id != event.request_id:
-            self._on_unknown(event)
+            # Closed, or from before a restart: counted by the caller's delivery metric.
             return delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX
         return mailbox.offer(event)
