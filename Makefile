@@ -14,7 +14,7 @@ GRPCURL_VERSION := v1.9.4
 export PYTHON := $(CURDIR)/$(PY)
 
 .PHONY: help setup venv tools gen gen-check lint fmt buf-breaking unit integration test check \
-        pulsar-up pulsar-down up down status demo score ghz-smoke clean
+        pulsar-up pulsar-down up down status demo score ghz-smoke bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -22,7 +22,7 @@ help: ## List the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -94,6 +94,9 @@ score: ## Send one request to the running mesh and print the answer
 
 demo: ## Drive a few hundred requests through the running mesh and report per model
 	$(BIN)/rendezvous demo
+
+bench: setup ## Benchmark S0-S3 side by side; writes docs/results/bench/ (BENCH_ARGS="--smoke" for the CI check)
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down

@@ -1,0 +1,172 @@
+"""The command line: bring everything up, run the rates x reps x systems, write the results.
+
+    python -m tools.bench [--systems S0,S1,S2,S3] [--rates 50,100,250,500,833] [--reps 3]
+                          [--duration 20] [--out docs/results/bench] [--smoke]
+
+`--smoke` (1 rep at 20 req/s for 5 s, results under .run/bench/smoke) checks the results are
+complete and sane and exits non-zero otherwise; it never judges absolute speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tools.bench import report
+from tools.bench.environment import REPO, Broker, Mesh, ensure_broker, log
+from tools.bench.load import GHZ
+from tools.bench.systems import DESCRIPTIONS, ONE, RACE, Direct, Original, Rendezvous, System
+
+ALL_SYSTEMS = ("S0", "S1", "S2", "S3")
+SLA_MS = 50.0  # both bench objectives' SLA (deploy/mesh/bench-systems.yaml)
+MAX_ERROR_SHARE = 0.01
+MIN_RATE_SHARE = 0.9
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+    parser.add_argument("--systems", type=_csv, default=list(ALL_SYSTEMS))
+    parser.add_argument("--rates", type=lambda s: [int(r) for r in _csv(s)], default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--duration", type=float, default=None, help="seconds per run")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="1 rep at 20 req/s, 5 s; check sanity")
+    parser.add_argument("--broker-port", type=int, default=6681)
+    parser.add_argument("--web-port", type=int, default=8091)
+    args = parser.parse_args(argv)
+    unknown = set(args.systems) - set(ALL_SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+    smoke = {"rates": [20], "reps": 1, "duration": 5.0, "out": REPO / ".run" / "bench" / "smoke"}
+    full = {"rates": [50, 100, 250, 500, 833], "reps": 3, "duration": 20.0,
+            "out": REPO / "docs" / "results" / "bench"}  # fmt: skip
+    for key, value in (smoke if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def failed_level(row: dict[str, Any], rate: int) -> str | None:
+    """Why a system's median at this rate fails the level, or None."""
+    if row["error_share"] is not None and row["error_share"] > MAX_ERROR_SHARE:
+        return f"errors {row['error_share']:.1%} at {rate} req/s"
+    if row["p99_ms"] is not None and row["p99_ms"] > 2 * SLA_MS:
+        return f"p99 {row['p99_ms']:.1f} ms > {2 * SLA_MS:g} ms at {rate} req/s"
+    if (row["achieved_rps"] or 0.0) < MIN_RATE_SHARE * rate:
+        return f"achieved {row['achieved_rps']:.1f} req/s of {rate}"
+    return None
+
+
+def ghz_version() -> str:
+    out = subprocess.run([str(GHZ), "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout or out.stderr).strip() or "unknown"
+
+
+async def bench(args: argparse.Namespace, broker: Broker, work_dir: Path) -> dict[str, Any]:
+    mesh = Mesh(broker, work_dir)
+    systems: dict[str, System] = {}
+    unavailable: dict[str, str] = {}
+    original: Original | None = None
+    try:
+        if {"S0", "S1", "S2", "S3"} & set(args.systems):
+            mesh.start()
+        if "S0" in args.systems:
+            systems["S0"] = Direct(broker, mesh)
+        if "S1" in args.systems:
+            systems["S1"] = Rendezvous(broker, mesh, "S1", ONE)
+        if "S2" in args.systems:
+            systems["S2"] = Rendezvous(broker, mesh, "S2", RACE)
+        if "S3" in args.systems:
+            (work_dir / "original").mkdir(parents=True, exist_ok=True)
+            try:
+                started = await Original.start(broker, mesh, work_dir / "original")
+            except Exception as exc:
+                started = f"start() failed: {type(exc).__name__}: {exc}"
+            if isinstance(started, str):
+                unavailable["S3"] = started
+                log(f"S3 not available: {started}")
+            else:
+                original = systems["S3"] = started
+        return await _climb(args, systems, unavailable)
+    finally:
+        if original is not None:
+            await original.stop()
+        mesh.stop()
+
+
+async def _climb(
+    args: argparse.Namespace, systems: dict[str, System], unavailable: dict[str, str]
+) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    stopped: dict[str, str] = {}
+    for rate in args.rates:
+        active = [name for name in systems if name not in stopped]
+        if not active:
+            break
+        for rep in range(args.reps):
+            for name in active:
+                run = await systems[name].run(rate, rep, args.duration)
+                record = run.record()
+                runs.append(record)
+                log(
+                    f"{name} {rate} req/s rep {rep + 1}: p50 {record['p50_ms']:.2f} "
+                    f"p99 {record['p99_ms']:.2f} ms, {record['achieved_rps']:.1f} req/s, "
+                    f"{record['errors']} errors, default {record['default_share']}, "
+                    f"CPU {record['cpu_ms_per_request']:.2f} ms/req"
+                )
+        for row in report.summarise([r for r in runs if r["rate"] == rate]):
+            why = failed_level(row, rate)
+            if why is not None:
+                stopped[row["system"]] = why
+                log(f"{row['system']} stops climbing: {why}")
+    return {"runs": runs, "stopped": stopped, "unavailable": unavailable}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work_dir = REPO / ".run" / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    broker = ensure_broker(args.broker_port, args.web_port)
+    try:
+        outcome = asyncio.run(bench(args, broker, work_dir))
+        pulsar_version = broker.version()
+    finally:
+        broker.stop()
+    result: dict[str, Any] = {
+        "machine": report.machine(pulsar_version, ghz_version()),
+        "config": {
+            "rates": args.rates,
+            "reps": args.reps,
+            "duration_s": args.duration,
+            "sla_ms": SLA_MS,
+            "mesh": "deploy/mesh/bench-systems.yaml",
+        },
+        "systems": {name: DESCRIPTIONS[name] for name in args.systems},
+        "unavailable": outcome["unavailable"],
+        "stopped": outcome["stopped"],
+        "summary": report.summarise(outcome["runs"]),
+        "runs": outcome["runs"],
+    }
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "latest.md").write_text(report.markdown(result))
+    report.chart(result, out / "latest.png")
+    print((out / "latest.md").read_text())
+    log(f"results in {out}")
+    if args.smoke:
+        problems = report.smoke_problems(result, args.systems)
+        for problem in problems:
+            log(f"SMOKE FAILED: {problem}")
+        if problems:
+            return 1
+        log("smoke: every system has sane figures")
+    return 0

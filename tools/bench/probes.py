@@ -1,0 +1,105 @@
+"""What the harness reads around each run: CPU time of processes and Prometheus counters."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of one process, in clock ticks (None once it is gone)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # After the name: state(3) ppid(4) ... utime(14) stime(15), so index 11 and 12 here.
+    return int(fields[11]) + int(fields[12])
+
+
+def descendants(roots: Iterable[int]) -> set[int]:
+    """The roots and every live process below them (gunicorn workers, JVM children)."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid for pid in roots if (PROC / str(pid)).exists()]
+    while stack:
+        pid = stack.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        stack.extend(children.get(pid, ()))
+    return found
+
+
+class CpuMeter:
+    """CPU time spent by a set of processes (and their descendants) between two samples."""
+
+    def __init__(self, roots: Iterable[int]) -> None:
+        self.roots = sorted(set(roots))
+        self._before: dict[int, int] = {}
+
+    def start(self) -> None:
+        self._before = {}
+        for pid in descendants(self.roots):
+            ticks = cpu_ticks(pid)
+            if ticks is not None:
+                self._before[pid] = ticks
+
+    def stop_ms(self) -> float:
+        """Milliseconds of CPU since start(); a process born meanwhile counts in full."""
+        total = 0
+        for pid in descendants(self.roots):
+            ticks = cpu_ticks(pid)
+            if ticks is not None:
+                total += ticks - self._before.get(pid, 0)
+        return total * 1000.0 / CLK_TCK
+
+
+_SAMPLE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)"
+)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(address: str, metric: str, timeout: float = 5.0) -> list[tuple[dict[str, str], float]]:
+    """Every sample of `metric` on a Prometheus text endpoint (`host:port`)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or match["name"] != metric:
+            continue
+        labels = dict(_LABEL.findall(match["labels"] or ""))
+        samples.append((labels, float(match["value"])))
+    return samples
+
+
+def answers_by_source(address: str, objective: str) -> dict[str, float]:
+    """`rdv_answers_total` of one objective summed by source (MODEL, DEFAULT)."""
+    out: dict[str, float] = {}
+    for labels, value in scrape(address, "rdv_answers_total"):
+        if labels.get("objective") != objective:
+            continue
+        source = labels.get("source", "").removeprefix("ANSWER_SOURCE_")
+        out[source] = out.get(source, 0.0) + value
+    return out

@@ -1,0 +1,164 @@
+"""Results: medians over reps, the machine they were taken on, JSON, markdown and a chart."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+FIGURES = ("p50_ms", "p90_ms", "p99_ms", "achieved_rps", "error_share", "default_share",
+           "cpu_ms_per_request")  # fmt: skip
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(pulsar_version: str, ghz_version: str) -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "cpu_model": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": _version("grpcio"),
+        "pulsar_client": _version("pulsar-client"),
+        "pulsar": pulsar_version,
+        "ghz": ghz_version,
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median of the reps per system and rate."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["system"], run["rate"]), []).append(run)
+    rows = []
+    for (system, rate), reps in sorted(groups.items()):
+        row: dict[str, Any] = {"system": system, "rate": rate, "reps": len(reps)}
+        for key in FIGURES:
+            values = [r[key] for r in reps if r[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        row["errors"] = sum(r["errors"] for r in reps)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Taken {m['date']} on {m['cores']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
+        f"Linux {m['kernel']}; Python {m['python']}, grpcio {m['grpcio']}, "
+        f"pulsar-client {m['pulsar_client']}, Apache Pulsar {m['pulsar']}, ghz {m['ghz']}.",
+        "",
+        f"Open loop, {result['config']['duration_s']:g} s per run, {result['config']['reps']} "
+        f"rep(s) per rate, systems interleaved rep by rep; every figure is the median of the reps. "
+        f"A system stops climbing after a level with errors > 1 %, p99 > "
+        f"{2 * result['config']['sla_ms']:g} ms (2x SLA) or an achieved rate < 90 % of the target. "
+        "CPU is utime+stime from /proc of every process on the system's path (its models, "
+        "runners, decoy, enricher, rendezvous, collector, the broker; S0: the model container "
+        "only), the load generator excluded, divided by the answered requests.",
+        "",
+    ]
+    for name, text in result["systems"].items():
+        lines.append(f"- **{name}**: {text}")
+    for name, why in result["unavailable"].items():
+        lines.append(f"- **{name}: not available** ({why}); no figures.")
+    lines += [
+        "",
+        "| system | target req/s | achieved req/s | p50 ms | p90 ms | p99 ms | errors | "
+        "default answers | CPU ms/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["summary"]:
+        lines.append(
+            f"| {row['system']} | {row['rate']} | {_fmt(row['achieved_rps'], '.1f')} | "
+            f"{_fmt(row['p50_ms'], '.2f')} | {_fmt(row['p90_ms'], '.2f')} | "
+            f"{_fmt(row['p99_ms'], '.2f')} | {row['errors']} | "
+            f"{_fmt(row['default_share'], '.2f', 100)} % | "
+            f"{_fmt(row['cpu_ms_per_request'], '.2f')} |"
+        )
+    if result["stopped"]:
+        lines += ["", "Stopped climbing:"]
+        lines += [f"- {name}: {why}" for name, why in result["stopped"].items()]
+    lines += ["", "![latency against achieved rate](latest.png)", ""]
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """p50 (solid) and p99 (dashed) against the achieved rate, one colour per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
+    for index, system in enumerate(sorted({r["system"] for r in result["summary"]})):
+        rows = [r for r in result["summary"] if r["system"] == system and r["p50_ms"] is not None]
+        x = [r["achieved_rps"] for r in rows]
+        colour = f"C{index}"
+        axes.plot(x, [r["p50_ms"] for r in rows], "o-", color=colour, label=f"{system} p50")
+        axes.plot(x, [r["p99_ms"] for r in rows], "s--", color=colour, label=f"{system} p99")
+    axes.axhline(result["config"]["sla_ms"], color="grey", linewidth=0.8, linestyle=":")
+    axes.set_yscale("log")
+    axes.set_xlabel("achieved requests per second")
+    axes.set_ylabel("latency (ms, log scale)")
+    m = result["machine"]
+    axes.set_title(f"Latency against rate ({m['cores']} cores, {m['date'][:10]})")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def smoke_problems(result: dict[str, Any], systems: list[str]) -> list[str]:
+    """What makes a smoke run incomplete or insane (never an absolute speed)."""
+    problems = [f"{name}: not available ({why})" for name, why in result["unavailable"].items()]
+    for name in systems:
+        if name in result["unavailable"]:
+            continue
+        rows = [r for r in result["summary"] if r["system"] == name]
+        if not rows:
+            problems.append(f"{name}: no figures")
+            continue
+        for row in rows:
+            where = f"{name} at {row['rate']} req/s"
+            if row["errors"]:
+                problems.append(f"{where}: {row['errors']} errors")
+            if not row["p50_ms"] or not (row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]):
+                problems.append(f"{where}: latency quantiles missing or out of order")
+            if not row["achieved_rps"]:
+                problems.append(f"{where}: nothing answered")
+            if not row["cpu_ms_per_request"] or row["cpu_ms_per_request"] <= 0:
+                problems.append(f"{where}: no CPU time measured")
+            if name != "S0":
+                share = row["default_share"]
+                if share is None:
+                    problems.append(f"{where}: default share unknown")
+                elif share >= 1.0:
+                    problems.append(f"{where}: every answer was the default")
+    return problems
