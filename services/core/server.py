@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -153,8 +154,6 @@ def write_ready_file(path: Path | None, **facts: Any) -> None:
     """Tell a supervisor where this process listens, atomically."""
     if path is None:
         return
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), **facts}))
