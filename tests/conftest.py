@@ -13,6 +13,7 @@ import json
 import subprocess
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from services.core.bus import MemoryBus
+from services.core.bus import Bus, MemoryBus, connect
 from services.core.settings import PulsarSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +116,16 @@ def pulsar() -> Iterator[PulsarBroker]:
     finally:
         if started_here:
             _pulsar_sh("down", BROKER_STOP_TIMEOUT_S)
+
+
+@pytest.fixture
+async def client_bus(pulsar: PulsarBroker) -> AsyncIterator[Bus]:
+    """A test's own client on the real broker (publish inputs, observe outputs)."""
+    bus = connect(pulsar.settings(), f"itest-{uuid.uuid4().hex[:6]}")
+    try:
+        yield bus
+    finally:
+        await bus.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -16,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from rendezvous.v1 import common_pb2, enricher_pb2, enricher_pb2_grpc, scoring_pb2, task_pb2
 
-from services.core.bus import Bus, Envelope, M, Subscription, SubscriptionMode, connect
+from services.core.bus import Bus, Envelope, M, Subscription, SubscriptionMode
 from services.core.protos import set_values, timestamp_from_ns, values_dict
 from services.decoy.app import DecoyComponent
 from services.decoy.settings import DecoySettings
@@ -72,15 +71,6 @@ async def _receive_all(subscription: Subscription[M], count: int) -> list[Envelo
             await subscription.ack(envelope)
             received.append(envelope)
     return received
-
-
-@pytest.fixture
-async def client_bus(pulsar: PulsarBroker) -> AsyncIterator[Bus]:
-    bus = connect(pulsar.settings(), f"itest-{uuid.uuid4().hex[:6]}")
-    try:
-        yield bus
-    finally:
-        await bus.close()
 
 
 async def test_enriched_tasks_carry_state_and_the_decoy_archives_each_once(

@@ -7,13 +7,12 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
 from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
 from sklearn.datasets import load_diabetes
 
-from services.core.bus import Bus, Envelope, Subscription, connect
+from services.core.bus import Bus, Envelope, Subscription
 from services.core.protos import set_values, timestamp_from_ns
 from services.core.server import Component
 from services.models.app import ModelContainer
@@ -30,15 +29,6 @@ TASKS = 100
 RECEIVE_TIMEOUT_S = 30.0
 SHARED_MODEL = "feature-sum"
 OTHER_MODEL = "diabetes-ridge"
-
-
-@pytest.fixture
-async def client_bus(pulsar: PulsarBroker) -> AsyncIterator[Bus]:
-    bus = connect(pulsar.settings(), f"itest-runner-{uuid.uuid4().hex[:6]}")
-    try:
-        yield bus
-    finally:
-        await bus.close()
 
 
 def _tasks(objective: str, return_address: str) -> list[task_pb2.EnrichedTask]:

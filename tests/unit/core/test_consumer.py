@@ -14,6 +14,7 @@ from rendezvous.v1 import scoring_pb2, task_pb2
 
 from services.core.bus import BusError, Envelope, MemoryBus, Subscription
 from services.core.consumer import BoundedConsumer, Handler
+from tests.helpers import until
 
 Task = task_pb2.ScoringTask
 SUBSCRIPTION = "consumer-test"
@@ -25,14 +26,6 @@ def _task(request_id: str) -> Task:
 
 def _id(envelope: Envelope[Task]) -> str:
     return envelope.message.request.request_id
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def _topic_with(bus: MemoryBus, *request_ids: str) -> tuple[str, Subscription[Task]]:
@@ -85,7 +78,7 @@ async def test_never_more_than_max_in_flight_and_each_message_once(
     consumer = _consumer(subscription, handle, max_in_flight=4)
     consumer.start()
     try:
-        await _until(lambda: len(handled) >= len(sent))
+        await until(lambda: len(handled) >= len(sent))
         await asyncio.sleep(0.05)  # room for a duplicate to show up
     finally:
         await consumer.stop(1.0)
@@ -113,7 +106,7 @@ async def test_stop_waits_for_handlers_that_finish_within_the_grace(
 
     consumer = _consumer(subscription, handle, max_in_flight=3)
     consumer.start()
-    await _until(lambda: len(started) == 3)
+    await until(lambda: len(started) == 3)
     assert consumer.in_flight == 3
 
     began = time.monotonic()
@@ -151,7 +144,7 @@ async def test_stop_cancels_handlers_beyond_the_grace(memory_bus: MemoryBus) -> 
 
     consumer = _consumer(subscription, handle, max_in_flight=3)
     consumer.start()
-    await _until(lambda: len(started) == 3)
+    await until(lambda: len(started) == 3)
 
     began = time.monotonic()
     await consumer.stop(0.3)
@@ -187,7 +180,7 @@ async def test_a_handler_exception_is_logged_and_the_loop_goes_on(
     with caplog.at_level(logging.ERROR, logger="services.core.consumer"):
         consumer.start()
         try:
-            await _until(lambda: len(handled) == 2)
+            await until(lambda: len(handled) == 2)
         finally:
             await consumer.stop(1.0)
             await subscription.close()
@@ -226,7 +219,7 @@ async def test_a_failed_receive_is_reported_and_receiving_resumes(
     consumer = _consumer(subscription, handle, max_in_flight=1, on_receive_error=errors.append)
     consumer.start()
     try:
-        await _until(lambda: len(handled) == 2)
+        await until(lambda: len(handled) == 2)
     finally:
         await consumer.stop(1.0)
         await subscription.close()

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
 
 from services.core.bus import TYPE_PROPERTY, BusError, MemoryBus
@@ -22,6 +20,7 @@ from services.core.settings import PulsarSettings
 from services.decoy.app import DecoyComponent, default_archiving_denied
 from services.decoy.archive import archive_record
 from services.decoy.settings import DecoySettings
+from tests.helpers import metric_value, published, until
 
 SECOND = 1_000_000_000
 SUBJECT_PATH = "task.task.request.subject_id"
@@ -105,23 +104,8 @@ def test_nothing_is_listed_when_there_was_no_subject() -> None:
 # --------------------------------------------------------------------------- over MemoryBus
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 def _archived(bus: MemoryBus, objective: str) -> list[task_pb2.ArchiveRecord]:
-    return [
-        task_pb2.ArchiveRecord.FromString(raw.data)
-        for raw in bus.messages(bus.topics.archive(objective))
-    ]
-
-
-def _sample(name: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return published(bus, bus.topics.archive(objective), task_pb2.ArchiveRecord)
 
 
 @pytest.fixture
@@ -163,7 +147,7 @@ async def test_every_task_is_archived_redacted_and_keyed_by_request(
     # Expired before the decoy saw it: archived all the same (audit and replay).
     await tasks.publish(_enriched(objective, "expired", deadline_s=-1.0), key="expired")
 
-    await _until(lambda: len(_archived(bus, objective)) == 3)
+    await until(lambda: len(_archived(bus, objective)) == 3)
     raws = bus.messages(bus.topics.archive(objective))
     records = {record.task.task.request.request_id: record for record in _archived(bus, objective)}
     assert sorted(records) == ["denied", "expired", "granted"]
@@ -180,8 +164,8 @@ async def test_every_task_is_archived_redacted_and_keyed_by_request(
     assert records["denied"].features_dropped
     assert len(records["denied"].task.task.request.features) == 0
     assert len(records["denied"].task.subject_state) == 0
-    assert _sample("rdv_decoy_archived_total", kept) == 2
-    assert _sample("rdv_decoy_archived_total", dropped) == 1
+    assert metric_value("rdv_decoy_archived_total", kept) == 2
+    assert metric_value("rdv_decoy_archived_total", dropped) == 1
     assert component.archived == 3
 
 
@@ -194,7 +178,7 @@ async def test_an_undecodable_task_goes_to_the_dlq_and_the_next_is_archived(
     await tasks.publish_bytes(b"\xff\xfe", {TYPE_PROPERTY: "rendezvous.v1.EnrichedTask"}, "bad")
     await tasks.publish(_enriched(objective, "good"), key="good")
 
-    await _until(lambda: len(_archived(bus, objective)) == 1)
+    await until(lambda: len(_archived(bus, objective)) == 1)
     assert _archived(bus, objective)[0].task.task.request.request_id == "good"
     assert [raw.data for raw in bus.messages(bus.topics.dead_letter(topic))] == [b"\xff\xfe"]
 
@@ -215,13 +199,13 @@ async def test_a_failed_archive_publish_is_nacked_and_redelivered(
 
     monkeypatch.setattr(archive, "_send", refuse_once)
     failures = {"objective": objective}
-    before = _sample("rdv_decoy_archive_failures_total", failures)
+    before = metric_value("rdv_decoy_archive_failures_total", failures)
     tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
     await tasks.publish(_enriched(objective, "r1"), key="r1")
 
-    await _until(lambda: len(_archived(bus, objective)) == 1)
+    await until(lambda: len(_archived(bus, objective)) == 1)
     assert len(calls) == 2
-    assert _sample("rdv_decoy_archive_failures_total", failures) == before + 1
+    assert metric_value("rdv_decoy_archive_failures_total", failures) == before + 1
 
 
 def test_the_mesh_default_consent_applies(tmp_path: Path) -> None:

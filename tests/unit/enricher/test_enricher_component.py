@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import REGISTRY
 from rendezvous.v1 import enricher_pb2, enricher_pb2_grpc, scoring_pb2, task_pb2
 
 from services.core.bus import TYPE_PROPERTY, BusError, MemoryBus
@@ -30,6 +29,7 @@ from services.enricher.enrich import Enricher
 from services.enricher.service import SERVICE_NAME, EnricherServicer, registrar
 from services.enricher.settings import EnricherSettings
 from services.enricher.store import SubjectStore
+from tests.helpers import metric_value, published, until
 
 SECOND = 1_000_000_000
 
@@ -80,23 +80,8 @@ def _task(
     )
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 def _tasks_out(bus: MemoryBus, objective: str) -> list[task_pb2.EnrichedTask]:
-    return [
-        task_pb2.EnrichedTask.FromString(raw.data)
-        for raw in bus.messages(bus.topics.tasks(objective))
-    ]
-
-
-def _sample(name: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return published(bus, bus.topics.tasks(objective), task_pb2.EnrichedTask)
 
 
 async def _publish_events(bus: MemoryBus, objective: str, subject: str) -> None:
@@ -151,7 +136,7 @@ async def test_enrich_follows_live_events(
     component, bus, objective = running
     events = await bus.publisher(bus.topics.events(objective), task_pb2.SubjectEvent)
     await events.publish(_event(objective, "alice", "return", 0.0), key="alice")
-    await _until(lambda: component.store.state(objective, "alice", 0)["event_count"] == 4)
+    await until(lambda: component.store.state(objective, "alice", 0)["event_count"] == 4)
 
     async with grpc.aio.insecure_channel(component.endpoint) as channel:
         response = await enricher_pb2_grpc.EnricherServiceStub(channel).Enrich(
@@ -222,7 +207,7 @@ async def test_a_task_comes_out_enriched_on_the_tasks_topic(
         await requests.publish(_task(objective, "r1", "alice"), key="r1")
     parent_context = parent.get_span_context()
 
-    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    await until(lambda: len(_tasks_out(bus, objective)) == 1)
     raw = bus.messages(bus.topics.tasks(objective))[0]
     enriched = _tasks_out(bus, objective)[0]
     assert raw.key == "r1"
@@ -244,7 +229,7 @@ async def test_the_grpc_and_pulsar_paths_give_the_same_state(
     component, bus, objective = running
     requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
     await requests.publish(_task(objective, "r1", "alice"), key="r1")
-    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    await until(lambda: len(_tasks_out(bus, objective)) == 1)
     async with grpc.aio.insecure_channel(component.endpoint) as channel:
         response = await enricher_pb2_grpc.EnricherServiceStub(channel).Enrich(
             enricher_pb2.EnrichRequest(task=_task(objective, "r2", "alice"))
@@ -260,17 +245,19 @@ async def test_an_expired_task_is_skipped_and_counted(
     running: tuple[EnricherComponent, MemoryBus, str],
 ) -> None:
     _, bus, objective = running
-    expired_before = _sample(
+    expired_before = metric_value(
         "rdv_enricher_tasks_total", {"objective": objective, "outcome": "expired"}
     )
     requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
     await requests.publish(_task(objective, "old", "alice", deadline_s=-0.1), key="old")
     await requests.publish(_task(objective, "new", "alice"), key="new")
 
-    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    await until(lambda: len(_tasks_out(bus, objective)) == 1)
     await asyncio.sleep(0.05)
     assert [t.task.request.request_id for t in _tasks_out(bus, objective)] == ["new"]
-    expired = _sample("rdv_enricher_tasks_total", {"objective": objective, "outcome": "expired"})
+    expired = metric_value(
+        "rdv_enricher_tasks_total", {"objective": objective, "outcome": "expired"}
+    )
     assert expired == expired_before + 1
 
 
@@ -285,7 +272,7 @@ async def test_an_undecodable_request_goes_to_the_dlq_and_the_next_flows(
     )
     await raw_publisher.publish(_task(objective, "good", "alice"), key="good")
 
-    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    await until(lambda: len(_tasks_out(bus, objective)) == 1)
     assert _tasks_out(bus, objective)[0].task.request.request_id == "good"
     dead = bus.messages(bus.topics.dead_letter(topic))
     assert [raw.data for raw in dead] == [b"\xff\xff\xff not a task"]
@@ -317,15 +304,15 @@ async def test_a_failed_publish_is_nacked_and_redelivered(
 ) -> None:
     _, bus, objective = running
     labels = {"objective": objective, "outcome": "publish_failed"}
-    failed_before = _sample("rdv_enricher_tasks_total", labels)
+    failed_before = metric_value("rdv_enricher_tasks_total", labels)
     calls = await _failing_tasks_publisher(bus, objective, monkeypatch, hang=False)
     requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
     await requests.publish(_task(objective, "r1", "alice"), key="r1")
 
-    await _until(lambda: len(_tasks_out(bus, objective)) == 1)
+    await until(lambda: len(_tasks_out(bus, objective)) == 1)
     assert _tasks_out(bus, objective)[0].task.request.request_id == "r1"
     assert len(calls) == 2  # refused once, then the redelivered message went through
-    assert _sample("rdv_enricher_tasks_total", labels) == failed_before + 1
+    assert metric_value("rdv_enricher_tasks_total", labels) == failed_before + 1
 
 
 async def test_a_publish_is_bounded_by_the_task_deadline(
@@ -340,17 +327,17 @@ async def test_a_publish_is_bounded_by_the_task_deadline(
     try:
         failed = {"objective": objective, "outcome": "publish_failed"}
         expired = {"objective": objective, "outcome": "expired"}
-        failed_before = _sample("rdv_enricher_tasks_total", failed)
-        expired_before = _sample("rdv_enricher_tasks_total", expired)
+        failed_before = metric_value("rdv_enricher_tasks_total", failed)
+        expired_before = metric_value("rdv_enricher_tasks_total", expired)
         await _failing_tasks_publisher(bus, objective, monkeypatch, hang=True)
         requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
         started = time.monotonic()
         await requests.publish(_task(objective, "r1", "alice", deadline_s=0.3), key="r1")
 
-        await _until(lambda: _sample("rdv_enricher_tasks_total", failed) > failed_before)
+        await until(lambda: metric_value("rdv_enricher_tasks_total", failed) > failed_before)
         assert 0.2 < time.monotonic() - started < 1.5
         # Redelivered after its deadline: skipped, never published.
-        await _until(lambda: _sample("rdv_enricher_tasks_total", expired) > expired_before)
+        await until(lambda: metric_value("rdv_enricher_tasks_total", expired) > expired_before)
         assert _tasks_out(bus, objective) == []
     finally:
         await component.stop()

@@ -11,7 +11,6 @@ import pytest
 from services.core.bus import MemoryBus
 from services.runner.app import ModelRunner
 from services.runner.settings import RunnerSettings
-from tests.unit.models.model_testing import Served, ServeModel, serve
 
 StartRunner = Callable[..., Awaitable[ModelRunner]]
 
@@ -25,20 +24,6 @@ def bus(memory_bus: MemoryBus) -> MemoryBus:
 @pytest.fixture
 def objective() -> str:
     return f"obj-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-async def serve_model() -> AsyncIterator[ServeModel]:
-    started: list[Served] = []
-
-    async def start(kind: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Served:
-        served = await serve(kind, args, **kwargs)
-        started.append(served)
-        return served
-
-    yield start
-    for served in started:
-        await served.close()
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
 from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
 
 from services.core.bus import Envelope, MemoryBus, Subscription
 from services.core.protos import set_values, timestamp_from_ns
 from services.runner.app import ModelRunner
+from tests.helpers import metric_value
 from tests.unit.models.model_testing import ServeModel
 from tests.unit.runner.conftest import StartRunner
 
@@ -85,7 +85,7 @@ async def nothing_more(subscription: Subscription[task_pb2.PredictionEvent]) -> 
 
 
 def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metric_value(name, labels)
 
 
 async def eventually(condition: Any, timeout: float = 5.0) -> None:

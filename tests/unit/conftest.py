@@ -1,4 +1,4 @@
-"""Fixtures for model-container tests: real gRPC servers on 127.0.0.1 port 0."""
+"""Fixtures shared by the unit tests: real model containers on 127.0.0.1 port 0."""
 
 from __future__ import annotations
 

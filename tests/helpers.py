@@ -1,0 +1,35 @@
+"""Small helpers every test module shares: waiting for a condition, reading a metric,
+reading what was published to a topic of the in-memory bus."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from prometheus_client import REGISTRY
+
+from services.core.bus import MemoryBus
+
+M = TypeVar("M", bound=Message)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until `predicate()` holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def metric_value(name: str, labels: dict[str, str]) -> float:
+    """The current value of a Prometheus sample (0 when it was never recorded)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def published(bus: MemoryBus, topic: str, message_type: type[M]) -> list[M]:
+    """Everything published to `topic` of the in-memory bus, decoded."""
+    return [message_type.FromString(raw.data) for raw in bus.messages(topic)]
