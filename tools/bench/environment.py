@@ -177,11 +177,11 @@ class Mesh:
         models = self.document["objectives"][objective]["models"]
         return [m["name"] for m in models]
 
-    def pids(self, objective: str) -> list[int]:
+    def pids(self, objective: str) -> dict[str, int]:
         """Every process on `objective`'s path: its models, runners and decoy, and the shared
-        enricher, rendezvous and collector."""
+        enricher (when the mesh has one), rendezvous and collector."""
         names = set(self.model_names(objective))
-        pids = []
+        pids: dict[str, int] = {}
         for process in self.state()["processes"]:
             name: str = process["name"]
             shared = name in ("enricher", "rendezvous", "collector")
@@ -189,7 +189,7 @@ class Mesh:
                 name == f"model-{m}" or name.startswith(f"runner-{m}-") for m in names
             )
             if shared or own:
-                pids.append(int(process["pid"]))
+                pids[name] = int(process["pid"])
         return pids
 
     def metrics_address(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -51,27 +51,36 @@ def descendants(roots: Iterable[int]) -> set[int]:
 
 
 class CpuMeter:
-    """CPU time spent by a set of processes (and their descendants) between two samples."""
+    """CPU time spent by named processes (and their descendants) between two samples."""
 
-    def __init__(self, roots: Iterable[int]) -> None:
-        self.roots = sorted(set(roots))
+    def __init__(self, roots: Mapping[str, int]) -> None:
+        self.roots = dict(roots)
         self._before: dict[int, int] = {}
+
+    def _owners(self) -> dict[int, str]:
+        """Every live process below a root, with the root's name."""
+        owners: dict[int, str] = {}
+        for name, root in self.roots.items():
+            for pid in descendants([root]):
+                owners.setdefault(pid, name)
+        return owners
 
     def start(self) -> None:
         self._before = {}
-        for pid in descendants(self.roots):
+        for pid in self._owners():
             ticks = cpu_ticks(pid)
             if ticks is not None:
                 self._before[pid] = ticks
 
-    def stop_ms(self) -> float:
-        """Milliseconds of CPU since start(); a process born meanwhile counts in full."""
-        total = 0
-        for pid in descendants(self.roots):
+    def stop(self) -> dict[str, float]:
+        """Milliseconds of CPU since start() per root name; a process born meanwhile counts
+        in full."""
+        spent: dict[str, float] = dict.fromkeys(self.roots, 0.0)
+        for pid, name in self._owners().items():
             ticks = cpu_ticks(pid)
             if ticks is not None:
-                total += ticks - self._before.get(pid, 0)
-        return total * 1000.0 / CLK_TCK
+                spent[name] += (ticks - self._before.get(pid, 0)) * 1000.0 / CLK_TCK
+        return spent
 
 
 _SAMPLE = re.compile(

@@ -74,9 +74,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"Linux {m['kernel']}; Python {m['python']}, grpcio {m['grpcio']}, "
         f"pulsar-client {m['pulsar_client']}, Apache Pulsar {m['pulsar']}, ghz {m['ghz']}.",
         "",
-        f"Open loop, {result['config']['duration_s']:g} s per run, {result['config']['reps']} "
+        f"Open loop, {result['config']['duration_s']:g} s per run after "
+        f"{result['config'].get('warmup_s', 0):g} s of unrecorded warm-up per system, "
+        f"{result['config']['reps']} "
         f"rep(s) per rate, systems interleaved rep by rep; every figure is the median of the reps. "
-        f"A system stops climbing after a level with errors > 1 %, p99 > "
+        f"A system stops climbing after a level with errors > 1 %, default answers > 1 %, p99 > "
         f"{2 * result['config']['sla_ms']:g} ms (2x SLA) or an achieved rate < 90 % of the target. "
         "CPU is utime+stime from /proc of every process on the system's path (its models, "
         "runners, decoy, enricher, rendezvous, collector, the broker; S0: the model container "
@@ -104,8 +106,63 @@ def markdown(result: dict[str, Any]) -> str:
     if result["stopped"]:
         lines += ["", "Stopped climbing:"]
         lines += [f"- {name}: {why}" for name, why in result["stopped"].items()]
+    lines += ["", "Targets (issue 4):", *[f"- {line}" for line in targets(result["summary"])]]
+    lines += ["", *cpu_breakdown(result["runs"])]
     lines += ["", "![latency against achieved rate](latest.png)", ""]
     return "\n".join(lines)
+
+
+def _row(summary: list[dict[str, Any]], system: str, rate: int) -> dict[str, Any] | None:
+    return next((r for r in summary if r["system"] == system and r["rate"] == rate), None)
+
+
+def targets(summary: list[dict[str, Any]]) -> list[str]:
+    """Each target of the issue against the medians: the figure, the bound, met or missed."""
+    out = []
+    floor = _row(summary, "S0", 100)
+    for system in ("S1", "S2"):
+        row = _row(summary, system, 100)
+        if floor is None or row is None:
+            continue
+        p50 = row["p50_ms"] - floor["p50_ms"]
+        p99 = row["p99_ms"] - floor["p99_ms"]
+        verdict = "met" if p50 <= 3.0 and p99 <= 10.0 else "missed"
+        out.append(
+            f"{system} overhead over S0 at 100 req/s: p50 {p50:.2f} ms (<= 3), "
+            f"p99 {p99:.2f} ms (<= 10): **{verdict}**"
+        )
+    race = _row(summary, "S2", 833)
+    if race is None:
+        out.append("S2 at 833 req/s: not reached")
+    else:
+        share = race["default_share"] or 0.0
+        ok = race["p99_ms"] < 50.0 and share < 0.001 and race["achieved_rps"] >= 0.9 * 833
+        out.append(
+            f"S2 at 833 req/s: achieved {race['achieved_rps']:.0f} req/s, p99 "
+            f"{race['p99_ms']:.1f} ms (< 50), default answers {100 * share:.2f} % (< 0.1): "
+            f"**{'met' if ok else 'missed'}**"
+        )
+    return out
+
+
+def cpu_breakdown(runs: list[dict[str, Any]]) -> list[str]:
+    """Per system, at the highest rate it ran: CPU ms per request of each process (median
+    of the reps), the largest first."""
+    lines = ["Where the CPU goes (ms per request, at each system's highest rate):", ""]
+    for system in sorted({r["system"] for r in runs}):
+        top = max(r["rate"] for r in runs if r["system"] == system)
+        reps = [
+            r["cpu_ms_per_request_by_process"]
+            for r in runs
+            if r["system"] == system and r["rate"] == top and "cpu_ms_per_request_by_process" in r
+        ]
+        if not reps:
+            continue
+        names = sorted({n for rep in reps for n in rep})
+        medians = {n: statistics.median(rep.get(n, 0.0) for rep in reps) for n in names}
+        parts = [f"{n} {v:.2f}" for n, v in sorted(medians.items(), key=lambda kv: -kv[1])]
+        lines.append(f"- {system} at {top} req/s: " + ", ".join(parts))
+    return lines
 
 
 def chart(result: dict[str, Any], path: Path) -> None:

@@ -37,8 +37,12 @@ class Run:
     rate: int
     rep: int
     load: LoadResult
-    cpu_ms: float
+    cpu_ms_by_process: dict[str, float]
     default_share: float | None
+
+    @property
+    def cpu_ms(self) -> float:
+        return sum(self.cpu_ms_by_process.values())
 
     def record(self) -> dict[str, Any]:
         answered = max(1, self.load.count - self.load.errors)
@@ -58,6 +62,9 @@ class Run:
             "default_share": self.default_share,
             "cpu_ms": self.cpu_ms,
             "cpu_ms_per_request": self.cpu_ms / answered,
+            "cpu_ms_per_request_by_process": {
+                name: spent / answered for name, spent in sorted(self.cpu_ms_by_process.items())
+            },
         }
 
 
@@ -69,7 +76,8 @@ class System:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    def pids(self) -> list[int]:
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU counts, by name."""
         raise NotImplementedError
 
     async def load(self, rate: int, seconds: float) -> LoadResult:
@@ -85,7 +93,7 @@ class System:
         meter.start()
         result = await self.load(rate, seconds)
         await asyncio.sleep(SETTLE_S)
-        cpu_ms = meter.stop_ms()
+        cpu_ms = meter.stop()
         after = self.default_counter()
         share: float | None = None
         if before is not None and after is not None:
@@ -107,8 +115,8 @@ class Direct(System):
         super().__init__(broker)
         self.mesh = mesh
 
-    def pids(self) -> list[int]:
-        return [int(self.mesh.process("model-solo-ridge")["pid"])]
+    def pids(self) -> dict[str, int]:
+        return {"model-solo-ridge": int(self.mesh.process("model-solo-ridge")["pid"])}
 
     async def load(self, rate: int, seconds: float) -> LoadResult:
         target = str(self.mesh.process("model-solo-ridge")["endpoint"])
@@ -125,8 +133,8 @@ class Rendezvous(System):
         self.name = name
         self.objective = objective
 
-    def pids(self) -> list[int]:
-        return [*self.mesh.pids(self.objective), self.broker.pid]
+    def pids(self) -> dict[str, int]:
+        return {**self.mesh.pids(self.objective), "broker": self.broker.pid}
 
     def default_counter(self) -> dict[str, float] | None:
         return answers_by_source(self.mesh.metrics_address(), self.objective)
@@ -162,11 +170,13 @@ class Original(System):
         names = [n for n in mesh.model_names(RACE) if n != "decoy"]
         return {n: str(mesh.process(f"model-{n}")["endpoint"]) for n in names}
 
-    def pids(self) -> list[int]:
-        models = [
-            int(self.mesh.process(f"model-{n}")["pid"]) for n in self.model_endpoints(self.mesh)
-        ]
-        return [*self.system.pids, *models, self.broker.pid]
+    def pids(self) -> dict[str, int]:
+        models = {
+            f"model-{n}": int(self.mesh.process(f"model-{n}")["pid"])
+            for n in self.model_endpoints(self.mesh)
+        }
+        own = {f"original-{i}": pid for i, pid in enumerate(self.system.pids)}
+        return {**own, **models, "broker": self.broker.pid}
 
     async def load(self, rate: int, seconds: float) -> LoadResult:
         objective = str(getattr(self.system, "objective", RACE))
