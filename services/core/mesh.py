@@ -31,6 +31,10 @@ _FEATURE_TYPES = {
     "bool": model_pb2.FEATURE_TYPE_BOOL,
     "list": model_pb2.FEATURE_TYPE_LIST,
 }
+_ENRICHMENT = {
+    "subject_state": objective_pb2.ENRICHMENT_SUBJECT_STATE,
+    "none": objective_pb2.ENRICHMENT_NONE,
+}
 _CONSENT = {
     "granted": common_pb2.CONSENT_DECISION_GRANTED,
     "denied": common_pb2.CONSENT_DECISION_DENIED,
@@ -108,6 +112,12 @@ class ObjectiveEntry(_Strict):
     default: DefaultEntry = Field(default_factory=DefaultEntry)
     sampling: SamplingEntry = Field(default_factory=SamplingEntry)
     default_consent: ConsentEntry = Field(default_factory=ConsentEntry)
+    # "none": the models need only the request, so tasks skip the enricher's hop.
+    enrichment: Literal["subject_state", "none"] = "subject_state"
+
+    @property
+    def enriched(self) -> bool:
+        return self.enrichment == "subject_state"
 
     @model_validator(mode="after")
     def _policy_names_models(self) -> ObjectiveEntry:
@@ -164,6 +174,7 @@ def to_config(name: str, entry: ObjectiveEntry, version: int = 1) -> objective_p
         version=version,
         sla=duration_from_seconds(entry.sla_ms / 1000),
         late_grace=duration_from_seconds(entry.late_grace_ms / 1000),
+        enrichment=_ENRICHMENT[entry.enrichment],
         sampling=objective_pb2.Sampling(
             challenger_fraction=entry.sampling.challenger_fraction,
             archive_fraction=entry.sampling.archive_fraction,

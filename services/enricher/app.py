@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_objectives(settings: EnricherSettings) -> list[str]:
-    """The configured objectives, else every objective of the mesh file."""
+    """The configured objectives, else every objective of the mesh file that is enriched."""
     if settings.objectives:
         return list(dict.fromkeys(settings.objectives))
     if settings.mesh_file is not None:
-        return list(load_mesh(settings.mesh_file).objectives)
+        mesh = load_mesh(settings.mesh_file)
+        return [name for name, entry in mesh.objectives.items() if entry.enriched]
     raise ValueError("the enricher needs `objectives` or a `mesh_file` to know what to serve")
 
 

@@ -2,8 +2,9 @@
 
 For each Score call: validate, open a mailbox, stamp the task with this
 instance's return address, the mailbox id and the deadline, publish it to the
-objective's request topic (bounded by the remaining budget, off the race's
-critical path), then wait for the mailbox's verdict. The collector sidecar
+objective's request topic, or, for an objective without enrichment, straight to its
+tasks topic as an enriched task with no subject state (bounded by the remaining
+budget, off the race's critical path), then wait for the mailbox's verdict. The collector sidecar
 streams predictions in over the unix socket; each one is offered to its mailbox.
 After the answer, the mailbox stays open for the objective's late-grace window,
 then its outcome (the answer and every candidate) goes to the results topic.
@@ -69,6 +70,8 @@ class _Objective:
         self.policy = Policy.from_config(config)
         self.late_grace_s = duration_ms(config.late_grace) / 1000
         self.roles = {model.name: model.role for model in config.models}
+        # ENRICHMENT_UNSPECIFIED keeps the enricher on the path: the safe reading.
+        self.enriched = config.enrichment != objective_pb2.ENRICHMENT_NONE
 
 
 class Rendezvous:
@@ -85,7 +88,9 @@ class Rendezvous:
         self.objectives = {name: _Objective(cfg) for name, cfg in objectives.items()}
         self.return_address = self.bus.topics.predictions(settings.instance)
         self.registry = MailboxRegistry()
+        # Per objective: the request topic (enriched objectives) or the tasks topic.
         self._request_publishers: dict[str, Publisher[task_pb2.ScoringTask]] = {}
+        self._task_publishers: dict[str, Publisher[task_pb2.EnrichedTask]] = {}
         self._outcome_publishers: dict[str, Publisher[task_pb2.Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         # Insertion-ordered: the first entry is the oldest answered mailbox.
@@ -113,16 +118,20 @@ class Rendezvous:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        for name in self.objectives:
-            self._request_publishers[name] = await self.bus.publisher(
-                self.bus.topics.requests(name),
-                task_pb2.ScoringTask,
-                batching=self.settings.request_batching,
-            )
+        for name, objective in self.objectives.items():
+            if objective.enriched:
+                self._request_publishers[name] = await self.bus.publisher(
+                    self.bus.topics.requests(name),
+                    task_pb2.ScoringTask,
+                )
+            else:
+                self._task_publishers[name] = await self.bus.publisher(
+                    self.bus.topics.tasks(name),
+                    task_pb2.EnrichedTask,
+                )
             self._outcome_publishers[name] = await self.bus.publisher(
                 self.bus.topics.results(name),
                 task_pb2.Outcome,
-                batching=self.settings.outcome_batching,
             )
         await self.server.start()
         await self.server.set_serving(True)
@@ -238,10 +247,16 @@ class Rendezvous:
         return task
 
     async def _dispatch(self, task: task_pb2.ScoringTask, mailbox: Mailbox, sla_ms: float) -> None:
-        publisher = self._request_publishers[mailbox.objective]
         budget_s = max(sla_ms - mailbox.elapsed_ms(), 0.0) / 1000
+        key = task.request.request_id
         try:
-            await publisher.publish(task, key=task.request.request_id, timeout=budget_s)
+            publisher = self._task_publishers.get(mailbox.objective)
+            if publisher is not None:
+                await publisher.publish(task_pb2.EnrichedTask(task=task), key=key, timeout=budget_s)
+            else:
+                await self._request_publishers[mailbox.objective].publish(
+                    task, key=key, timeout=budget_s
+                )
             mailbox.dispatched = True
         except BusError:
             # The broker did not take the task in time: no prediction can come, so the

@@ -30,7 +30,4 @@ class RendezvousSettings(ServiceSettings):
     request_id_max_length: int = 128
     subject_id_max_length: int = 256
     max_features: int = 1024
-    # Batching the request topic trades up to pulsar.batching_max_delay_ms for throughput.
-    request_batching: bool = False
-    outcome_batching: bool = True
     outcome_publish_timeout_s: float = 5.0

@@ -168,13 +168,14 @@ def plan(
                     },
                     role=model.role,
                 )
-    add(
-        "enricher",
-        "services.enricher",
-        "RDV_ENRICHER_",
-        STAGE_CONSUMERS,
-        {"MESH_FILE": str(mesh_file)},
-    )
+    if any(entry.enriched for entry in mesh.objectives.values()):
+        add(
+            "enricher",
+            "services.enricher",
+            "RDV_ENRICHER_",
+            STAGE_CONSUMERS,
+            {"MESH_FILE": str(mesh_file)},
+        )
     add(
         "rendezvous",
         "services.rendezvous",

@@ -7,7 +7,7 @@ known winner:
     hops     incumbent 2 ms (echoes the subject state), challenger 2 ms, decoy
     slowinc  incumbent 32 ms, challenger 3 ms       -> challenger at the step boundary (25 ms)
     alllate  both 300 ms (past the deadline)        -> the default at the SLA
-    failing  incumbent always errors, challenger 3 ms -> challenger
+    failing  incumbent always errors, challenger 3 ms -> challenger (enrichment: none)
 
 The broker-restart test runs last: it restarts the session's broker.
 """
@@ -103,14 +103,17 @@ def mesh_document(listen: str) -> dict[str, Any]:
                 grace_ms=500,
                 default=7.0,
             ),
-            "failing": _objective(
-                [
-                    _flaky("broken-incumbent", "incumbent", 1, error_rate=1.0),
-                    _flaky("backup-challenger", "challenger", 3, score=2.0),
-                ],
-                grace_ms=500,
-                default=-1.0,
-            ),
+            "failing": {
+                **_objective(
+                    [
+                        _flaky("broken-incumbent", "incumbent", 1, error_rate=1.0),
+                        _flaky("backup-challenger", "challenger", 3, score=2.0),
+                    ],
+                    grace_ms=500,
+                    default=-1.0,
+                ),
+                "enrichment": "none",
+            },
         },
     }
 
@@ -346,6 +349,29 @@ async def test_model_error_falls_back_to_the_next(mesh: RunningMesh) -> None:
         grpc.StatusCode.UNAVAILABLE.value[0],
         grpc.StatusCode.INTERNAL.value[0],
     )
+
+
+async def test_objective_without_enrichment_skips_the_enricher(mesh: RunningMesh) -> None:
+    response, _ = await score(mesh, request("failing"))
+    assert response.decision.source == scoring_pb2.ANSWER_SOURCE_MODEL
+    # The rendezvous published the task to the tasks topic itself: never enriched ...
+    task = await find(
+        mesh.broker,
+        "persistent://public/default/rdv.failing.tasks",
+        task_pb2.EnrichedTask,
+        lambda t: t.task.request.request_id == response.request_id,
+    )
+    assert not task.HasField("enriched_time")
+    assert task.task.return_address == "persistent://public/default/rdv.predictions.rdv-0"
+    # ... and nothing went to the request topic, which only the enricher reads.
+    with pytest.raises(AssertionError, match="no matching"):
+        await find(
+            mesh.broker,
+            "persistent://public/default/rdv.failing.requests",
+            task_pb2.ScoringTask,
+            lambda t: t.request.request_id == response.request_id,
+            timeout=2,
+        )
 
 
 async def test_duplicate_prediction_is_ignored_and_counted(mesh: RunningMesh) -> None:

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rendezvous.v1 import common_pb2 as rendezvous_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rendezvous/v1/model.proto\x12\rrendezvous.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\"\xab\x03\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tobjective\x18\x02 \x01(\t\x12=\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32+.rendezvous.v1.PredictRequest.FeaturesEntry\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.rendezvous.v1.Payload\x12\x46\n\rsubject_state\x18\x05 \x03(\x0b\x32/.rendezvous.v1.PredictRequest.SubjectStateEntry\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aG\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1aK\n\x11SubjectStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xbd\x01\n\x0fPredictResponse\x12\r\n\x05score\x18\x01 \x01(\x01\x12<\n\x07outputs\x18\x02 \x03(\x0b\x32+.rendezvous.v1.PredictResponse.OutputsEntry\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\x19\n\x17GetModelMetadataRequest\"l\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04type\x18\x02 \x01(\x0e\x32\x1a.rendezvous.v1.FeatureType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\x88\x01\n\x18GetModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12*\n\x06inputs\x18\x04 \x03(\x0b\x32\x1a.rendezvous.v1.FeatureSpec\x12\x0f\n\x07outputs\x18\x05 \x03(\t*\x8b\x01\n\x0b\x46\x65\x61tureType\x12\x1c\n\x18\x46\x45\x41TURE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x45\x41TURE_TYPE_NUMBER\x10\x01\x12\x17\n\x13\x46\x45\x41TURE_TYPE_STRING\x10\x02\x12\x15\n\x11\x46\x45\x41TURE_TYPE_BOOL\x10\x03\x12\x15\n\x11\x46\x45\x41TURE_TYPE_LIST\x10\x04\x32\xbd\x01\n\x0cModelService\x12H\n\x07Predict\x12\x1d.rendezvous.v1.PredictRequest\x1a\x1e.rendezvous.v1.PredictResponse\x12\x63\n\x10GetModelMetadata\x12&.rendezvous.v1.GetModelMetadataRequest\x1a\'.rendezvous.v1.GetModelMetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rendezvous/v1/model.proto\x12\rrendezvous.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\"\xab\x03\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tobjective\x18\x02 \x01(\t\x12=\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32+.rendezvous.v1.PredictRequest.FeaturesEntry\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.rendezvous.v1.Payload\x12\x46\n\rsubject_state\x18\x05 \x03(\x0b\x32/.rendezvous.v1.PredictRequest.SubjectStateEntry\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aG\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1aK\n\x11SubjectStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xbd\x01\n\x0fPredictResponse\x12\r\n\x05score\x18\x01 \x01(\x01\x12<\n\x07outputs\x18\x02 \x03(\x0b\x32+.rendezvous.v1.PredictResponse.OutputsEntry\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"F\n\x13PredictBatchRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.rendezvous.v1.PredictRequest\"E\n\x14PredictBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.rendezvous.v1.PredictResult\"y\n\rPredictResult\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.PredictResponseH\x00\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.rendezvous.v1.ModelErrorH\x00\x42\x08\n\x06result\"\x19\n\x17GetModelMetadataRequest\"l\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04type\x18\x02 \x01(\x0e\x32\x1a.rendezvous.v1.FeatureType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\x88\x01\n\x18GetModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12*\n\x06inputs\x18\x04 \x03(\x0b\x32\x1a.rendezvous.v1.FeatureSpec\x12\x0f\n\x07outputs\x18\x05 \x03(\t*\x8b\x01\n\x0b\x46\x65\x61tureType\x12\x1c\n\x18\x46\x45\x41TURE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x45\x41TURE_TYPE_NUMBER\x10\x01\x12\x17\n\x13\x46\x45\x41TURE_TYPE_STRING\x10\x02\x12\x15\n\x11\x46\x45\x41TURE_TYPE_BOOL\x10\x03\x12\x15\n\x11\x46\x45\x41TURE_TYPE_LIST\x10\x04\x32\x96\x02\n\x0cModelService\x12H\n\x07Predict\x12\x1d.rendezvous.v1.PredictRequest\x1a\x1e.rendezvous.v1.PredictResponse\x12W\n\x0cPredictBatch\x12\".rendezvous.v1.PredictBatchRequest\x1a#.rendezvous.v1.PredictBatchResponse\x12\x63\n\x10GetModelMetadata\x12&.rendezvous.v1.GetModelMetadataRequest\x1a\'.rendezvous.v1.GetModelMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST_SUBJECTSTATEENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_FEATURETYPE']._serialized_start=1034
-  _globals['_FEATURETYPE']._serialized_end=1173
+  _globals['_FEATURETYPE']._serialized_start=1300
+  _globals['_FEATURETYPE']._serialized_end=1439
   _globals['_PREDICTREQUEST']._serialized_start=136
   _globals['_PREDICTREQUEST']._serialized_end=563
   _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=415
@@ -52,12 +52,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE']._serialized_end=755
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=685
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=755
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=757
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=782
-  _globals['_FEATURESPEC']._serialized_start=784
-  _globals['_FEATURESPEC']._serialized_end=892
-  _globals['_GETMODELMETADATARESPONSE']._serialized_start=895
-  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1031
-  _globals['_MODELSERVICE']._serialized_start=1176
-  _globals['_MODELSERVICE']._serialized_end=1365
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=757
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=827
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=829
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=898
+  _globals['_PREDICTRESULT']._serialized_start=900
+  _globals['_PREDICTRESULT']._serialized_end=1021
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1023
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1048
+  _globals['_FEATURESPEC']._serialized_start=1050
+  _globals['_FEATURESPEC']._serialized_end=1158
+  _globals['_GETMODELMETADATARESPONSE']._serialized_start=1161
+  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1297
+  _globals['_MODELSERVICE']._serialized_start=1442
+  _globals['_MODELSERVICE']._serialized_end=1720
 # @@protoc_insertion_point(module_scope)

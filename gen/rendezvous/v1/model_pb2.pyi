@@ -200,9 +200,89 @@ class PredictResponse(_message.Message):
 Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
 
 @_typing.final
-class GetModelMetadataRequest(_message.Message):
-    """GetModelMetadataRequest asks for a model's metadata."""
+class PredictBatchRequest(_message.Message):
+    """GetModelMetadataRequest asks for a model's metadata.
+    PredictBatchRequest is several scoring requests for one model.
+    """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictRequest]:
+        """requests are scored independently of each other."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___PredictRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictBatchRequest: _TypeAlias = PredictBatchRequest  # noqa: Y015
+
+@_typing.final
+class PredictBatchResponse(_message.Message):
+    """PredictBatchResponse holds one result per request, in the order of the requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictResult]:
+        """results[i] answers requests[i]."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___PredictResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictBatchResponse: _TypeAlias = PredictBatchResponse  # noqa: Y015
+
+@_typing.final
+class PredictResult(_message.Message):
+    """PredictResult is one request's prediction or the error it ended with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___PredictResponse:
+        """response is the prediction."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.ModelError:
+        """error is why this request got no prediction (e.g. INVALID_ARGUMENT for its features)."""
+
+    def __init__(
+        self,
+        *,
+        response: Global___PredictResponse | None = ...,
+        error: _common_pb2.ModelError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___PredictResult: _TypeAlias = PredictResult  # noqa: Y015
+
+@_typing.final
+class GetModelMetadataRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(

@@ -40,6 +40,11 @@ class ModelServiceStub:
                 request_serializer=rendezvous_dot_v1_dot_model__pb2.PredictRequest.SerializeToString,
                 response_deserializer=rendezvous_dot_v1_dot_model__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictBatch = channel.unary_unary(
+                '/rendezvous.v1.ModelService/PredictBatch',
+                request_serializer=rendezvous_dot_v1_dot_model__pb2.PredictBatchRequest.SerializeToString,
+                response_deserializer=rendezvous_dot_v1_dot_model__pb2.PredictBatchResponse.FromString,
+                _registered_method=True)
         self.GetModelMetadata = channel.unary_unary(
                 '/rendezvous.v1.ModelService/GetModelMetadata',
                 request_serializer=rendezvous_dot_v1_dot_model__pb2.GetModelMetadataRequest.SerializeToString,
@@ -58,9 +63,19 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetModelMetadata(self, request, context):
+    def PredictBatch(self, request, context):
         """GetModelMetadata describes the model: its name, version and inputs.
+        PredictBatch scores several requests in one call: a runner under load sends the tasks
+        that queued up while its previous call was in flight, so the per-call cost is paid once
+        per batch. Each request succeeds or fails on its own. Optional: to a model that answers
+        UNIMPLEMENTED the runner sends Predict calls instead, one per task.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelMetadata(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -72,6 +87,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=rendezvous_dot_v1_dot_model__pb2.PredictRequest.FromString,
                     response_serializer=rendezvous_dot_v1_dot_model__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictBatch,
+                    request_deserializer=rendezvous_dot_v1_dot_model__pb2.PredictBatchRequest.FromString,
+                    response_serializer=rendezvous_dot_v1_dot_model__pb2.PredictBatchResponse.SerializeToString,
             ),
             'GetModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelMetadata,
@@ -107,6 +127,33 @@ class ModelService:
             '/rendezvous.v1.ModelService/Predict',
             rendezvous_dot_v1_dot_model__pb2.PredictRequest.SerializeToString,
             rendezvous_dot_v1_dot_model__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rendezvous.v1.ModelService/PredictBatch',
+            rendezvous_dot_v1_dot_model__pb2.PredictBatchRequest.SerializeToString,
+            rendezvous_dot_v1_dot_model__pb2.PredictBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

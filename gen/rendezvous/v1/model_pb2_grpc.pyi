@@ -35,8 +35,14 @@ class ModelServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ModelServiceAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_model_pb2.PredictRequest, _model_pb2.PredictResponse]
     """Predict scores one enriched request."""
+    PredictBatch: _grpc.UnaryUnaryMultiCallable[_model_pb2.PredictBatchRequest, _model_pb2.PredictBatchResponse]
+    """GetModelMetadata describes the model: its name, version and inputs.
+    PredictBatch scores several requests in one call: a runner under load sends the tasks
+    that queued up while its previous call was in flight, so the per-call cost is paid once
+    per batch. Each request succeeds or fails on its own. Optional: to a model that answers
+    UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+    """
     GetModelMetadata: _grpc.UnaryUnaryMultiCallable[_model_pb2.GetModelMetadataRequest, _model_pb2.GetModelMetadataResponse]
-    """GetModelMetadata describes the model: its name, version and inputs."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -45,8 +51,14 @@ class ModelServiceAsyncStub(ModelServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_model_pb2.PredictRequest, _model_pb2.PredictResponse]  # type: ignore[assignment]
     """Predict scores one enriched request."""
+    PredictBatch: _aio.UnaryUnaryMultiCallable[_model_pb2.PredictBatchRequest, _model_pb2.PredictBatchResponse]  # type: ignore[assignment]
+    """GetModelMetadata describes the model: its name, version and inputs.
+    PredictBatch scores several requests in one call: a runner under load sends the tasks
+    that queued up while its previous call was in flight, so the per-call cost is paid once
+    per batch. Each request succeeds or fails on its own. Optional: to a model that answers
+    UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+    """
     GetModelMetadata: _aio.UnaryUnaryMultiCallable[_model_pb2.GetModelMetadataRequest, _model_pb2.GetModelMetadataResponse]  # type: ignore[assignment]
-    """GetModelMetadata describes the model: its name, version and inputs."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService is what every model container implements, in any language."""
@@ -60,11 +72,23 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         """Predict scores one enriched request."""
 
     @_abc_1.abstractmethod
+    def PredictBatch(
+        self,
+        request: _model_pb2.PredictBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_pb2.PredictBatchResponse, _abc.Awaitable[_model_pb2.PredictBatchResponse]]:
+        """GetModelMetadata describes the model: its name, version and inputs.
+        PredictBatch scores several requests in one call: a runner under load sends the tasks
+        that queued up while its previous call was in flight, so the per-call cost is paid once
+        per batch. Each request succeeds or fails on its own. Optional: to a model that answers
+        UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+        """
+
+    @_abc_1.abstractmethod
     def GetModelMetadata(
         self,
         request: _model_pb2.GetModelMetadataRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_model_pb2.GetModelMetadataResponse, _abc.Awaitable[_model_pb2.GetModelMetadataResponse]]:
-        """GetModelMetadata describes the model: its name, version and inputs."""
+    ) -> _typing.Union[_model_pb2.GetModelMetadataResponse, _abc.Awaitable[_model_pb2.GetModelMetadataResponse]]: ...
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rendezvous.v1 import common_pb2 as _common_pb2
 from rendezvous.v1 import model_pb2 as _model_pb2
 import builtins as _builtins
@@ -22,6 +23,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Enrichment:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnrichmentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Enrichment.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENRICHMENT_UNSPECIFIED: _Enrichment.ValueType  # 0
+    """ENRICHMENT_UNSPECIFIED is read as ENRICHMENT_SUBJECT_STATE."""
+    ENRICHMENT_SUBJECT_STATE: _Enrichment.ValueType  # 1
+    """ENRICHMENT_SUBJECT_STATE: the enricher adds the subject's kept state (one more hop)."""
+    ENRICHMENT_NONE: _Enrichment.ValueType  # 2
+    """ENRICHMENT_NONE: the models need only the request, so the rendezvous publishes the task
+    straight to the objective's tasks topic and the enricher is not on the path.
+    """
+
+class Enrichment(_Enrichment, metaclass=_EnrichmentEnumTypeWrapper):
+    """Enrichment is what an objective's tasks get before the models see them."""
+
+ENRICHMENT_UNSPECIFIED: Enrichment.ValueType  # 0
+"""ENRICHMENT_UNSPECIFIED is read as ENRICHMENT_SUBJECT_STATE."""
+ENRICHMENT_SUBJECT_STATE: Enrichment.ValueType  # 1
+"""ENRICHMENT_SUBJECT_STATE: the enricher adds the subject's kept state (one more hop)."""
+ENRICHMENT_NONE: Enrichment.ValueType  # 2
+"""ENRICHMENT_NONE: the models need only the request, so the rendezvous publishes the task
+straight to the objective's tasks topic and the enricher is not on the path.
+"""
+Global___Enrichment: _TypeAlias = Enrichment  # noqa: Y015
 
 @_typing.final
 class ObjectiveConfig(_message.Message):
@@ -42,10 +71,13 @@ class ObjectiveConfig(_message.Message):
     LATE_GRACE_FIELD_NUMBER: _builtins.int
     DEFAULT_CONSENT_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
+    ENRICHMENT_FIELD_NUMBER: _builtins.int
     objective: _builtins.str
     """objective names the business objective."""
     version: _builtins.int
     """version increases by one with every change."""
+    enrichment: Global___Enrichment.ValueType
+    """enrichment says whether the objective's tasks pass through the model data enricher."""
     @_builtins.property
     def sla(self) -> _duration_pb2.Duration:
         """sla is the longest a client waits for an answer."""
@@ -96,10 +128,11 @@ class ObjectiveConfig(_message.Message):
         late_grace: _duration_pb2.Duration | None = ...,
         default_consent: _common_pb2.Consent | None = ...,
         change: Global___ConfigChange | None = ...,
+        enrichment: Global___Enrichment.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "default_answer", b"default_answer", "default_consent", b"default_consent", "late_grace", b"late_grace", "policy", b"policy", "sampling", b"sampling", "sla", b"sla"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "default_answer", b"default_answer", "default_consent", b"default_consent", "features", b"features", "late_grace", b"late_grace", "models", b"models", "objective", b"objective", "policy", b"policy", "sampling", b"sampling", "sla", b"sla", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "default_answer", b"default_answer", "default_consent", b"default_consent", "enrichment", b"enrichment", "features", b"features", "late_grace", b"late_grace", "models", b"models", "objective", b"objective", "policy", b"policy", "sampling", b"sampling", "sla", b"sla", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

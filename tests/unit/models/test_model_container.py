@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from rendezvous.v1 import model_pb2
 
 from services.models.app import ModelContainer
 from services.models.settings import ModelSettings
@@ -73,3 +74,26 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         "canary-linear",
         {"algorithm": "linear"},
     )
+
+
+async def test_predict_batch_answers_each_request_in_order(serve_model: ServeModel) -> None:
+    served = await serve_model("sum", name="summer", version="7")
+    good = model_pb2.PredictRequest(request_id="a")
+    good.features["x"].number_value = 2.0
+    bad = model_pb2.PredictRequest(request_id="b")
+    bad.features["x"].string_value = "two"
+    other = model_pb2.PredictRequest(request_id="c")
+    other.features["x"].number_value = 5.0
+
+    response = await served.stub.PredictBatch(
+        model_pb2.PredictBatchRequest(requests=[good, bad, other])
+    )
+
+    first, second, third = response.results
+    assert first.response.score == 2.0
+    assert first.response.model_version == "7"
+    # One bad request fails alone, with the field it got wrong; the others are answered.
+    assert second.WhichOneof("result") == "error"
+    assert second.error.grpc_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert second.error.reason == "INVALID_ARGUMENT"
+    assert third.response.score == 5.0
