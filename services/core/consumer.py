@@ -8,6 +8,13 @@ receiver is cancelled first (nothing new is taken), the handlers in flight get a
 period to finish, and the rest are cancelled: what they had not acknowledged the broker
 redelivers to another consumer.
 
+Messages are taken in bursts: one (waiting for it), then whatever else the client already
+holds, up to the free slots and `max_burst`. Under light load a burst is one message; under
+load the handlers of a burst start in the same turn of the event loop, so what they publish
+leaves as one batch. A `burst_handler` takes the whole burst in one task instead (the model
+runner scores it with one call), at most `max_bursts_in_flight` at once: while they run,
+new messages queue in the client and make up the next burst (dynamic batching).
+
 The handler owns acknowledgement (ack, nack) and its own error handling; the consumer
 only logs what escapes it. The subscription stays the caller's to close.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic
@@ -26,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # A coroutine function, not any awaitable: each message's handling is its own asyncio task.
 Handler = Callable[[Envelope[M]], Coroutine[Any, Any, None]]
+BurstHandler = Callable[[list[Envelope[M]]], Coroutine[Any, Any, None]]
 
 
 class BoundedConsumer(Generic[M]):
@@ -40,29 +49,39 @@ class BoundedConsumer(Generic[M]):
     def __init__(
         self,
         subscription: Subscription[M],
-        handler: Handler[M],
+        handler: Handler[M] | None = None,
         *,
         max_in_flight: int,
         retry_delay_s: float,
         name: str,
         on_receive_error: Callable[[Exception], None] | None = None,
+        max_burst: int = 1,
+        burst_handler: BurstHandler[M] | None = None,
+        max_bursts_in_flight: int | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if max_in_flight < 1 or max_burst < 1 or (max_bursts_in_flight or 1) < 1:
+            raise ValueError("max_in_flight, max_burst and max_bursts_in_flight must be >= 1")
+        if (handler is None) == (burst_handler is None):
+            raise ValueError("give exactly one of handler and burst_handler")
         self.subscription = subscription
         self.name = name
         self._handler = handler
+        self._burst_handler = burst_handler
+        self._max_burst = max_burst
         self._retry_delay_s = retry_delay_s
         self._on_receive_error = on_receive_error
-        self._slots = asyncio.Semaphore(max_in_flight)
-        # Strong references: the event loop keeps only weak ones to tasks.
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._free = max_in_flight
+        self._max_bursts = max_bursts_in_flight or max_in_flight
+        self._slot_freed = asyncio.Event()
+        # Strong references (the event loop keeps only weak ones to tasks), with the number
+        # of messages each holds.
+        self._handlers: dict[asyncio.Task[None], int] = {}
         self._receiver: asyncio.Task[None] | None = None
 
     @property
     def in_flight(self) -> int:
         """Messages received and not yet done with (their handler has not finished)."""
-        return len(self._handlers)
+        return sum(self._handlers.values())
 
     def start(self) -> None:
         """Start receiving (call on the running loop)."""
@@ -92,16 +111,16 @@ class BoundedConsumer(Generic[M]):
     async def _receive_loop(self) -> None:
         subscription = self.subscription
         while True:
-            # A slot first: a message is only taken off the subscription's queue when it can
-            # be worked on at once, so none sits here received but unhandled.
-            await self._slots.acquire()
+            # Free slots first: a message is only taken off the subscription's queue when it
+            # can be worked on at once, so none sits here received but unhandled.
+            while self._free == 0 or len(self._handlers) >= self._max_bursts:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             try:
-                envelope = await subscription.receive()
+                burst = await subscription.receive_burst(min(self._free, self._max_burst))
             except asyncio.CancelledError:
-                self._slots.release()
                 raise
             except Exception as exc:
-                self._slots.release()
                 if self._on_receive_error is not None:
                     self._on_receive_error(exc)
                 else:
@@ -111,14 +130,24 @@ class BoundedConsumer(Generic[M]):
                     )
                 await asyncio.sleep(self._retry_delay_s)
                 continue
-            handler = asyncio.create_task(self._handler(envelope), name=f"{self.name}:handle")
-            self._handlers.add(handler)
-            handler.add_done_callback(self._finished)
+            if self._burst_handler is not None:
+                self._spawn(self._burst_handler(burst), len(burst))
+            else:
+                assert self._handler is not None
+                for envelope in burst:
+                    self._spawn(self._handler(envelope), 1)
 
-    def _finished(self, handler: asyncio.Task[None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], messages: int) -> None:
+        self._free -= messages
+        handler = asyncio.create_task(work, name=f"{self.name}:handle")
+        self._handlers[handler] = messages
+        handler.add_done_callback(functools.partial(self._finished, messages))
+
+    def _finished(self, messages: int, handler: asyncio.Task[None]) -> None:
         # Runs however the handler ended (done, failed, cancelled), so a slot is never lost.
-        self._handlers.discard(handler)
-        self._slots.release()
+        self._handlers.pop(handler, None)
+        self._free += messages
+        self._slot_freed.set()
         if not handler.cancelled() and handler.exception() is not None:
             log.error(
                 "task handler failed",

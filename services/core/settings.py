@@ -43,9 +43,9 @@ class PulsarSettings(BaseModel):
     # ceiling for everything else.
     send_timeout_s: float = 5.0
     operation_timeout_s: float = 10.0
-    # The asyncio producer batches by default; latency-critical producers turn it off
-    # or keep the delay at a millisecond.
-    batching_max_delay_ms: int = 1
+    # 0: a batch leaves as soon as the client's I/O thread gets to it. A lone message
+    # waits for nothing; messages published together share one broker entry.
+    batching_max_delay_ms: int = Field(default=0, ge=0)
     receiver_queue_size: int = 1000
     negative_ack_redelivery_delay_ms: int = 1000
     # After this many failed deliveries a message goes to the subscription's dead-letter topic.

@@ -120,6 +120,7 @@ class DecoyComponent:
             retry_delay_s=self.settings.retry_delay_s,
             name="decoy:tasks",
             on_receive_error=self._receive_failed,
+            max_burst=self.settings.max_in_flight,
         )
         self._consumer.start()
         await self.server.set_serving(True)

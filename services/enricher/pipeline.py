@@ -115,6 +115,7 @@ class TaskPipeline:
             retry_delay_s=self._retry_delay_s,
             name=f"requests:{self.objective}",
             on_receive_error=self._receive_failed,
+            max_burst=self._max_in_flight,
         )
         self._consumer.start()
 

@@ -1,17 +1,21 @@
 """The model runner: enriched tasks in, predictions out to each task's return address.
 
-Flow per task (each in its own asyncio task, at most `concurrency` in flight, while
-the receive loop keeps going):
+Flow per burst of tasks (the tasks the client already holds, up to `max_batch`; one
+under light load), each burst in its own asyncio task, at most `max_calls_in_flight`
+bursts and `concurrency` tasks in flight; tasks that arrive meanwhile queue up into the
+next burst:
 
 1. skip (count, ack, publish nothing) when the task's deadline has passed, or when
    this deployment is a challenger or canary and the subject denied
    experimentation (the rendezvous resolved the objective's default consent
    into the task, so only DENIED matters here);
-2. call `ModelService.Predict` with the time left to the deadline as timeout and
-   the trace context in the call's metadata;
+2. call `ModelService.PredictBatch` once for the burst (`Predict` for a lone task, or per
+   task for a model that answers PredictBatch with UNIMPLEMENTED) with the time left to
+   the deadline as timeout and the trace context in the call's metadata;
 3. publish a `PredictionEvent` (the prediction, or the model's error, DEADLINE_EXCEEDED
    included: the rendezvous records it) to the return address, keyed by request id,
-   inside a span that continues the task's trace;
+   inside a span that continues the first task's trace and links the others; the
+   burst's predictions are published in one turn of the loop, so they leave as one batch;
 4. ack after the publish; nack when the publish failed (at least once).
 
 A model restart costs error predictions, not the runner: the channel reconnects
@@ -21,6 +25,7 @@ once subscribed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -60,6 +65,13 @@ MODEL_LATENCY = histogram(
     ("model", "outcome"),
 )
 
+BATCH_SIZE = histogram(
+    "rdv_runner_batch_size",
+    "Tasks per model call (PredictBatch, or 1 for Predict)",
+    ("model",),
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+
 ROLES: dict[RunnerRole, common_pb2.ModelRole.ValueType] = {
     "incumbent": common_pb2.MODEL_ROLE_INCUMBENT,
     "challenger": common_pb2.MODEL_ROLE_CHALLENGER,
@@ -91,6 +103,9 @@ class ModelRunner:
         self._subscription: Subscription[task_pb2.EnrichedTask] | None = None
         self._consumer: BoundedConsumer[task_pb2.EnrichedTask] | None = None
         self._stopping = False
+        # Until the model answers PredictBatch with UNIMPLEMENTED.
+        self._batch_capable = True
+        self._batch_size = BATCH_SIZE.labels(settings.model)
         model = settings.model
         self._skipped = {
             reason: SKIPPED.labels(model, reason)
@@ -138,7 +153,9 @@ class ModelRunner:
         await self._server.start()
         self._consumer = BoundedConsumer(
             self._subscription,
-            self._handle,
+            burst_handler=self._handle_burst,
+            max_burst=settings.max_batch,
+            max_bursts_in_flight=settings.max_calls_in_flight,
             max_in_flight=settings.concurrency,
             retry_delay_s=settings.receive_retry_s,
             name="runner-receive",
@@ -193,51 +210,85 @@ class ModelRunner:
         RECEIVE_ERRORS.labels(self.settings.model).inc()
         log.exception("receive failed", extra={"model": self.settings.model})
 
-    # ------------------------------------------------------------------ one task
+    # ------------------------------------------------------------------ a burst of tasks
 
-    async def _handle(self, envelope: Envelope[task_pb2.EnrichedTask]) -> None:
+    async def _handle_burst(self, envelopes: list[Envelope[task_pb2.EnrichedTask]]) -> None:
+        settled: set[int] = set()
         try:
-            await self._process(envelope)
+            await self._process_burst(envelopes, settled)
         except Exception:
-            # A bug must not strand the task unacknowledged: redeliver it (and after
-            # max_redeliveries the broker dead-letters it).
-            log.exception("task failed", extra={"model": self.settings.model})
-            await self._settle(envelope, ack=False)
+            # A bug must not strand tasks unacknowledged: redeliver them (and after
+            # max_redeliveries the broker dead-letters them).
+            log.exception("tasks failed", extra={"model": self.settings.model})
+            for index, envelope in enumerate(envelopes):
+                if index not in settled:
+                    await self._settle(envelope, ack=False)
 
-    async def _process(self, envelope: Envelope[task_pb2.EnrichedTask]) -> None:
+    async def _process_burst(
+        self, envelopes: list[Envelope[task_pb2.EnrichedTask]], settled: set[int]
+    ) -> None:
         received_ns = time.time_ns()
-        enriched = envelope.message
-        task = enriched.task
+        first = envelopes[0]
+        links = [
+            trace.Link(span_context)
+            for envelope in envelopes[1:]
+            if (
+                span_context := trace.get_current_span(envelope.trace_context()).get_span_context()
+            ).is_valid
+        ]
         with self._tracer.start_as_current_span(
-            "runner.task",
-            context=envelope.trace_context(),
+            "runner.tasks",
+            context=first.trace_context(),
             kind=trace.SpanKind.CONSUMER,
-            attributes={"rdv.model": self.settings.model, "rdv.objective": self._objective(task)},
-        ) as span:
-            skip = self._skip_reason(task, received_ns)
-            if skip is not None:
-                span.set_attribute("rdv.skipped", skip)
+            links=links,
+            attributes={
+                "rdv.model": self.settings.model,
+                "rdv.objective": self._objective(first.message.task),
+                "rdv.batch_size": len(envelopes),
+            },
+        ):
+            ready: list[int] = []
+            for index, envelope in enumerate(envelopes):
+                skip = self._skip_reason(envelope.message.task, received_ns)
+                if skip is None:
+                    ready.append(index)
+                    continue
                 self._skipped[skip].inc()
+                settled.add(index)
                 await self._settle(envelope, ack=True)
+            if not ready:
                 return
-            event = await self._predict(enriched, received_ns)
-            try:
-                assert self._bus is not None
-                publisher = await self._bus.publisher(task.return_address, task_pb2.PredictionEvent)
-                await publisher.publish(
-                    event, key=event.request_id, timeout=self.settings.publish_timeout_s
+            events = await self._predict_all([envelopes[i].message for i in ready], received_ns)
+            # Published in the same turn of the loop: they leave as one batch.
+            await asyncio.gather(
+                *(
+                    self._publish(envelopes[i], event)
+                    for i, event in zip(ready, events, strict=True)
                 )
-            except Exception:
-                PUBLISH_FAILURES.labels(self.settings.model).inc()
-                log.warning(
-                    "publishing a prediction failed; the task will be redelivered",
-                    exc_info=True,
-                    extra={"request_id": event.request_id, "return_address": task.return_address},
-                )
-                await self._settle(envelope, ack=False)
-                return
-            PUBLISHED.labels(self.settings.model, event.WhichOneof("result") or "").inc()
-            await self._settle(envelope, ack=True)
+            )
+            settled.update(ready)
+
+    async def _publish(
+        self, envelope: Envelope[task_pb2.EnrichedTask], event: task_pb2.PredictionEvent
+    ) -> None:
+        task = envelope.message.task
+        try:
+            assert self._bus is not None
+            publisher = await self._bus.publisher(task.return_address, task_pb2.PredictionEvent)
+            await publisher.publish(
+                event, key=event.request_id, timeout=self.settings.publish_timeout_s
+            )
+        except Exception:
+            PUBLISH_FAILURES.labels(self.settings.model).inc()
+            log.warning(
+                "publishing a prediction failed; the task will be redelivered",
+                exc_info=True,
+                extra={"request_id": event.request_id, "return_address": task.return_address},
+            )
+            await self._settle(envelope, ack=False)
+            return
+        PUBLISHED.labels(self.settings.model, event.WhichOneof("result") or "").inc()
+        await self._settle(envelope, ack=True)
 
     def _objective(self, task: task_pb2.ScoringTask) -> str:
         return task.request.objective or self.settings.objective
@@ -260,9 +311,7 @@ class ModelRunner:
             return ceiling
         return max(0.0, min(ceiling, seconds_until(task.deadline)))
 
-    async def _predict(
-        self, enriched: task_pb2.EnrichedTask, received_ns: int
-    ) -> task_pb2.PredictionEvent:
+    def _request(self, enriched: task_pb2.EnrichedTask) -> model_pb2.PredictRequest:
         task = enriched.task
         request = model_pb2.PredictRequest(
             request_id=task.request.request_id,
@@ -274,51 +323,138 @@ class ModelRunner:
             request.payload.CopyFrom(task.request.payload)
         if task.HasField("deadline"):
             request.deadline.CopyFrom(task.deadline)
-        event = task_pb2.PredictionEvent(
+        return request
+
+    def _event(self, task: task_pb2.ScoringTask, received_ns: int) -> task_pb2.PredictionEvent:
+        return task_pb2.PredictionEvent(
             request_id=task.request.request_id,
             mailbox_id=task.mailbox_id,
-            objective=request.objective,
+            objective=self._objective(task),
             model=self.settings.model,
             model_version=self.settings.model_version,
             role=self._role,
             task_received_time=timestamp_from_ns(received_ns),
             runner=self.settings.instance,
         )
-        timeout = self._timeout_s(task)
-        metadata = tuple(inject().items())
-        stub = self._stub
-        assert stub is not None
-        started = time.perf_counter()
-        try:
-            response = await stub.Predict(request, timeout=timeout, metadata=metadata)
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            outcome = code.name
-            event.error.SetInParent()
-            event.error.grpc_code = code.value[0]
-            event.error.reason = code.name
-            event.error.message = (err.details() or "")[: self.settings.max_error_message_chars]
-        except Exception as exc:
-            # Not a status from the model (e.g. the channel is closing): still an answer.
-            outcome = grpc.StatusCode.INTERNAL.name
-            event.error.SetInParent()
-            event.error.grpc_code = grpc.StatusCode.INTERNAL.value[0]
-            event.error.reason = grpc.StatusCode.INTERNAL.name
-            event.error.message = f"runner: {type(exc).__name__}"
-        else:
+
+    def _fill(
+        self,
+        event: task_pb2.PredictionEvent,
+        result: model_pb2.PredictResponse | common_pb2.ModelError,
+        elapsed: float,
+    ) -> None:
+        """Put the model's answer or error into the event and count it."""
+        if isinstance(result, model_pb2.PredictResponse):
             outcome = OK
             event.prediction.SetInParent()
-            event.prediction.score = response.score
-            event.prediction.outputs.MergeFrom(response.outputs)
-            if response.model_version:
-                event.model_version = response.model_version
-        elapsed = time.perf_counter() - started
+            event.prediction.score = result.score
+            event.prediction.outputs.MergeFrom(result.outputs)
+            if result.model_version:
+                event.model_version = result.model_version
+        else:
+            outcome = result.reason
+            result.message = result.message[: self.settings.max_error_message_chars]
+            event.error.CopyFrom(result)
+            MODEL_ERRORS.labels(self.settings.model, outcome).inc()
         event.predicted_time.CopyFrom(timestamp_from_ns(time.time_ns()))
         event.model_latency.CopyFrom(duration_from_seconds(elapsed))
         MODEL_LATENCY.labels(self.settings.model, outcome).observe(elapsed)
-        if outcome != OK:
-            MODEL_ERRORS.labels(self.settings.model, outcome).inc()
+
+    async def _predict_all(
+        self, tasks: list[task_pb2.EnrichedTask], received_ns: int
+    ) -> list[task_pb2.PredictionEvent]:
+        """One event per task: one PredictBatch call for several tasks when the model
+        has it, else one Predict call per task, concurrently."""
+        if len(tasks) > 1 and self._batch_capable:
+            events = await self._predict_batch(tasks, received_ns)
+            if events is not None:
+                self._batch_size.observe(len(tasks))
+                return events
+        for _ in tasks:
+            self._batch_size.observe(1)
+        return list(await asyncio.gather(*(self._predict(t, received_ns) for t in tasks)))
+
+    async def _predict_batch(
+        self, tasks: list[task_pb2.EnrichedTask], received_ns: int
+    ) -> list[task_pb2.PredictionEvent] | None:
+        """The events, or None when the model has no PredictBatch (remembered)."""
+        stub = self._stub
+        assert stub is not None
+        batch = model_pb2.PredictBatchRequest(requests=[self._request(t) for t in tasks])
+        # The call lives as long as the longest budget; each item carries its own deadline.
+        timeout = max(self._timeout_s(t.task) for t in tasks)
+        started = time.perf_counter()
+        try:
+            response = await stub.PredictBatch(
+                batch, timeout=timeout, metadata=tuple(inject().items())
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._batch_capable = False
+                log.info("the model has no PredictBatch: one Predict call per task from now")
+                return None
+            error = self._call_error(err)
+            results: list[model_pb2.PredictResponse | common_pb2.ModelError] = [error] * len(tasks)
+        except Exception as exc:
+            results = [self._internal_error(exc)] * len(tasks)
+        else:
+            results = [
+                item.response if item.WhichOneof("result") == "response" else item.error
+                for item in response.results
+            ]
+            if len(results) != len(tasks):
+                # A model that breaks the contract: no task gets another task's answer.
+                wrong = common_pb2.ModelError(
+                    grpc_code=grpc.StatusCode.INTERNAL.value[0],
+                    reason=grpc.StatusCode.INTERNAL.name,
+                    message=f"runner: {len(results)} results for {len(tasks)} requests",
+                )
+                results = [wrong] * len(tasks)
+        elapsed = time.perf_counter() - started
+        events = []
+        for enriched, result in zip(tasks, results, strict=True):
+            event = self._event(enriched.task, received_ns)
+            self._fill(event, result, elapsed)
+            events.append(event)
+        return events
+
+    async def _predict(
+        self, enriched: task_pb2.EnrichedTask, received_ns: int
+    ) -> task_pb2.PredictionEvent:
+        event = self._event(enriched.task, received_ns)
+        stub = self._stub
+        assert stub is not None
+        started = time.perf_counter()
+        result: model_pb2.PredictResponse | common_pb2.ModelError
+        try:
+            result = await stub.Predict(
+                self._request(enriched),
+                timeout=self._timeout_s(enriched.task),
+                metadata=tuple(inject().items()),
+            )
+        except grpc.aio.AioRpcError as err:
+            result = self._call_error(err)
+        except Exception as exc:
+            result = self._internal_error(exc)
+        self._fill(event, result, time.perf_counter() - started)
         return event
+
+    @staticmethod
+    def _call_error(err: grpc.aio.AioRpcError) -> common_pb2.ModelError:
+        code = err.code()
+        return common_pb2.ModelError(
+            grpc_code=code.value[0], reason=code.name, message=err.details() or ""
+        )
+
+    @staticmethod
+    def _internal_error(exc: Exception) -> common_pb2.ModelError:
+        # Not a status from the model (e.g. the channel is closing): still an answer.
+        internal = grpc.StatusCode.INTERNAL
+        return common_pb2.ModelError(
+            grpc_code=internal.value[0],
+            reason=internal.name,
+            message=f"runner: {type(exc).__name__}",
+        )
 
     async def _settle(self, envelope: Envelope[task_pb2.EnrichedTask], *, ack: bool) -> None:
         subscription = self._subscription

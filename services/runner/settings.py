@@ -26,8 +26,14 @@ class RunnerSettings(ServiceSettings):
     model_version: str = ""
     # The model container's gRPC address, host:port.
     endpoint: str = Field(min_length=1)
-    # Most Predict calls in flight at once; further tasks wait in the consumer's queue.
-    concurrency: int = Field(default=16, ge=1)
+    # Most tasks in flight at once (over every call); further tasks wait in the client.
+    concurrency: int = Field(default=64, ge=1)
+    # Most tasks scored by one PredictBatch call: the tasks that queued up while the
+    # previous calls were in flight go together (one task under light load).
+    max_batch: int = Field(default=32, ge=1)
+    # Most model calls in flight at once. Few: that is what lets tasks queue into batches;
+    # more than one: a slow call does not hold up the next batch.
+    max_calls_in_flight: int = Field(default=2, ge=1)
     # Replicas of one deployment share this subscription; empty means the model's name.
     subscription: str = ""
     # Where a brand-new subscription starts. Tasks older than the SLA are useless, so a

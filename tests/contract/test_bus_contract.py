@@ -186,6 +186,36 @@ async def test_publish_outside_a_span_carries_no_trace_context(bus: Bus, topic: 
     assert not trace.get_current_span(envelope.trace_context()).get_span_context().is_valid
 
 
+async def test_a_burst_takes_what_is_already_there_and_waits_only_for_the_first(
+    bus: Bus, topic: str
+) -> None:
+    subscription = await bus.subscribe(topic, "burst", task_pb2.ScoringTask)
+    publisher = await bus.publisher(topic, task_pb2.ScoringTask)
+    # Published together: on Pulsar they share one batch (one broker entry).
+    await asyncio.gather(*(publisher.publish(scoring_task(n)) for n in range(10)))
+    await publisher.publish_bytes(UNDECODABLE, {TYPE_PROPERTY: "rendezvous.v1.ScoringTask"})
+    await publisher.publish(scoring_task(10))
+
+    taken: list[str] = []
+    deadline = asyncio.get_running_loop().time() + ARRIVES_S
+    while len(taken) < 11 and asyncio.get_running_loop().time() < deadline:
+        burst = await asyncio.wait_for(subscription.receive_burst(4), ARRIVES_S)
+        assert 1 <= len(burst) <= 4
+        for envelope in burst:
+            taken.append(envelope.message.request.request_id)
+            await subscription.ack(envelope)
+
+    # Every message once, in order; the undecodable one went to the dead-letter topic.
+    assert taken == [scoring_task(n).request.request_id for n in range(11)]
+    assert subscription.dead_lettered == 1
+    # Nothing is there any more: the next burst waits for the next message.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(subscription.receive_burst(4), 0.3)
+    await publisher.publish(scoring_task(11))
+    [last] = await asyncio.wait_for(subscription.receive_burst(4), ARRIVES_S)
+    assert last.message.request.request_id == scoring_task(11).request.request_id
+
+
 async def test_shared_subscription_splits_messages_and_delivers_each_once(
     bus: Bus, topic: str
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
+from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, scoring_pb2, task_pb2
 
 from services.core.bus import Envelope, MemoryBus, Subscription
 from services.core.protos import set_values, timestamp_from_ns
@@ -300,6 +300,85 @@ async def test_concurrency_bounds_calls_in_flight(
     # Two at a time: three rounds of 200 ms; six at a time: one round.
     assert span_s(narrow) >= 0.55
     assert span_s(wide) < 0.45
+
+
+class _PredictOnly(model_pb2_grpc.ModelServiceServicer):
+    """A model container that implements only Predict (PredictBatch is optional)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Predict(
+        self, request: model_pb2.PredictRequest, context: Any
+    ) -> model_pb2.PredictResponse:
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        return model_pb2.PredictResponse(score=float(len(request.request_id)))
+
+    async def PredictBatch(
+        self, request: model_pb2.PredictBatchRequest, context: Any
+    ) -> model_pb2.PredictBatchResponse:
+        # What a container built before PredictBatch existed answers.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        raise AssertionError("abort raises")
+
+    async def GetModelMetadata(
+        self, request: model_pb2.GetModelMetadataRequest, context: Any
+    ) -> model_pb2.GetModelMetadataResponse:
+        return model_pb2.GetModelMetadataResponse(name="predict-only")
+
+
+def batch_sizes(model: str) -> tuple[float, float]:
+    """(model calls, tasks) the runner's batch-size histogram counted."""
+    return (
+        metric("rdv_runner_batch_size_count", model=model),
+        metric("rdv_runner_batch_size_sum", model=model),
+    )
+
+
+async def test_tasks_queued_during_a_call_go_to_the_model_in_one_batch(
+    bus: MemoryBus, objective: str, serve_model: ServeModel, start_runner: StartRunner
+) -> None:
+    model = await serve_model("flaky", {"latency_ms_median": 150, "score": 3.0})
+    runner = await start_runner(model.container.endpoint, max_calls_in_flight=1)
+    return_address, predictions = await listen(bus)
+    first = make_task(objective, return_address)
+    await publish_tasks(bus, objective, first)
+    await eventually(lambda: runner._consumer is not None and runner._consumer.in_flight == 1)
+    queued = [make_task(objective, return_address) for _ in range(5)]
+    await publish_tasks(bus, objective, *queued)
+
+    envelopes = await receive(predictions, 6, timeout=5.0)
+
+    assert {e.message.request_id for e in envelopes} == {
+        t.task.request.request_id for t in [first, *queued]
+    }
+    assert all(e.message.prediction.score == 3.0 for e in envelopes)
+    # One call for the first task, one PredictBatch call for the five that queued behind it.
+    assert batch_sizes(runner.settings.model) == (2.0, 6.0)
+
+
+async def test_a_model_without_predict_batch_gets_one_predict_per_task(
+    bus: MemoryBus, objective: str, start_runner: StartRunner
+) -> None:
+    servicer = _PredictOnly()
+    server = grpc.aio.server()
+    model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        runner = await start_runner(f"127.0.0.1:{port}", max_calls_in_flight=1)
+        return_address, predictions = await listen(bus)
+        tasks = [make_task(objective, return_address) for _ in range(6)]
+        await publish_tasks(bus, objective, *tasks)
+
+        envelopes = await receive(predictions, 6, timeout=5.0)
+
+        assert {e.message.WhichOneof("result") for e in envelopes} == {"prediction"}
+        assert servicer.calls == 6
+        assert batch_sizes(runner.settings.model)[0] == 6.0
+    finally:
+        await server.stop(None)
 
 
 async def test_failed_publish_is_nacked_and_redelivered(
