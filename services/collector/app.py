@@ -8,6 +8,11 @@ acknowledged only after the rendezvous answered for it; when the stream breaks
 stream, and if the collector itself dies Pulsar redelivers them. Receiving
 pauses while `max_unanswered` predictions wait for an answer, so a stalled
 rendezvous never makes the collector buffer without bound.
+
+Predictions travel in bursts: what the client already holds is received at once, and
+everything waiting to be sent goes in one DeliverRequest (up to `max_burst`), answered by
+one DeliverResponse. Under light load a burst is one prediction; under load the stream
+costs one write and one read per burst instead of per prediction.
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ from rendezvous.v1 import delivery_pb2, delivery_pb2_grpc, task_pb2
 from services.collector.settings import CollectorSettings
 from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode, connect
 from services.core.server import GrpcServer, run, write_ready_file
-from services.core.telemetry import counter
+from services.core.telemetry import counter, histogram
 
 log = logging.getLogger(__name__)
 
 DELIVERED = counter(
     "rdv_collector_delivered", "Predictions answered by the rendezvous", ("status",)
+)
+BURST_SIZE = histogram(
+    "rdv_collector_burst_size",
+    "Predictions per DeliverRequest",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 STREAM_BREAKS = counter("rdv_collector_stream_breaks", "Delivery streams that ended abnormally")
 
@@ -53,8 +63,9 @@ class Collector:
         self.connected = asyncio.Event()
         self._subscription: Subscription[task_pb2.PredictionEvent] | None = None
         # Received, not yet sent on a stream; bounded together with the unanswered ones.
-        self._outbox: asyncio.Queue[Pending] = asyncio.Queue()
-        self._window = asyncio.Semaphore(settings.max_unanswered)
+        self._outbox: asyncio.Queue[list[Pending]] = asyncio.Queue()
+        self._room = settings.max_unanswered
+        self._room_freed = asyncio.Event()
         self._resend: deque[Pending] = deque()
         self._next_id = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,8 +101,12 @@ class Collector:
         because a receive abandoned halfway would strand a message in the client."""
         assert self._subscription is not None
         while True:
-            await self._window.acquire()
-            self._outbox.put_nowait(await self._subscription.receive())
+            while self._room == 0:
+                self._room_freed.clear()
+                await self._room_freed.wait()
+            burst = await self._subscription.receive_burst(min(self._room, self.settings.max_burst))
+            self._room -= len(burst)
+            self._outbox.put_nowait(burst)
 
     async def _run(self) -> None:
         backoff = self.settings.reconnect_initial_s
@@ -108,8 +123,18 @@ class Collector:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.settings.reconnect_max_s)
 
-    async def _next(self) -> Pending:
-        return self._resend.popleft() if self._resend else await self._outbox.get()
+    async def _next_burst(self) -> list[Pending]:
+        """What to send next: unanswered ones from a broken stream first, then everything
+        received so far, up to max_burst; waits only when there is nothing at all."""
+        limit = self.settings.max_burst
+        burst: list[Pending] = []
+        while self._resend and len(burst) < limit:
+            burst.append(self._resend.popleft())
+        if not burst:
+            burst = await self._outbox.get()
+        while len(burst) < limit and not self._outbox.empty():
+            burst.extend(self._outbox.get_nowait())
+        return burst
 
     async def _stream_once(self) -> None:
         assert self._subscription is not None
@@ -124,12 +149,15 @@ class Collector:
 
             async def send() -> None:
                 while True:
-                    envelope = await self._next()
-                    self._next_id += 1
-                    unanswered[self._next_id] = envelope
+                    burst = await self._next_burst()
+                    first = self._next_id + 1
+                    BURST_SIZE.observe(len(burst))
+                    for envelope in burst:
+                        self._next_id += 1
+                        unanswered[self._next_id] = envelope
                     await call.write(
                         delivery_pb2.DeliverRequest(
-                            delivery_id=self._next_id, prediction=envelope.message
+                            delivery_id=first, predictions=[e.message for e in burst]
                         )
                     )
 
@@ -138,13 +166,16 @@ class Collector:
                     response: Any = await call.read()
                     if response is grpc.aio.EOF:
                         raise ConnectionError("the rendezvous closed the delivery stream")
-                    envelope = unanswered.pop(response.delivery_id, None)
-                    if envelope is None:
-                        continue
-                    await subscription.ack(envelope)
-                    self._window.release()
-                    self.delivered[response.status] = self.delivered.get(response.status, 0) + 1
-                    DELIVERED.labels(delivery_pb2.DeliveryStatus.Name(response.status)).inc()
+                    answers = list(response.statuses) or [response.status]
+                    for offset, status in enumerate(answers):
+                        envelope = unanswered.pop(response.delivery_id + offset, None)
+                        if envelope is None:
+                            continue
+                        await subscription.ack(envelope)
+                        self._room += 1
+                        self.delivered[status] = self.delivered.get(status, 0) + 1
+                        DELIVERED.labels(delivery_pb2.DeliveryStatus.Name(status)).inc()
+                    self._room_freed.set()
 
             sender = asyncio.create_task(send())
             reader = asyncio.create_task(receive())

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import ServiceSettings
@@ -23,5 +24,7 @@ class CollectorSettings(ServiceSettings):
     subscription: str = "collector"
     # Predictions sent on the stream and not yet answered; receiving pauses beyond it.
     max_unanswered: int = 2000
+    # Most predictions in one DeliverRequest: those received together go together.
+    max_burst: int = Field(default=64, ge=1)
     reconnect_initial_s: float = 0.05
     reconnect_max_s: float = 1.0

@@ -286,16 +286,19 @@ class Bus(abc.ABC):
         self._publisher_lock = asyncio.Lock()
 
     async def publisher(
-        self, topic: str, message_type: type[M], *, batching: bool = True
+        self, topic: str, message_type: type[M], *, batching: bool | None = None
     ) -> Publisher[M]:
         """A publisher for `topic`, shared by every caller in this process.
 
-        With `batching` (the default) and `batching_max_delay_ms` 0, the client's I/O thread
-        sends the batch as soon as it gets to it: a lone message leaves at once (measured:
+        With `batching` (default: `settings.batching`, true) and `batching_max_delay_ms` 0,
+        the client's I/O thread sends the batch as soon as it gets to it: a lone message
+        leaves at once (measured:
         the same round trip as unbatched), while a burst published in one turn of the event
         loop costs the broker one entry instead of one per message. Without it every message
         is its own entry.
         """
+        if batching is None:
+            batching = self.settings.batching
         cache_key = (topic, batching)
         existing = self._publishers.get(cache_key)
         if existing is not None:

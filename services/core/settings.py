@@ -43,6 +43,8 @@ class PulsarSettings(BaseModel):
     # ceiling for everything else.
     send_timeout_s: float = 5.0
     operation_timeout_s: float = 10.0
+    # Publishers batch (see Bus.publisher); false makes every message its own entry.
+    batching: bool = True
     # 0: a batch leaves as soon as the client's I/O thread gets to it. A lone message
     # waits for nothing; messages published together share one broker entry.
     batching_max_delay_ms: int = Field(default=0, ge=0)

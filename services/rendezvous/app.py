@@ -377,9 +377,16 @@ class _DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         request_iterator: AsyncIterator[delivery_pb2.DeliverRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[delivery_pb2.DeliverResponse]:
+        deliver = self._rendezvous.deliver
         async for request in request_iterator:
-            status = self._rendezvous.deliver(request.prediction)
-            yield delivery_pb2.DeliverResponse(delivery_id=request.delivery_id, status=status)
+            if request.predictions:
+                yield delivery_pb2.DeliverResponse(
+                    delivery_id=request.delivery_id,
+                    statuses=[deliver(event) for event in request.predictions],
+                )
+            else:
+                status = deliver(request.prediction)
+                yield delivery_pb2.DeliverResponse(delivery_id=request.delivery_id, status=status)
 
 
 def main() -> None:

@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rendezvous.v1 import task_pb2 as _task_pb2
 import builtins as _builtins
@@ -56,27 +58,37 @@ Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
 class DeliverRequest(_message.Message):
-    """DeliverRequest carries one prediction from the collector."""
+    """DeliverRequest carries one prediction, or a burst of them, from the collector."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
     PREDICTION_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.int
-    """delivery_id is the collector's handle for the message, echoed in the response."""
+    """delivery_id is the collector's handle for the message, echoed in the response; in a
+    burst it names the first prediction and the i-th of `predictions` is delivery_id + i.
+    """
     @_builtins.property
     def prediction(self) -> _task_pb2.PredictionEvent:
-        """prediction is the prediction as read from the prediction topic."""
+        """prediction is one prediction as read from the prediction topic."""
+
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.PredictionEvent]:
+        """predictions is a burst: the predictions the collector received together, in order
+        (one write and one answer on the stream for all of them). Used instead of prediction.
+        """
 
     def __init__(
         self,
         *,
         delivery_id: _builtins.int = ...,
         prediction: _task_pb2.PredictionEvent | None = ...,
+        predictions: _abc.Iterable[_task_pb2.PredictionEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prediction", b"prediction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "prediction", b"prediction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "prediction", b"prediction", "predictions", b"predictions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -90,19 +102,25 @@ class DeliverResponse(_message.Message):
 
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.int
     """delivery_id echoes the request's delivery_id."""
     status: Global___DeliveryStatus.ValueType
-    """status is what the rendezvous did with the prediction."""
+    """status is what the rendezvous did with the prediction (a request with `prediction`)."""
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___DeliveryStatus.ValueType]:
+        """statuses answers a burst: statuses[i] is for the request's predictions[i]."""
+
     def __init__(
         self,
         *,
         delivery_id: _builtins.int = ...,
         status: Global___DeliveryStatus.ValueType = ...,
+        statuses: _abc.Iterable[Global___DeliveryStatus.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "status", b"status", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

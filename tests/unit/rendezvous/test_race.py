@@ -9,10 +9,11 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
+from rendezvous.v1 import delivery_pb2, delivery_pb2_grpc, scoring_pb2, task_pb2
 
 from services.core.bus import MemoryBus
 from services.core.protos import duration_ms
+from tests.helpers import metric_value, until
 from tests.unit.rendezvous.conftest import Mesh
 
 
@@ -187,3 +188,46 @@ async def test_broker_down_answers_default_within_sla(mesh: Mesh) -> None:
     assert waited_ms < 65
     mesh.bus.unavailable = False
     assert (await mesh.stub.Score(request())).decision.model == "incumbent"
+
+
+async def test_predictions_received_together_are_delivered_in_one_burst(mesh: Mesh) -> None:
+    publisher = await mesh.bus.publisher(mesh.rendezvous.return_address, task_pb2.PredictionEvent)
+    bursts_before = metric_value("rdv_collector_burst_size_count", {})
+    events = [
+        task_pb2.PredictionEvent(request_id=f"r{n}", mailbox_id=f"gone-{n}", model="incumbent")
+        for n in range(12)
+    ]
+    # Published in one turn of the loop: the collector finds all twelve waiting, as under load.
+    await asyncio.gather(*(publisher.publish(event) for event in events))
+    await until(
+        lambda: mesh.collector.delivered.get(delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX, 0) >= 12
+    )
+    bursts = metric_value("rdv_collector_burst_size_count", {}) - bursts_before
+    # Each one answered (and acknowledged), in fewer stream messages than predictions.
+    assert mesh.collector.delivered[delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX] == 12
+    assert 1 <= bursts < 12
+
+
+async def test_delivery_answers_a_single_prediction_and_a_burst(mesh: Mesh) -> None:
+    socket = mesh.rendezvous.settings.delivery_socket
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        call = delivery_pb2_grpc.DeliveryServiceStub(channel).Deliver()
+        single = task_pb2.PredictionEvent(request_id="one", mailbox_id="nobody")
+        await call.write(delivery_pb2.DeliverRequest(delivery_id=7, prediction=single))
+        answer = await call.read()
+        assert isinstance(answer, delivery_pb2.DeliverResponse)
+        assert (answer.delivery_id, answer.status) == (
+            7,
+            delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX,
+        )
+        assert not answer.statuses
+
+        burst = [
+            task_pb2.PredictionEvent(request_id=f"b{n}", mailbox_id="nobody") for n in range(3)
+        ]
+        await call.write(delivery_pb2.DeliverRequest(delivery_id=8, predictions=burst))
+        answer = await call.read()
+        assert isinstance(answer, delivery_pb2.DeliverResponse)
+        assert answer.delivery_id == 8
+        assert list(answer.statuses) == [delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX] * 3
+        await call.done_writing()
