@@ -75,7 +75,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"pulsar-client {m['pulsar_client']}, Apache Pulsar {m['pulsar']}, ghz {m['ghz']}.",
         "",
         f"Open loop, {result['config']['duration_s']:g} s per run after "
-        f"{result['config'].get('warmup_s', 0):g} s of unrecorded warm-up per system, "
+        f"{result['config'].get('warmup_s', 0):g} s of unrecorded warm-up per system at "
+        f"{result['config'].get('warmup_rate', 0)} req/s, "
         f"{result['config']['reps']} "
         f"rep(s) per rate, systems interleaved rep by rep; every figure is the median of the reps. "
         f"A system stops climbing after a level with errors > 1 %, default answers > 1 %, p99 > "
