@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup",
         type=float,
         default=None,
-        help="seconds per system at the first rate, unrecorded",
+        help="seconds per system, unrecorded, before the climb",
     )
+    parser.add_argument("--warmup-rate", type=int, default=200, help="req/s of the warm-up")
     parser.add_argument("--smoke", action="store_true", help="1 rep at 20 req/s, 5 s; check sanity")
     parser.add_argument("--broker-port", type=int, default=6681)
     parser.add_argument("--web-port", type=int, default=8091)
