@@ -89,10 +89,16 @@ SKIP_NO_RETURN_ADDRESS = "no_return_address"
 class ModelRunner:
     """A Component: one consumer of the objective's tasks for one model deployment."""
 
-    def __init__(self, settings: RunnerSettings, bus: Bus | None = None) -> None:
+    def __init__(
+        self, settings: RunnerSettings, bus: Bus | None = None, *, hosted: bool = False
+    ) -> None:
+        if settings.role is None:
+            raise ValueError("a model runner serves one deployment: its role is required")
         self.settings = settings
         self._owns_bus = bus is None
         self._bus = bus
+        # Hosted by a RunnerHost: the host serves health and writes the ready file.
+        self._hosted = hosted
         self._role = ROLES[settings.role]
         self._experimental = settings.role in EXPERIMENTAL_ROLES
         self._tracer = tracer(__name__)
@@ -136,12 +142,13 @@ class ModelRunner:
             ],
         )
         self._stub = model_pb2_grpc.ModelServiceStub(self._channel)
-        self._server = GrpcServer(
-            service_names=[],
-            registrars=[],
-            tcp_address=settings.listen,
-            max_message_bytes=settings.max_message_bytes,
-        )
+        if not self._hosted:
+            self._server = GrpcServer(
+                service_names=[],
+                registrars=[],
+                tcp_address=settings.listen,
+                max_message_bytes=settings.max_message_bytes,
+            )
         topic = bus.topics.tasks(settings.objective)
         self._subscription = await bus.subscribe(
             topic,
@@ -150,7 +157,8 @@ class ModelRunner:
             mode=SubscriptionMode.SHARED,
             start=settings.start_position,
         )
-        await self._server.start()
+        if self._server is not None:
+            await self._server.start()
         self._consumer = BoundedConsumer(
             self._subscription,
             burst_handler=self._handle_burst,
@@ -162,14 +170,15 @@ class ModelRunner:
             on_receive_error=self._receive_failed,
         )
         self._consumer.start()
-        await self._server.set_serving(True)
-        write_ready_file(
-            self.settings.ready_file,
-            endpoint=self.endpoint,
-            model=self.settings.model,
-            topic=topic,
-            subscription=self.settings.subscription,
-        )
+        if self._server is not None:
+            await self._server.set_serving(True)
+            write_ready_file(
+                self.settings.ready_file,
+                endpoint=self.endpoint,
+                model=self.settings.model,
+                topic=topic,
+                subscription=self.settings.subscription,
+            )
         log.info(
             "runner subscribed",
             extra={
@@ -469,7 +478,60 @@ class ModelRunner:
             log.warning("ack/nack failed", exc_info=True, extra={"model": self.settings.model})
 
 
+class RunnerHost:
+    """A Component: several deployments' runners in one process.
+
+    Each keeps its own subscription, model channel and batches; they share the Pulsar
+    client (one I/O thread), the event loop and one health server. On a small machine
+    that is fewer processes to wake per task: the objective's models all get the same
+    task at the same moment.
+    """
+
+    def __init__(self, settings: RunnerSettings) -> None:
+        self.settings = settings
+        self._bus: Bus | None = None
+        self.runners: list[ModelRunner] = []
+        self._server: GrpcServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self._server.endpoint if self._server is not None else ""
+
+    async def start(self) -> None:
+        settings = self.settings
+        self._bus = connect(settings.pulsar, f"runner-host-{settings.instance}")
+        self._server = GrpcServer(
+            service_names=[],
+            registrars=[],
+            tcp_address=settings.listen,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        await self._server.start()
+        self.runners = [ModelRunner(s, self._bus, hosted=True) for s in settings.hosted()]
+        for runner in self.runners:
+            await runner.start()
+        await self._server.set_serving(True)
+        write_ready_file(
+            settings.ready_file,
+            endpoint=self.endpoint,
+            models=[runner.settings.model for runner in self.runners],
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.set_serving(False)
+        for runner in self.runners:
+            await runner.stop()
+        if self._bus is not None:
+            await self._bus.close()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_s)
+
+
 def main() -> None:
-    # Required fields (objective, model, role, endpoint) come from the environment or YAML.
-    settings = RunnerSettings()  # type: ignore[call-arg]
-    run("runner", settings, lambda: ModelRunner(settings))
+    # objective, model, role and endpoint (or deployments) come from the environment or YAML.
+    settings = RunnerSettings()
+    if settings.deployments:
+        run("runner", settings, lambda: RunnerHost(settings))
+    else:
+        run("runner", settings, lambda: ModelRunner(settings))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import ServiceSettings
@@ -12,20 +12,41 @@ from services.core.settings import ServiceSettings
 RunnerRole = Literal["incumbent", "challenger", "canary"]
 
 
+class RunnerDeployment(BaseModel):
+    """One model deployment a runner process serves (see RunnerSettings.deployments)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    role: RunnerRole
+    model_version: str = ""
+    endpoint: str = Field(min_length=1)
+    subscription: str = ""
+
+
 class RunnerSettings(ServiceSettings):
-    """Which deployment this runner serves, where its model listens, how hard it works."""
+    """Which deployment(s) this runner serves, where their models listen, how hard it works.
+
+    One deployment: `objective`, `model`, `role`, `endpoint` (and `model_version`,
+    `subscription`). Several in one process: `deployments` (RDV_RUNNER_DEPLOYMENTS, JSON),
+    each with its own subscription and model channel, sharing one Pulsar client, one event
+    loop and one health server; the tunables below apply to each.
+    """
 
     model_config = SettingsConfigDict(env_prefix="RDV_RUNNER_")
     config_section: ClassVar[str] = "runner"
 
-    objective: str = Field(min_length=1)
+    objective: str = ""
     # The model deployment's name: predictions carry it.
-    model: str = Field(min_length=1)
-    role: RunnerRole
+    model: str = ""
+    role: RunnerRole | None = None
     # Reported when the model's response carries no version of its own.
     model_version: str = ""
     # The model container's gRPC address, host:port.
-    endpoint: str = Field(min_length=1)
+    endpoint: str = ""
+    # Several deployments hosted by this process (instead of the fields above).
+    deployments: list[RunnerDeployment] = Field(default_factory=list)
     # Most tasks in flight at once (over every call); further tasks wait in the client.
     concurrency: int = Field(default=64, ge=1)
     # Most tasks scored by one PredictBatch call: the tasks that queued up while the
@@ -54,8 +75,27 @@ class RunnerSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _default_subscription(self) -> RunnerSettings:
+        if not self.deployments and not (
+            self.objective and self.model and self.endpoint and self.role
+        ):
+            raise ValueError("a runner needs objective, model, role and endpoint, or deployments")
         if not self.subscription:
             self.subscription = self.model
         if self.max_reconnect_backoff_ms < self.initial_reconnect_backoff_ms:
             raise ValueError("max_reconnect_backoff_ms must be >= initial_reconnect_backoff_ms")
         return self
+
+    def hosted(self) -> list[RunnerSettings]:
+        """One settings object per deployment this process serves."""
+        if not self.deployments:
+            return [self]
+        return [
+            self.model_copy(
+                update={
+                    **deployment.model_dump(),
+                    "subscription": deployment.subscription or deployment.model,
+                    "deployments": [],
+                }
+            )
+            for deployment in self.deployments
+        ]

@@ -124,6 +124,9 @@ def plan(
         return spec
 
     for objective, entry in mesh.objectives.items():
+        # Replica r of the objective's runner host serves every model with more than r
+        # replicas: one process per replica, not one per model and replica.
+        hosted: dict[int, list[dict[str, str]]] = {}
         for model in entry.models:
             if model.role == "decoy":
                 add(
@@ -154,20 +157,24 @@ def plan(
                 )
                 endpoint = container.endpoint
             for replica in range(model.replicas):
-                add(
-                    f"runner-{model.name}-{replica}",
-                    "services.runner",
-                    "RDV_RUNNER_",
-                    STAGE_CONSUMERS,
+                hosted.setdefault(replica, []).append(
                     {
-                        "OBJECTIVE": objective,
-                        "MODEL": model.name,
-                        "ROLE": model.role,
-                        "MODEL_VERSION": model.version,
-                        "ENDPOINT": endpoint,
-                    },
-                    role=model.role,
+                        "objective": objective,
+                        "model": model.name,
+                        "role": model.role,
+                        "model_version": model.version,
+                        "endpoint": endpoint,
+                    }
                 )
+        for replica, deployments in sorted(hosted.items()):
+            add(
+                f"runners-{objective}-{replica}",
+                "services.runner",
+                "RDV_RUNNER_",
+                STAGE_CONSUMERS,
+                {"DEPLOYMENTS": json.dumps(deployments)},
+                role="runner",
+            )
     if any(entry.enriched for entry in mesh.objectives.values()):
         add(
             "enricher",

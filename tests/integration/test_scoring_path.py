@@ -548,7 +548,7 @@ async def test_model_restart_is_ridden_out(mesh: RunningMesh) -> None:
     assert during.decision.model in ("hops-challenger", "echo-incumbent")
     await _wait_restarted(mesh, "model-echo-incumbent", model["restarts"])
     await _answers_from(mesh, "echo-incumbent")
-    assert mesh.process("runner-echo-incumbent-0")["restarts"] == 0
+    assert mesh.process("runners-hops-0")["restarts"] == 0
 
 
 async def test_broker_restart_mid_traffic(mesh: RunningMesh) -> None:

@@ -178,15 +178,17 @@ class Mesh:
         return [m["name"] for m in models]
 
     def pids(self, objective: str) -> dict[str, int]:
-        """Every process on `objective`'s path: its models, runners and decoy, and the shared
-        enricher (when the mesh has one), rendezvous and collector."""
+        """Every process on `objective`'s path: its models, runner hosts and decoy, and the
+        shared enricher (when the mesh has one), rendezvous and collector."""
         names = set(self.model_names(objective))
         pids: dict[str, int] = {}
         for process in self.state()["processes"]:
             name: str = process["name"]
             shared = name in ("enricher", "rendezvous", "collector")
-            own = name == f"decoy-{objective}" or any(
-                name == f"model-{m}" or name.startswith(f"runner-{m}-") for m in names
+            own = (
+                name == f"decoy-{objective}"
+                or name.startswith(f"runners-{objective}-")
+                or any(name == f"model-{m}" for m in names)
             )
             if shared or own:
                 pids[name] = int(process["pid"])

@@ -47,7 +47,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("RDV_RUNNER_ENDPOINT", "127.0.0.1:50071")
     monkeypatch.setenv("RDV_RUNNER_CONCURRENCY", "4")
 
-    settings = RunnerSettings()  # type: ignore[call-arg]
+    settings = RunnerSettings()
 
     assert (settings.model, settings.role, settings.concurrency) == ("flaky", "challenger", 4)
 

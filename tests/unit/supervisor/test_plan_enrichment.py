@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from rendezvous.v1 import objective_pb2
 
 from services.core.mesh import Mesh
+from services.runner.settings import RunnerSettings
 from services.supervisor.plan import plan
 
 
@@ -38,8 +40,43 @@ def test_objectives_without_enrichment_run_no_enricher(tmp_path: Path) -> None:
     assert mesh.objective_configs()["a"].enrichment == objective_pb2.ENRICHMENT_NONE
     names = _names(mesh, tmp_path)
     assert "enricher" not in names
-    assert {"rendezvous", "collector", "model-a-m", "runner-a-m-0"} <= names
+    assert {"rendezvous", "collector", "model-a-m", "runners-a-0"} <= names
 
 
 def test_one_enriched_objective_brings_the_enricher(tmp_path: Path) -> None:
     assert "enricher" in _names(_mesh(a="none", b="subject_state"), tmp_path)
+
+
+def test_one_runner_host_per_objective_and_replica_serves_every_model(tmp_path: Path) -> None:
+    mesh = Mesh.model_validate(
+        {
+            "objectives": {
+                "o": {
+                    "sla_ms": 50,
+                    "models": [
+                        {"name": "inc", "role": "incumbent", "kind": "sum", "replicas": 2},
+                        {"name": "chal", "role": "challenger", "kind": "sum"},
+                        {"name": "decoy", "role": "decoy"},
+                    ],
+                    "policy": [{"until_ms": 40, "accept": ["inc", "chal"]}],
+                }
+            }
+        }
+    )
+    specs = {s.name: s for s in plan(mesh, tmp_path / "m.yaml", tmp_path, "pulsar://x", "http://x")}
+    hosts = sorted(name for name in specs if name.startswith("runners-"))
+    assert hosts == ["runners-o-0", "runners-o-1"]
+    first = json.loads(specs["runners-o-0"].env["RDV_RUNNER_DEPLOYMENTS"])
+    second = json.loads(specs["runners-o-1"].env["RDV_RUNNER_DEPLOYMENTS"])
+    assert [(d["model"], d["role"]) for d in first] == [
+        ("inc", "incumbent"),
+        ("chal", "challenger"),
+    ]
+    assert [d["model"] for d in second] == ["inc"]
+    assert first[0]["endpoint"] == specs["model-inc"].endpoint
+    # Each deployment becomes its own runner settings, subscription named after the model.
+    settings = RunnerSettings(deployments=first)
+    assert [(s.model, s.subscription, s.role) for s in settings.hosted()] == [
+        ("inc", "inc", "incumbent"),
+        ("chal", "chal", "challenger"),
+    ]
