@@ -14,7 +14,7 @@ GRPCURL_VERSION := v1.9.4
 export PYTHON := $(CURDIR)/$(PY)
 
 .PHONY: help setup venv tools gen gen-check lint fmt buf-breaking unit integration test check \
-        pulsar-up pulsar-down up down status demo score ghz-smoke bench clean
+        pulsar-up pulsar-down up down status demo score ghz-smoke bench bench-smoke profile clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -65,9 +65,10 @@ fmt: venv ## Format Python and protos in place
 unit: venv ## Unit tests only (no broker)
 	$(BIN)/pytest -m 'not integration'
 
-test: setup lint gen-check ## Every check: lint, gen drift, ghz smoke, unit and integration tests on a real broker
+test: setup lint gen-check ## Every check: lint, gen drift, ghz smoke, unit and integration tests on a real broker, bench smoke
 	tools/ghz-smoke.sh
 	tools/run-tests.sh
+	$(PY) -m tools.bench --smoke
 
 check: test ## Alias of test
 
@@ -95,8 +96,14 @@ score: ## Send one request to the running mesh and print the answer
 demo: ## Drive a few hundred requests through the running mesh and report per model
 	$(BIN)/rendezvous demo
 
-bench: setup ## Benchmark S0-S3 side by side; writes docs/results/bench/ (BENCH_ARGS="--smoke" for the CI check)
+bench: setup ## Benchmark S0-S3 side by side; writes docs/results/bench/ (BENCH_ARGS="--smoke": the CI check)
 	$(PY) -m tools.bench $(BENCH_ARGS)
+
+bench-smoke: setup ## Every system once at 20 req/s: are the figures complete and sane (part of make test)
+	$(PY) -m tools.bench --smoke
+
+profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--system S1 --rate 500")
+	$(PY) -m tools.bench.profile $(PROFILE_ARGS)
 
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down

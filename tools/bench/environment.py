@@ -205,7 +205,7 @@ class OriginalSystem(Protocol):
     def endpoint(self) -> str: ...  # the HTTP URL of `POST /score`
 
     @property
-    def pids(self) -> list[int]: ...  # every process it runs (descendants are added)
+    def named_pids(self) -> dict[str, int]: ...  # its processes by name (descendants count)
 
     async def stop(self) -> None: ...
 

@@ -175,8 +175,7 @@ class Original(System):
             f"model-{n}": int(self.mesh.process(f"model-{n}")["pid"])
             for n in self.model_endpoints(self.mesh)
         }
-        own = {f"original-{i}": pid for i, pid in enumerate(self.system.pids)}
-        return {**own, **models, "broker": self.broker.pid}
+        return {**self.system.named_pids, **models, "broker": self.broker.pid}
 
     async def load(self, rate: int, seconds: float) -> LoadResult:
         objective = str(getattr(self.system, "objective", RACE))

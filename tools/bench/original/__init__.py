@@ -49,10 +49,14 @@ class OriginalSystem:
     _stopped: bool = field(default=False, repr=False)
 
     @property
-    def pids(self) -> list[int]:
-        """Every process of S3, gunicorn's workers included (read now: workers may restart)."""
-        pids = [self.gunicorn.pid, *_children(self.gunicorn.pid), self.collector.pid]
-        return pids + [runner.pid for runner in self.runners]
+    def named_pids(self) -> dict[str, int]:
+        """Every process of S3 by name; gunicorn's workers count under "s3-web" as its
+        descendants."""
+        return {
+            "s3-web": self.gunicorn.pid,
+            "s3-collector": self.collector.pid,
+            **{f"s3-runner-{i}": runner.pid for i, runner in enumerate(self.runners)},
+        }
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop the front end first (no new requests), then the collector, then the runners."""
