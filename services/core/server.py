@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -182,4 +183,5 @@ def run(service: str, settings: ServiceSettings, build: Callable[[], Component])
     configure_logging(service, settings.log_level, settings.log_format)
     configure_tracing(service, settings.trace_exporter)
     start_metrics_server(settings.metrics_port)
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     uvloop.run(serve_until_signalled(build))

@@ -74,6 +74,9 @@ class ServiceSettings(BaseSettings):
     # "console" prints spans (debugging); "none" keeps tracing in-process only.
     trace_exporter: Literal["none", "console"] = "none"
     metrics_port: int = 0
+    # How long a thread may hold the GIL while another waits for it (Python's default 5 ms).
+    # The Pulsar and gRPC client threads hand each message to the event loop through the GIL.
+    switch_interval_ms: float = Field(default=5.0, gt=0)
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
     # Written by the server once it listens, so supervisors learn a port-0 address.

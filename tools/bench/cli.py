@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
     smoke = {"rates": [20], "reps": 1, "duration": 5.0, "warmup": 1.0,
              "out": REPO / ".run" / "bench" / "smoke"}  # fmt: skip
-    full = {"rates": [50, 100, 250, 500, 833], "reps": 3, "duration": 20.0, "warmup": 20.0,
+    full = {"rates": [50, 100, 250, 500, 833], "reps": 3, "duration": 10.0, "warmup": 20.0,
             "out": REPO / "docs" / "results" / "bench"}  # fmt: skip
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:
