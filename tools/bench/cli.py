@@ -1,7 +1,7 @@
 """The command line: bring everything up, run the rates x reps x systems, write the results.
 
     python -m tools.bench [--systems S0,S1,S2,S3] [--rates 50,100,250,500,833] [--reps 3]
-                          [--duration 20] [--out docs/results/bench] [--smoke]
+                          [--duration 10] [--warmup 20] [--out docs/results/bench] [--smoke]
 
 `--smoke` (1 rep at 20 req/s for 5 s, results under .run/bench/smoke) checks the results are
 complete and sane and exits non-zero otherwise; it never judges absolute speed.
