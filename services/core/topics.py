@@ -44,6 +44,11 @@ class Topics:
     def predictions(self, instance: str) -> str:
         return self._full(f"{PREFIX}.predictions.{instance}")
 
+    def is_return_address(self, topic: str) -> bool:
+        """Whether `topic` is a rendezvous instance's prediction topic in this namespace."""
+        prefix = self.predictions("")
+        return topic.startswith(prefix) and len(topic) > len(prefix)
+
     def control(self) -> str:
         return self._full(f"{PREFIX}.control.objectives")
 

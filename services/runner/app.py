@@ -42,6 +42,7 @@ from services.core.protos import (
 )
 from services.core.server import GrpcServer, run, write_ready_file
 from services.core.telemetry import counter, histogram, inject, tracer
+from services.core.topics import Topics
 from services.runner.settings import RunnerRole, RunnerSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ OK = "ok"
 SKIP_EXPIRED = "expired"
 SKIP_CONSENT = "consent_denied"
 SKIP_NO_RETURN_ADDRESS = "no_return_address"
+# Not a rendezvous instance's prediction topic: a producer is made (and kept) per return
+# address, so a task must not be able to name any topic it likes.
+SKIP_BAD_RETURN_ADDRESS = "bad_return_address"
 
 
 class ModelRunner:
@@ -101,6 +105,7 @@ class ModelRunner:
         self._hosted = hosted
         self._role = ROLES[settings.role]
         self._experimental = settings.role in EXPERIMENTAL_ROLES
+        self._topics = Topics(settings.pulsar.tenant_namespace)
         self._tracer = tracer(__name__)
         # Made in start(): grpc.aio objects belong to the loop they are made on.
         self._channel: grpc.aio.Channel | None = None
@@ -115,7 +120,12 @@ class ModelRunner:
         model = settings.model
         self._skipped = {
             reason: SKIPPED.labels(model, reason)
-            for reason in (SKIP_EXPIRED, SKIP_CONSENT, SKIP_NO_RETURN_ADDRESS)
+            for reason in (
+                SKIP_EXPIRED,
+                SKIP_CONSENT,
+                SKIP_NO_RETURN_ADDRESS,
+                SKIP_BAD_RETURN_ADDRESS,
+            )
         }
 
     @property
@@ -312,6 +322,8 @@ class ModelRunner:
             return SKIP_CONSENT
         if not task.return_address:
             return SKIP_NO_RETURN_ADDRESS
+        if not self._topics.is_return_address(task.return_address):
+            return SKIP_BAD_RETURN_ADDRESS
         return None
 
     def _timeout_s(self, task: task_pb2.ScoringTask) -> float:

@@ -169,6 +169,22 @@ async def test_expired_task_is_skipped_and_not_published(
     assert await nothing_more(predictions)
 
 
+async def test_task_naming_a_foreign_return_address_is_skipped(
+    bus: MemoryBus, objective: str, serve_model: ServeModel, start_runner: StartRunner
+) -> None:
+    model = await serve_model("sum")
+    runner = await start_runner(model.container.endpoint)
+    foreign = "persistent://public/default/someone-elses-topic"
+    watcher = await bus.subscribe(foreign, "test", task_pb2.PredictionEvent)
+    await publish_tasks(bus, objective, make_task(objective, foreign))
+
+    name = runner.settings.model
+    await eventually(
+        lambda: metric("rdv_runner_skipped_total", model=name, reason="bad_return_address") == 1
+    )
+    assert await nothing_more(watcher)
+
+
 @pytest.mark.parametrize("code", ["UNAVAILABLE", "INTERNAL"])
 async def test_model_error_is_published_as_an_error(
     bus: MemoryBus,
