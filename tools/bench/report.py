@@ -127,14 +127,21 @@ def targets(summary: list[dict[str, Any]]) -> list[str]:
             continue
         p50 = row["p50_ms"] - floor["p50_ms"]
         p99 = row["p99_ms"] - floor["p99_ms"]
-        verdict = "met" if p50 <= 3.0 and p99 <= 10.0 else "missed"
         out.append(
-            f"{system} overhead over S0 at 100 req/s: p50 {p50:.2f} ms (<= 3), "
-            f"p99 {p99:.2f} ms (<= 10): **{verdict}**"
+            f"{system} overhead over S0 at 100 req/s: p50 {p50:.2f} ms (<= 3: "
+            f"**{'met' if p50 <= 3.0 else 'missed'}**), p99 {p99:.2f} ms (<= 10: "
+            f"**{'met' if p99 <= 10.0 else 'missed'}**)"
+            + ("" if system == "S1" else " (the target is S1's; S2 for reference)")
         )
     race = _row(summary, "S2", 833)
     if race is None:
-        out.append("S2 at 833 req/s: not reached")
+        passed = [
+            r["rate"]
+            for r in summary
+            if r["system"] == "S2" and (r["default_share"] or 0.0) < 0.001 and r["p99_ms"] < 50.0
+        ]
+        best = f"; highest level inside the target's bounds: {max(passed)} req/s" if passed else ""
+        out.append(f"S2 at 833 req/s: not reached (**missed**){best}")
     else:
         share = race["default_share"] or 0.0
         ok = race["p99_ms"] < 50.0 and share < 0.001 and race["achieved_rps"] >= 0.9 * 833
