@@ -28,6 +28,7 @@ from rendezvous.v1 import delivery_pb2, delivery_pb2_grpc, task_pb2
 
 from services.collector.settings import CollectorSettings
 from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode, connect
+from services.core.consumer import Window
 from services.core.server import GrpcServer, run, write_ready_file
 from services.core.telemetry import counter, histogram
 
@@ -64,8 +65,7 @@ class Collector:
         self._subscription: Subscription[task_pb2.PredictionEvent] | None = None
         # Received, not yet sent on a stream; bounded together with the unanswered ones.
         self._outbox: asyncio.Queue[list[Pending]] = asyncio.Queue()
-        self._room = settings.max_unanswered
-        self._room_freed = asyncio.Event()
+        self._window = Window(settings.max_unanswered)
         self._resend: deque[Pending] = deque()
         self._next_id = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,11 +101,9 @@ class Collector:
         because a receive abandoned halfway would strand a message in the client."""
         assert self._subscription is not None
         while True:
-            while self._room == 0:
-                self._room_freed.clear()
-                await self._room_freed.wait()
-            burst = await self._subscription.receive_burst(min(self._room, self.settings.max_burst))
-            self._room -= len(burst)
+            room = await self._window.wait()
+            burst = await self._subscription.receive_burst(min(room, self.settings.max_burst))
+            self._window.take(len(burst))
             self._outbox.put_nowait(burst)
 
     async def _run(self) -> None:
@@ -172,10 +170,9 @@ class Collector:
                         if envelope is None:
                             continue
                         await subscription.ack(envelope)
-                        self._room += 1
+                        self._window.give(1)
                         self.delivered[status] = self.delivered.get(status, 0) + 1
                         DELIVERED.labels(delivery_pb2.DeliveryStatus.Name(status)).inc()
-                    self._room_freed.set()
 
             sender = asyncio.create_task(send())
             reader = asyncio.create_task(receive())

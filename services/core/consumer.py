@@ -37,6 +37,29 @@ Handler = Callable[[Envelope[M]], Coroutine[Any, Any, None]]
 BurstHandler = Callable[[list[Envelope[M]]], Coroutine[Any, Any, None]]
 
 
+class Window:
+    """Room for at most `size` messages held at once: taken in bursts, given back one by one
+    or in bursts, and waited for when it is full (a semaphore that takes many at a time)."""
+
+    def __init__(self, size: int) -> None:
+        self.room = size
+        self._freed = asyncio.Event()
+
+    async def wait(self, until: Callable[[], bool] | None = None) -> int:
+        """The room there is, once there is some (and `until()` holds, when given)."""
+        while self.room == 0 or (until is not None and not until()):
+            self._freed.clear()
+            await self._freed.wait()
+        return self.room
+
+    def take(self, messages: int) -> None:
+        self.room -= messages
+
+    def give(self, messages: int) -> None:
+        self.room += messages
+        self._freed.set()
+
+
 class BoundedConsumer(Generic[M]):
     """Receives from `subscription` and runs `handler` per message, at most `max_in_flight`.
 
@@ -70,9 +93,8 @@ class BoundedConsumer(Generic[M]):
         self._max_burst = max_burst
         self._retry_delay_s = retry_delay_s
         self._on_receive_error = on_receive_error
-        self._free = max_in_flight
+        self._window = Window(max_in_flight)
         self._max_bursts = max_bursts_in_flight or max_in_flight
-        self._slot_freed = asyncio.Event()
         # Strong references (the event loop keeps only weak ones to tasks), with the number
         # of messages each holds.
         self._handlers: dict[asyncio.Task[None], int] = {}
@@ -113,11 +135,9 @@ class BoundedConsumer(Generic[M]):
         while True:
             # Free slots first: a message is only taken off the subscription's queue when it
             # can be worked on at once, so none sits here received but unhandled.
-            while self._free == 0 or len(self._handlers) >= self._max_bursts:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
+            room = await self._window.wait(lambda: len(self._handlers) < self._max_bursts)
             try:
-                burst = await subscription.receive_burst(min(self._free, self._max_burst))
+                burst = await subscription.receive_burst(min(room, self._max_burst))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -138,7 +158,7 @@ class BoundedConsumer(Generic[M]):
                     self._spawn(self._handler(envelope), 1)
 
     def _spawn(self, work: Coroutine[Any, Any, None], messages: int) -> None:
-        self._free -= messages
+        self._window.take(messages)
         handler = asyncio.create_task(work, name=f"{self.name}:handle")
         self._handlers[handler] = messages
         handler.add_done_callback(functools.partial(self._finished, messages))
@@ -146,8 +166,7 @@ class BoundedConsumer(Generic[M]):
     def _finished(self, messages: int, handler: asyncio.Task[None]) -> None:
         # Runs however the handler ended (done, failed, cancelled), so a slot is never lost.
         self._handlers.pop(handler, None)
-        self._free += messages
-        self._slot_freed.set()
+        self._window.give(messages)
         if not handler.cancelled() and handler.exception() is not None:
             log.error(
                 "task handler failed",

@@ -92,7 +92,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def Predict(
         self, request: model_pb2.PredictRequest, context: Any
     ) -> model_pb2.PredictResponse:
-        budget = _budget_s(request, context)
+        return await self._predict(request, _budget_s(request, context))
+
+    async def _predict(
+        self, request: model_pb2.PredictRequest, budget: float | None
+    ) -> model_pb2.PredictResponse:
+        """The model's answer, counted and stamped with the version; a ServiceError is
+        counted by its code and raised."""
         try:
             response = await self._model.predict(request, budget)
         except ServiceError as exc:
@@ -117,9 +123,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self, request: model_pb2.PredictRequest, budget: float | None
     ) -> model_pb2.PredictResult:
         try:
-            response = await self._model.predict(request, budget)
+            return model_pb2.PredictResult(response=await self._predict(request, budget))
         except ServiceError as exc:
-            PREDICTIONS.labels(self._name, exc.code.name.lower()).inc()
             error = common_pb2.ModelError(
                 grpc_code=exc.code.value[0], reason=exc.reason, message=exc.message
             )
@@ -131,10 +136,6 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             internal = grpc.StatusCode.INTERNAL
             error = common_pb2.ModelError(grpc_code=internal.value[0], reason=internal.name)
             return model_pb2.PredictResult(error=error)
-        self._ok.inc()
-        if not response.model_version:
-            response.model_version = self._version
-        return model_pb2.PredictResult(response=response)
 
     async def GetModelMetadata(
         self, request: model_pb2.GetModelMetadataRequest, context: Any
