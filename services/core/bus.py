@@ -196,7 +196,7 @@ class Subscription(abc.ABC, Generic[M]):
         """One message (waiting for it), then up to `max_messages - 1` more that are already
         here, without waiting. Under light load that is one message, as `receive()`; when
         messages queue up, a consumer takes them together and pays its per-step costs
-        (a model call, a stream write, a flush) once per burst."""
+        (a model call, a stream write, a broker entry) once per burst."""
         burst = [await self.receive()]
         while len(burst) < max_messages:
             raw = self._receive_ready_raw()
@@ -292,10 +292,9 @@ class Bus(abc.ABC):
 
         With `batching` (default: `settings.batching`, true) and `batching_max_delay_ms` 0,
         the client's I/O thread sends the batch as soon as it gets to it: a lone message
-        leaves at once (measured:
-        the same round trip as unbatched), while a burst published in one turn of the event
-        loop costs the broker one entry instead of one per message. Without it every message
-        is its own entry.
+        leaves at once (measured: the same round trip as unbatched), while a burst published
+        in one turn of the event loop costs the broker one entry instead of one per message.
+        Without it every message is its own entry.
         """
         if batching is None:
             batching = self.settings.batching

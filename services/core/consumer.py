@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic
@@ -161,12 +160,11 @@ class BoundedConsumer(Generic[M]):
         self._window.take(messages)
         handler = asyncio.create_task(work, name=f"{self.name}:handle")
         self._handlers[handler] = messages
-        handler.add_done_callback(functools.partial(self._finished, messages))
+        handler.add_done_callback(self._finished)
 
-    def _finished(self, messages: int, handler: asyncio.Task[None]) -> None:
+    def _finished(self, handler: asyncio.Task[None]) -> None:
         # Runs however the handler ended (done, failed, cancelled), so a slot is never lost.
-        self._handlers.pop(handler, None)
-        self._window.give(messages)
+        self._window.give(self._handlers.pop(handler))
         if not handler.cancelled() and handler.exception() is not None:
             log.error(
                 "task handler failed",
