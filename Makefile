@@ -65,10 +65,10 @@ fmt: venv ## Format Python and protos in place
 unit: venv ## Unit tests only (no broker)
 	$(BIN)/pytest -m 'not integration'
 
-test: setup lint gen-check ## Every check: lint, gen drift, ghz smoke, unit and integration tests on a real broker, bench smoke
+test: setup lint gen-check ## Every check: lint, gen drift, ghz and bench smoke, unit and integration tests on a real broker
 	tools/ghz-smoke.sh
-	tools/run-tests.sh
 	$(PY) -m tools.bench --smoke
+	tools/run-tests.sh
 
 check: test ## Alias of test
 
