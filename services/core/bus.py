@@ -185,12 +185,9 @@ class Subscription(abc.ABC, Generic[M]):
 
     async def receive(self) -> Envelope[M]:
         while True:
-            raw = await self._receive_raw()
-            decoded = decode(self.message_type, raw)
-            if isinstance(decoded, str):
-                await self._send_to_dead_letter(raw, decoded)
-                continue
-            return Envelope.of(decoded, raw)
+            envelope = await self._accept(await self._receive_raw())
+            if envelope is not None:
+                return envelope
 
     async def receive_burst(self, max_messages: int) -> list[Envelope[M]]:
         """One message (waiting for it), then up to `max_messages - 1` more that are already
@@ -202,12 +199,18 @@ class Subscription(abc.ABC, Generic[M]):
             raw = self._receive_ready_raw()
             if raw is None:
                 break
-            decoded = decode(self.message_type, raw)
-            if isinstance(decoded, str):
-                await self._send_to_dead_letter(raw, decoded)
-                continue
-            burst.append(Envelope.of(decoded, raw))
+            envelope = await self._accept(raw)
+            if envelope is not None:
+                burst.append(envelope)
         return burst
+
+    async def _accept(self, raw: RawMessage) -> Envelope[M] | None:
+        """The decoded message, or None when it went to the dead-letter topic."""
+        decoded = decode(self.message_type, raw)
+        if isinstance(decoded, str):
+            await self._send_to_dead_letter(raw, decoded)
+            return None
+        return Envelope.of(decoded, raw)
 
     def _receive_ready_raw(self) -> RawMessage | None:
         """A message the client already holds, or None; never waits."""
