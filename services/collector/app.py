@@ -27,9 +27,9 @@ import grpc
 from rendezvous.v1 import delivery_pb2, delivery_pb2_grpc, task_pb2
 
 from services.collector.settings import CollectorSettings
-from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode, connect
+from services.core.bus import Bus, BusError, Envelope, Subscription, SubscriptionMode
 from services.core.consumer import Window
-from services.core.server import GrpcServer, run, write_ready_file
+from services.core.lifecycle import Component, cancel_and_wait, run
 from services.core.telemetry import counter, histogram
 
 log = logging.getLogger(__name__)
@@ -43,23 +43,20 @@ BURST_SIZE = histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 STREAM_BREAKS = counter("rdv_collector_stream_breaks", "Delivery streams that ended abnormally")
+BUS_ERRORS = counter("rdv_collector_bus_errors", "Receives and acks the broker failed", ("op",))
 
 Pending = Envelope[task_pb2.PredictionEvent]
 
 
-class Collector:
+class Collector(Component):
     """Bridges the return-address topic to the rendezvous' delivery socket."""
 
+    # SERVING only while a delivery stream is open.
+    serving_once_started = False
+
     def __init__(self, settings: CollectorSettings, bus: Bus | None = None) -> None:
-        self.settings = settings
-        self.bus = bus or connect(settings.pulsar, f"collector-{settings.instance}")
-        self.topic = self.bus.topics.predictions(settings.instance)
-        self.server = GrpcServer(
-            service_names=[],
-            registrars=[],
-            tcp_address=settings.listen,
-            max_message_bytes=settings.max_message_bytes,
-        )
+        super().__init__(settings, name=f"collector-{settings.instance}", bus=bus)
+        self.settings: CollectorSettings = settings
         self.delivered: dict[int, int] = {}
         self.connected = asyncio.Event()
         self._subscription: Subscription[task_pb2.PredictionEvent] | None = None
@@ -68,50 +65,56 @@ class Collector:
         self._window = Window(settings.max_unanswered)
         self._resend: deque[Pending] = deque()
         self._next_id = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
 
-    async def start(self) -> None:
+    @property
+    def topic(self) -> str:
+        return self.bus.topics.predictions(self.settings.instance)
+
+    async def open(self, stack: contextlib.AsyncExitStack) -> None:
         # Failover: a standby collector for the same instance takes over if this one dies.
-        self._subscription = await self.bus.subscribe(
+        subscription = await self.bus.subscribe(
             self.topic,
             self.settings.subscription,
             task_pb2.PredictionEvent,
             mode=SubscriptionMode.FAILOVER,
             start="earliest",
         )
-        await self.server.start()
-        self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._run())]
-        write_ready_file(self.settings.ready_file, endpoint=self.server.endpoint, topic=self.topic)
+        self._subscription = subscription
+        stack.push_async_callback(subscription.close)
+        loops = [
+            self.watch(asyncio.create_task(self._pump(subscription), name="collector:pump")),
+            self.watch(asyncio.create_task(self._run(subscription), name="collector:deliver")),
+        ]
+        stack.push_async_callback(cancel_and_wait, loops)
 
-    async def stop(self) -> None:
-        self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.server.stop(self.settings.shutdown_grace_s)
-        if self._subscription is not None:
-            await self._subscription.close()
-        await self.bus.close()
+    def facts(self) -> dict[str, Any]:
+        return {"topic": self.topic}
 
-    async def _pump(self) -> None:
+    async def _pump(self, subscription: Subscription[task_pb2.PredictionEvent]) -> None:
         """Receive from Pulsar into the outbox; never cancelled mid-receive except at stop,
         because a receive abandoned halfway would strand a message in the client."""
-        assert self._subscription is not None
         while True:
             room = await self._window.wait()
-            burst = await self._subscription.receive_burst(min(room, self.settings.max_burst))
+            try:
+                burst = await subscription.receive_burst(min(room, self.settings.max_burst))
+            except BusError:
+                # The broker went away: the client reconnects by itself; keep asking.
+                BUS_ERRORS.labels("receive").inc()
+                log.warning("receiving predictions failed; retrying", exc_info=True)
+                await asyncio.sleep(self.settings.reconnect_initial_s)
+                continue
             self._window.take(len(burst))
             self._outbox.put_nowait(burst)
 
-    async def _run(self) -> None:
+    async def _run(self, subscription: Subscription[task_pb2.PredictionEvent]) -> None:
         backoff = self.settings.reconnect_initial_s
-        while not self._stopping:
+        while True:
             try:
-                await self._stream_once()
-            except (grpc.aio.AioRpcError, ConnectionError, OSError, TimeoutError) as exc:
+                await self._stream_once(subscription)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Whatever broke the stream, the next one resends what was unanswered.
                 STREAM_BREAKS.inc()
                 log.warning("delivery stream broke", extra={"error": type(exc).__name__})
             if self.connected.is_set():
@@ -134,9 +137,7 @@ class Collector:
             burst.extend(self._outbox.get_nowait())
         return burst
 
-    async def _stream_once(self) -> None:
-        assert self._subscription is not None
-        subscription = self._subscription
+    async def _stream_once(self, subscription: Subscription[task_pb2.PredictionEvent]) -> None:
         async with grpc.aio.insecure_channel(f"unix://{self.settings.delivery_socket}") as channel:
             await asyncio.wait_for(channel.channel_ready(), self.settings.reconnect_max_s)
             call = delivery_pb2_grpc.DeliveryServiceStub(channel).Deliver()
@@ -164,13 +165,18 @@ class Collector:
                     response: Any = await call.read()
                     if response is grpc.aio.EOF:
                         raise ConnectionError("the rendezvous closed the delivery stream")
-                    answers = list(response.statuses) or [response.status]
-                    for offset, status in enumerate(answers):
+                    for offset, status in enumerate(response.statuses):
                         envelope = unanswered.pop(response.delivery_id + offset, None)
                         if envelope is None:
                             continue
-                        await subscription.ack(envelope)
                         self._window.give(1)
+                        try:
+                            await subscription.ack(envelope)
+                        except BusError:
+                            # Delivered but not acknowledged: Pulsar redelivers it later and
+                            # the rendezvous counts it as a duplicate or a closed mailbox.
+                            BUS_ERRORS.labels("ack").inc()
+                            log.warning("acknowledging a prediction failed", exc_info=True)
                         self.delivered[status] = self.delivered.get(status, 0) + 1
                         DELIVERED.labels(delivery_pb2.DeliveryStatus.Name(status)).inc()
 

@@ -1,35 +1,27 @@
 """Server lifecycle shared by every component.
 
-`Service` is the composition root's view of a component: it starts, it may
-run background work (consumers), and it stops in order. `GrpcServer` wraps a
-grpc.aio server with the parts every component has: the error interceptor,
-the standard health service (which drains to NOT_SERVING before stop) and
-server reflection (what ghz, grpcurl and Kubernetes probes expect). `run`
-installs the event loop (uvloop), signal handlers and the ordered shutdown.
+`GrpcServer` wraps a grpc.aio server with the parts every component has: the
+error interceptor, the standard health service (which drains to NOT_SERVING
+before stop) and server reflection (what ghz, grpcurl and Kubernetes probes
+expect). The component lifecycle that owns it is `services.core.lifecycle`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import signal
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
-import uvloop
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.core.errors import ErrorInterceptor
-from services.core.settings import ServiceSettings
-from services.core.telemetry import configure_logging, configure_tracing, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +91,7 @@ class GrpcServer:
             self._server,
             pool=_ReflectionPool(),
         )
+        self._stopped = False
         self.tcp_port: int | None = None
         self.tcp_address = tcp_address
         if tcp_address is not None:
@@ -139,16 +132,11 @@ class GrpcServer:
             await self._health.set(name, status)
 
     async def stop(self, grace: float) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
-
-
-class Component(Protocol):
-    """A runnable component: `start` returns once it serves; `stop` drains and closes."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
 
 
 def write_ready_file(path: Path | None, **facts: Any) -> None:
@@ -159,29 +147,3 @@ def write_ready_file(path: Path | None, **facts: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), **facts}))
     tmp.replace(path)
-
-
-async def serve_until_signalled(build: Callable[[], Component]) -> None:
-    """Build the component inside the loop, start it, wait for SIGTERM or SIGINT, stop it.
-
-    Building here, not before the loop exists, matters: grpc.aio servers and asyncio
-    primitives bind to the loop that is running when they are created.
-    """
-    loop = asyncio.get_running_loop()
-    component = build()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await component.start()
-    await stopping.wait()
-    log.info("signal received, draining")
-    await component.stop()
-
-
-def run(service: str, settings: ServiceSettings, build: Callable[[], Component]) -> None:
-    """The body of every `python -m services.<name>`: logging, tracing, metrics, loop, serve."""
-    configure_logging(service, settings.log_level, settings.log_format)
-    configure_tracing(service, settings.trace_exporter)
-    start_metrics_server(settings.metrics_port)
-    sys.setswitchinterval(settings.switch_interval_ms / 1000)
-    uvloop.run(serve_until_signalled(build))

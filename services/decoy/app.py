@@ -4,48 +4,29 @@ It subscribes like a model (SHARED subscription, so replicas split the work) and
 answers. Unlike a model runner it does not skip expired tasks: the archive is the audit
 and replay record of everything accepted, so every task is archived, late or not. A task
 is acknowledged only after its record is on the archive topic; a failed publish is
-negatively acknowledged and Pulsar redelivers it. Each task is handled in its own asyncio
-task, at most `max_in_flight` at once. The gRPC server carries only health and
-reflection (SERVING once the subscription exists).
+negatively acknowledged and Pulsar redelivers it.
+
+The local mesh hosts the decoy in the objective's runner host (`RunnerSettings.archive`),
+which receives each task once for its models and the archive; this process is the decoy
+on its own, for a deployment that scales the archive apart from the models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Any
 
-from opentelemetry import trace
 from rendezvous.v1 import task_pb2
 
-from services.core.bus import (
-    Bus,
-    BusError,
-    Envelope,
-    Publisher,
-    Subscription,
-    SubscriptionMode,
-    connect,
-)
+from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode
 from services.core.consumer import BoundedConsumer
+from services.core.lifecycle import Component, run
 from services.core.mesh import load_mesh
-from services.core.server import GrpcServer, run, write_ready_file
-from services.core.telemetry import counter, tracer
-from services.decoy.archive import archive_record
+from services.decoy.archive import Archiver
 from services.decoy.settings import DecoySettings
 
 log = logging.getLogger(__name__)
-
-ARCHIVED = counter(
-    "rdv_decoy_archived",
-    "Tasks the decoy put on the archive topic",
-    ("objective", "features_dropped"),
-)
-ARCHIVE_FAILURES = counter(
-    "rdv_decoy_archive_failures",
-    "Tasks whose archive publish failed (negatively acknowledged for redelivery)",
-    ("objective",),
-)
-
-_tracer = tracer(__name__)
 
 
 def default_archiving_denied(settings: DecoySettings) -> bool:
@@ -57,131 +38,76 @@ def default_archiving_denied(settings: DecoySettings) -> bool:
     return settings.default_archiving == "denied"
 
 
-class DecoyComponent:
+class DecoyComponent(Component):
     """One decoy process. Pass `bus` to run on a given bus (tests); else it connects."""
 
     def __init__(self, settings: DecoySettings, bus: Bus | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, name=f"decoy-{settings.instance}", bus=bus)
+        self.settings: DecoySettings = settings
         self.objective = settings.objective
         self._default_denied = default_archiving_denied(settings)
-        self._bus = bus
-        self._owns_bus = bus is None
-        # Built in start(): a grpc.aio server binds to the running loop, and `run` builds
-        # components before its loop starts.
-        self._server: GrpcServer | None = None
+        self.archiver: Archiver | None = None
         self._subscription: Subscription[task_pb2.EnrichedTask] | None = None
-        self._publisher: Publisher[task_pb2.ArchiveRecord] | None = None
-        self._consumer: BoundedConsumer[task_pb2.EnrichedTask] | None = None
-        self.archived = 0
 
     @property
-    def server(self) -> GrpcServer:
-        if self._server is None:
-            raise RuntimeError("the decoy has not started")
-        return self._server
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
+    def archived(self) -> int:
+        return self.archiver.archived if self.archiver is not None else 0
 
     @property
     def dead_lettered(self) -> int:
         return self._subscription.dead_lettered if self._subscription is not None else 0
 
-    async def start(self) -> None:
-        self._server = GrpcServer(
-            service_names=[],
-            registrars=[],
-            tcp_address=self.settings.listen,
-            max_message_bytes=self.settings.max_message_bytes,
+    async def open(self, stack: contextlib.AsyncExitStack) -> None:
+        bus = self.bus
+        publisher = await bus.publisher(bus.topics.archive(self.objective), task_pb2.ArchiveRecord)
+        self.archiver = Archiver(
+            publisher,
+            self.objective,
+            default_denied=self._default_denied,
+            publish_timeout_s=self.settings.pulsar.send_timeout_s,
         )
-        await self.server.start()
-        await self.server.set_serving(False)
-        if self._bus is None:
-            self._bus = connect(self.settings.pulsar, f"decoy-{self.settings.instance}")
-        topics = self._bus.topics
         # "earliest" only matters when the subscription is first created: tasks published
         # before any decoy ran are archived too.
-        self._subscription = await self._bus.subscribe(
-            topics.tasks(self.objective),
+        subscription = await bus.subscribe(
+            bus.topics.tasks(self.objective),
             self.settings.subscription,
             task_pb2.EnrichedTask,
             mode=SubscriptionMode.SHARED,
             start="earliest",
         )
-        self._publisher = await self._bus.publisher(
-            topics.archive(self.objective), task_pb2.ArchiveRecord
-        )
-        subscription = self._subscription
-        self._consumer = BoundedConsumer(
+        self._subscription = subscription
+        stack.push_async_callback(subscription.close)
+        consumer = BoundedConsumer(
             subscription,
-            lambda envelope: self._archive(subscription, envelope),
+            burst_handler=self._archive,
             max_in_flight=self.settings.max_in_flight,
             retry_delay_s=self.settings.retry_delay_s,
             name="decoy:tasks",
             on_receive_error=self._receive_failed,
             max_burst=self.settings.max_in_flight,
         )
-        self._consumer.start()
-        await self.server.set_serving(True)
-        write_ready_file(self.settings.ready_file, endpoint=self.endpoint, objective=self.objective)
-        log.info("decoy serving", extra={"endpoint": self.endpoint, "objective": self.objective})
+        consumer.start()
+        stack.push_async_callback(consumer.stop, self.settings.shutdown_grace_s)
+
+    def facts(self) -> dict[str, Any]:
+        return {"objective": self.objective}
 
     def _receive_failed(self, _: Exception) -> None:
-        topic = self._subscription.topic if self._subscription is not None else ""
-        log.exception("receiving tasks failed", extra={"topic": topic})
+        log.exception("receiving tasks failed", extra={"objective": self.objective})
 
-    async def _archive(
-        self,
-        subscription: Subscription[task_pb2.EnrichedTask],
-        envelope: Envelope[task_pb2.EnrichedTask],
-    ) -> None:
-        publisher = self._publisher
-        assert publisher is not None
-        task = envelope.message
-        request_id = task.task.request.request_id
-        try:
-            with _tracer.start_as_current_span(
-                "decoy.archive",
-                context=envelope.trace_context(),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={"rdv.objective": self.objective, "rdv.request_id": request_id},
-            ) as span:
-                record = archive_record(task, default_denied=self._default_denied)
-                try:
-                    await publisher.publish(
-                        record,
-                        key=request_id or None,
-                        timeout=self.settings.pulsar.send_timeout_s,
-                    )
-                except BusError as exc:
-                    span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-                    ARCHIVE_FAILURES.labels(self.objective).inc()
-                    log.warning(
-                        "archiving a task failed; redelivery requested",
-                        extra={"topic": publisher.topic, "error": type(exc).__name__},
-                    )
+    async def _archive(self, envelopes: list[Envelope[task_pb2.EnrichedTask]]) -> None:
+        archiver, subscription = self.archiver, self._subscription
+        assert archiver is not None and subscription is not None  # opened before consuming
+        archived = await archiver.archive(envelopes)
+        for envelope, ok in zip(envelopes, archived, strict=True):
+            try:
+                if ok:
+                    await subscription.ack(envelope)
+                else:
                     await subscription.nack(envelope)
-                    return
-                await subscription.ack(envelope)
-            self.archived += 1
-            ARCHIVED.labels(self.objective, str(record.features_dropped).lower()).inc()
-        except Exception:
-            # An ack or nack to a broker that went away: Pulsar redelivers what was not acked.
-            log.exception("archiving a task failed", extra={"topic": subscription.topic})
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            await self._server.set_serving(False)
-        if self._consumer is not None:
-            await self._consumer.stop(self.settings.shutdown_grace_s)
-            self._consumer = None
-        if self._subscription is not None:
-            await self._subscription.close()
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_s)
-        if self._owns_bus and self._bus is not None:
-            await self._bus.close()
+            except Exception:
+                # An ack or nack to a broker that went away: Pulsar redelivers what was not acked.
+                log.warning("ack/nack failed", exc_info=True, extra={"objective": self.objective})
 
 
 def main() -> None:

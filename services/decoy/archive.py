@@ -8,13 +8,37 @@ The record holds the task exactly as the models saw it, then:
   (`redact_pii`), and `redacted_fields` lists the paths of the cleared fields relative to
   the ArchiveRecord, e.g. `task.task.request.subject_id`. A field that was empty is not
   listed: nothing was hidden.
+
+`Archiver` puts a burst of tasks on the objective's archive topic: the decoy process uses it,
+and so does a runner host that hosts the decoy (one receive of a task then serves the
+objective's models and its archive). Warm-up tasks are never archived.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+from opentelemetry import trace
 from rendezvous.v1 import common_pb2, task_pb2
 
+from services.core.bus import BusError, Envelope, Publisher
 from services.core.protos import now_timestamp, redact_pii
+from services.core.telemetry import counter, tracer
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+ARCHIVED = counter(
+    "rdv_decoy_archived",
+    "Tasks the decoy put on the archive topic",
+    ("objective", "features_dropped"),
+)
+ARCHIVE_FAILURES = counter(
+    "rdv_decoy_archive_failures",
+    "Tasks whose archive publish failed (negatively acknowledged for redelivery)",
+    ("objective",),
+)
 
 
 def archiving_denied(task: task_pb2.EnrichedTask, default_denied: bool) -> bool:
@@ -38,3 +62,55 @@ def archive_record(task: task_pb2.EnrichedTask, *, default_denied: bool) -> task
     record.redacted_fields.extend(redact_pii(record))
     record.archived_time.CopyFrom(now_timestamp())
     return record
+
+
+class Archiver:
+    """Archives tasks of one objective; reports per task whether its record is on the topic."""
+
+    def __init__(
+        self,
+        publisher: Publisher[task_pb2.ArchiveRecord],
+        objective: str,
+        *,
+        default_denied: bool,
+        publish_timeout_s: float,
+    ) -> None:
+        self.publisher = publisher
+        self.objective = objective
+        self._default_denied = default_denied
+        self._timeout_s = publish_timeout_s
+        self._archived = {
+            dropped: ARCHIVED.labels(objective, str(dropped).lower()) for dropped in (False, True)
+        }
+        self._failures = ARCHIVE_FAILURES.labels(objective)
+        self.archived = 0
+
+    async def archive(self, envelopes: list[Envelope[task_pb2.EnrichedTask]]) -> list[bool]:
+        """True per task once its record is on the archive topic (or it is a warm-up task),
+        False when the publish failed and the task should be redelivered."""
+        with _tracer.start_as_current_span(
+            "decoy.archive",
+            context=envelopes[0].trace_context(),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"rdv.objective": self.objective, "rdv.batch_size": len(envelopes)},
+        ):
+            # Published in one turn of the loop: the records leave as one batch.
+            return list(await asyncio.gather(*(self._one(e.message) for e in envelopes)))
+
+    async def _one(self, task: task_pb2.EnrichedTask) -> bool:
+        if task.task.warmup:
+            return True
+        record = archive_record(task, default_denied=self._default_denied)
+        request_id = task.task.request.request_id
+        try:
+            await self.publisher.publish(record, key=request_id or None, timeout=self._timeout_s)
+        except BusError as exc:
+            self._failures.inc()
+            log.warning(
+                "archiving a task failed; redelivery requested",
+                extra={"topic": self.publisher.topic, "error": type(exc).__name__},
+            )
+            return False
+        self.archived += 1
+        self._archived[record.features_dropped].inc()
+        return True

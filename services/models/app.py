@@ -14,7 +14,7 @@ from typing import Any
 
 from rendezvous.v1 import model_pb2, model_pb2_grpc
 
-from services.core.server import GrpcServer, run, write_ready_file
+from services.core.lifecycle import Component, run
 from services.models.base import Model, ModelServicer
 from services.models.diabetes import DiabetesModel
 from services.models.flaky import FlakyModel
@@ -41,53 +41,32 @@ def model_name(settings: ModelSettings) -> str:
     return settings.name or settings.kind
 
 
-class ModelContainer:
+class ModelContainer(Component):
     """A Component serving one model until stopped."""
 
+    uses_bus = False
+
     def __init__(self, settings: ModelSettings) -> None:
-        self.settings = settings
-        # Built here, so bad args fail before anything listens.
+        # Built first, so bad args fail before anything listens.
         self.model = build_model(settings)
-        self._server: GrpcServer | None = None
-
-    @property
-    def endpoint(self) -> str:
-        """host:port the model listens on (the real port after binding port 0)."""
-        return self._server.endpoint if self._server is not None else ""
-
-    async def start(self) -> None:
-        # grpc.aio objects belong to the loop they are made on: make them in start().
-        servicer = ModelServicer(self.model, model_name(self.settings), self.settings.version)
-        self._server = GrpcServer(
+        servicer = ModelServicer(self.model, model_name(settings), settings.version)
+        super().__init__(
+            settings,
+            name=f"model-{model_name(settings)}",
             service_names=[SERVICE_NAME],
             registrars=[
                 lambda server: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
             ],
-            tcp_address=self.settings.listen,
-            max_message_bytes=self.settings.max_message_bytes,
-            maximum_concurrent_rpcs=self.settings.maximum_concurrent_rpcs,
+            maximum_concurrent_rpcs=settings.maximum_concurrent_rpcs,
         )
-        await self._server.start()
-        await self._server.set_serving(True)
-        write_ready_file(
-            self.settings.ready_file,
-            endpoint=self.endpoint,
-            model=model_name(self.settings),
-            kind=self.settings.kind,
-            version=self.settings.version,
-        )
-        log.info(
-            "model serving",
-            extra={
-                "endpoint": self.endpoint,
-                "model": model_name(self.settings),
-                "kind": self.settings.kind,
-            },
-        )
+        self.settings: ModelSettings = settings
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_s)
+    def facts(self) -> dict[str, Any]:
+        return {
+            "model": model_name(self.settings),
+            "kind": self.settings.kind,
+            "version": self.settings.version,
+        }
 
 
 def main() -> None:

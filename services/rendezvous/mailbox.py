@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
 
 from services.core.protos import duration_from_seconds
-from services.rendezvous.policy import Policy, Verdict, decide, next_wakeup
+from services.rendezvous.policy import Policy, Reason, Verdict, decide, next_wakeup
+
+DISPATCH_FAILED_RULE = "dispatch failed: default"
 
 
 @dataclass(slots=True)
@@ -43,9 +45,11 @@ class Mailbox:
     arrivals: dict[str, Arrival] = field(default_factory=dict)
     arrived_ok: dict[str, float] = field(default_factory=dict)
     duplicates: int = 0
-    # False until the broker took the task: a default answer then means "dispatch failed".
+    # A warm-up race: answered like any other, never recorded as traffic.
+    warmup: bool = False
+    # False until the broker took the task: no prediction can come before that, so a
+    # default then is a failed dispatch, not a slow model.
     dispatched: bool = False
-    verdict_ms: float | None = None
     # Wall-clock arrival, for the outcome record (the race itself runs on the monotonic clock).
     received_ns: int = 0
     # The answer the client got, kept for the outcome (None if the client went away first).
@@ -79,7 +83,7 @@ class Mailbox:
 
     def give_up(self, verdict: Verdict) -> None:
         """End the race now with `verdict` (e.g. the request could not be dispatched)."""
-        self._resolve(verdict, self.elapsed_ms())
+        self._resolve(verdict)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -96,7 +100,9 @@ class Mailbox:
             self.policy, self.arrived_ok, now, self.sla_ms, client_deadline=self.client_deadline
         )
         if verdict is not None:
-            self._resolve(verdict, now)
+            if verdict.model is None and not self.dispatched:
+                verdict = Verdict(None, Reason.DISPATCH_FAILED, -1, DISPATCH_FAILED_RULE)
+            self._resolve(verdict)
             return
         self._arm(next_wakeup(self.policy, now, self.sla_ms) - now)
 
@@ -107,10 +113,9 @@ class Mailbox:
             max(delay_ms, 0.0) / 1000, self._evaluate
         )
 
-    def _resolve(self, verdict: Verdict, now: float) -> None:
+    def _resolve(self, verdict: Verdict) -> None:
         if self.answer.done():
             return
-        self.verdict_ms = now
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -151,9 +156,6 @@ class MailboxRegistry:
 
     def remove(self, mailbox_id: str) -> Mailbox | None:
         return self._open.pop(mailbox_id, None)
-
-    def open_mailboxes(self) -> list[Mailbox]:
-        return list(self._open.values())
 
     def offer(self, event: task_pb2.PredictionEvent) -> delivery_pb2.DeliveryStatus.ValueType:
         mailbox = self._open.get(event.mailbox_id)

@@ -16,20 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import IntEnum
 
-from rendezvous.v1 import common_pb2, objective_pb2
+from rendezvous.v1 import common_pb2, objective_pb2, scoring_pb2
 
 from services.core.protos import duration_ms
 
 
-class Reason(Enum):
-    """Why the race ended (mirrors rendezvous.v1.DecisionReason)."""
+class Reason(IntEnum):
+    """Why the race ended: rendezvous.v1.DecisionReason itself, by shorter names."""
 
-    ACCEPTED = "accepted"
-    SLA_DEFAULT = "sla_default"
-    SLA_CANARY = "sla_canary"
-    CLIENT_DEADLINE = "client_deadline"
+    ACCEPTED = scoring_pb2.DECISION_REASON_ACCEPTED
+    SLA_DEFAULT = scoring_pb2.DECISION_REASON_SLA_DEFAULT
+    SLA_CANARY = scoring_pb2.DECISION_REASON_SLA_CANARY
+    CLIENT_DEADLINE = scoring_pb2.DECISION_REASON_CLIENT_DEADLINE
+    # The broker did not take the task in time: no prediction can come.
+    DISPATCH_FAILED = scoring_pb2.DECISION_REASON_DISPATCH_FAILED
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import ServiceSettings
@@ -31,3 +32,16 @@ class RendezvousSettings(ServiceSettings):
     subject_id_max_length: int = 256
     max_features: int = 1024
     outcome_publish_timeout_s: float = 5.0
+    # The event-loop lag probe's period (the rdv_event_loop_lag_seconds metric, and how
+    # far a request's clock is started before its handler ran).
+    loop_lag_probe_interval_s: float = Field(default=0.02, gt=0)
+    # A request the loop could leave less than this much of its SLA is shed at once with
+    # RESOURCE_EXHAUSTED: answering it would only answer late.
+    min_race_budget_ms: float = Field(default=5.0, ge=0)
+    # Warm-up before SERVING (see services/rendezvous/warmup.py).
+    warmup: bool = True
+    warmup_rate: float = Field(default=100.0, gt=0)
+    warmup_consecutive: int = Field(default=300, ge=1)
+    warmup_within_fraction: float = Field(default=0.5, gt=0, le=1)
+    warmup_min_s: float = Field(default=0.0, ge=0)
+    warmup_max_s: float = Field(default=120.0, gt=0)

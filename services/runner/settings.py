@@ -22,16 +22,16 @@ class RunnerDeployment(BaseModel):
     role: RunnerRole
     model_version: str = ""
     endpoint: str = Field(min_length=1)
-    subscription: str = ""
 
 
 class RunnerSettings(ServiceSettings):
-    """Which deployment(s) this runner serves, where their models listen, how hard it works.
+    """Which deployment(s) this runner host serves, where their models listen, how hard it works.
 
-    One deployment: `objective`, `model`, `role`, `endpoint` (and `model_version`,
-    `subscription`). Several in one process: `deployments` (RDV_RUNNER_DEPLOYMENTS, JSON),
-    each with its own subscription and model channel, sharing one Pulsar client, one event
-    loop and one health server; the tunables below apply to each.
+    One deployment: `objective`, `model`, `role`, `endpoint` (and `model_version`). Several in
+    one process: `deployments` (RDV_RUNNER_DEPLOYMENTS, JSON) of one objective, each with its
+    own model channel and batches, all fed from the host's one subscription; the tunables
+    below apply to each. `archive` hosts the objective's decoy too (with only `objective`
+    set, the host is the decoy alone).
     """
 
     model_config = SettingsConfigDict(env_prefix="RDV_RUNNER_")
@@ -55,8 +55,13 @@ class RunnerSettings(ServiceSettings):
     # Most model calls in flight at once. Few: that is what lets tasks queue into batches;
     # more than one: a slow call does not hold up the next batch.
     max_calls_in_flight: int = Field(default=2, ge=1)
-    # Replicas of one deployment share this subscription; empty means the model's name.
+    # Replicas of the host share this subscription; empty means the model's name (one
+    # deployment) or "runners" (several, or the archive alone).
     subscription: str = ""
+    # Host the objective's decoy: archive every task received (redacted) to its archive topic.
+    archive: bool = False
+    # What an unspecified archiving consent means (the mesh's objective default_consent).
+    default_archiving: Literal["granted", "denied"] = "granted"
     # Where a brand-new subscription starts. Tasks older than the SLA are useless, so a
     # new deployment starts at the live end; an existing subscription resumes its cursor.
     start_position: Literal["earliest", "latest"] = "latest"
@@ -75,25 +80,36 @@ class RunnerSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _default_subscription(self) -> RunnerSettings:
-        if not self.deployments and not (
-            self.objective and self.model and self.endpoint and self.role
-        ):
-            raise ValueError("a runner needs objective, model, role and endpoint, or deployments")
+        single = bool(self.objective and self.model and self.endpoint and self.role)
+        archive_only = self.archive and bool(self.objective) and not self.model
+        if not (self.deployments or single or archive_only):
+            raise ValueError(
+                "a runner needs objective, model, role and endpoint, or deployments, "
+                "or objective and archive"
+            )
+        objectives = {d.objective for d in self.deployments} | (
+            {self.objective} if self.objective else set()
+        )
+        if len(objectives) > 1:
+            raise ValueError(f"one runner host serves one objective, not {sorted(objectives)}")
         if not self.subscription:
-            self.subscription = self.model
+            self.subscription = self.model if single and not self.deployments else "runners"
         if self.max_reconnect_backoff_ms < self.initial_reconnect_backoff_ms:
             raise ValueError("max_reconnect_backoff_ms must be >= initial_reconnect_backoff_ms")
         return self
 
+    def host_objective(self) -> str:
+        """The one objective this host serves."""
+        return self.objective or self.deployments[0].objective
+
     def hosted(self) -> list[RunnerSettings]:
-        """One settings object per deployment this process serves."""
+        """One settings object per model deployment this process serves."""
         if not self.deployments:
-            return [self]
+            return [self] if self.model else []
         return [
             self.model_copy(
                 update={
                     **deployment.model_dump(),
-                    "subscription": deployment.subscription or deployment.model,
                     "deployments": [],
                 }
             )

@@ -124,19 +124,15 @@ def plan(
         return spec
 
     for objective, entry in mesh.objectives.items():
-        # Replica r of the objective's runner host serves every model with more than r
-        # replicas: one process per replica, not one per model and replica.
-        hosted: dict[int, list[dict[str, str]]] = {}
+        # Deployments that scale together (the same replica count) share runner hosts:
+        # host r of a group receives each task once for all of the group's models, and the
+        # decoy joins the group of its replica count as the host's archive.
+        groups: dict[int, list[dict[str, str]]] = {}
+        archived: set[int] = set()
         for model in entry.models:
             if model.role == "decoy":
-                add(
-                    f"decoy-{objective}",
-                    "services.decoy",
-                    "RDV_DECOY_",
-                    STAGE_CONSUMERS,
-                    {"OBJECTIVE": objective},
-                    role="decoy",
-                )
+                archived.add(model.replicas)
+                groups.setdefault(model.replicas, [])
                 continue
             endpoint = model.endpoint
             if endpoint is None:
@@ -156,25 +152,33 @@ def plan(
                     role=model.role,
                 )
                 endpoint = container.endpoint
-            for replica in range(model.replicas):
-                hosted.setdefault(replica, []).append(
-                    {
-                        "objective": objective,
-                        "model": model.name,
-                        "role": model.role,
-                        "model_version": model.version,
-                        "endpoint": endpoint,
-                    }
-                )
-        for replica, deployments in sorted(hosted.items()):
-            add(
-                f"runners-{objective}-{replica}",
-                "services.runner",
-                "RDV_RUNNER_",
-                STAGE_CONSUMERS,
-                {"DEPLOYMENTS": json.dumps(deployments)},
-                role="runner",
+            groups.setdefault(model.replicas, []).append(
+                {
+                    "objective": objective,
+                    "model": model.name,
+                    "role": model.role,
+                    "model_version": model.version,
+                    "endpoint": endpoint,
+                }
             )
+        for replicas, deployments in sorted(groups.items()):
+            # One group keeps the plain names (the usual case: every model scales alike).
+            group = "" if len(groups) == 1 else f"x{replicas}-"
+            for replica in range(replicas):
+                add(
+                    f"runners-{objective}-{group}{replica}",
+                    "services.runner",
+                    "RDV_RUNNER_",
+                    STAGE_CONSUMERS,
+                    {
+                        "OBJECTIVE": objective,
+                        "DEPLOYMENTS": json.dumps(deployments),
+                        "SUBSCRIPTION": f"runners-{group}".rstrip("-"),
+                        "ARCHIVE": str(replicas in archived).lower(),
+                        "DEFAULT_ARCHIVING": entry.default_consent.archiving,
+                    },
+                    role="runner+decoy" if replicas in archived else "runner",
+                )
     if any(entry.enriched for entry in mesh.objectives.values()):
         add(
             "enricher",

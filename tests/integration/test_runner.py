@@ -13,12 +13,12 @@ from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
 from sklearn.datasets import load_diabetes
 
 from services.core.bus import Bus, Envelope, Subscription
+from services.core.lifecycle import Component
 from services.core.protos import set_values, timestamp_from_ns
-from services.core.server import Component
 from services.models.app import ModelContainer
 from services.models.diabetes import DiabetesArtifact, artifact_path
 from services.models.settings import ModelSettings
-from services.runner.app import ModelRunner
+from services.runner.host import RunnerHost
 from services.runner.settings import RunnerSettings
 from tests.conftest import PulsarBroker
 
@@ -89,8 +89,8 @@ async def test_replicas_split_tasks_and_every_model_answers_every_task(
         for model in (sum_model, ridge_model):
             await model.start()
 
-        def runner(model: str, role: str, endpoint: str, instance: str) -> ModelRunner:
-            return ModelRunner(
+        def runner(model: str, role: str, endpoint: str, instance: str) -> RunnerHost:
+            return RunnerHost(
                 RunnerSettings(
                     objective=objective,
                     model=model,
@@ -134,9 +134,11 @@ async def test_replicas_split_tasks_and_every_model_answers_every_task(
         assert all(event.WhichOneof("result") == "prediction" for event in events)
 
         shared = Counter(event.runner for event in events if event.model == SHARED_MODEL)
-        assert set(shared) == {replica.instance for replica in replicas}
+        assert set(shared) == {replica.settings.instance for replica in replicas}
         assert all(count > 0 for count in shared.values()), shared
-        assert {event.runner for event in events if event.model == OTHER_MODEL} == {other.instance}
+        assert {event.runner for event in events if event.model == OTHER_MODEL} == {
+            other.settings.instance
+        }
 
         ridge = DiabetesArtifact.load(artifact_path("ridge"))
         for event in events:

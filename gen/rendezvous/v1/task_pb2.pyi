@@ -89,12 +89,18 @@ class ScoringTask(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     OBJECTIVE_VERSION_FIELD_NUMBER: _builtins.int
+    WARMUP_FIELD_NUMBER: _builtins.int
     return_address: _builtins.str
     """return_address is the prediction topic of the rendezvous instance that waits."""
     mailbox_id: _builtins.str
     """mailbox_id names the mailbox that waits for this task's predictions."""
     objective_version: _builtins.int
     """objective_version is the objective configuration version the rendezvous applied."""
+    warmup: _builtins.bool
+    """warmup marks a task the rendezvous sends to warm the path before it serves: models
+    score it like any task, but it is never archived, never in an outcome and never counted
+    as traffic.
+    """
     @_builtins.property
     def request(self) -> _scoring_pb2.ScoreRequest:
         """request is the client's request, with its request_id assigned."""
@@ -121,10 +127,11 @@ class ScoringTask(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         objective_version: _builtins.int = ...,
+        warmup: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "received_time", b"received_time", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "mailbox_id", b"mailbox_id", "objective_version", b"objective_version", "received_time", b"received_time", "request", b"request", "return_address", b"return_address", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "mailbox_id", b"mailbox_id", "objective_version", b"objective_version", "received_time", b"received_time", "request", b"request", "return_address", b"return_address", "trace_context", b"trace_context", "warmup", b"warmup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
 
@@ -230,16 +229,3 @@ objectives:
     assert default_archiving_denied(
         DecoySettings(objective="other", mesh_file=mesh, default_archiving="denied")
     )
-
-
-def test_it_can_be_built_before_its_event_loop_runs() -> None:
-    # `services.core.server.run` builds the component first, then starts uvloop.
-    component = DecoyComponent(DecoySettings(objective="o", listen="127.0.0.1:0"), bus=MemoryBus())
-
-    async def start_and_stop() -> str:
-        await component.start()
-        endpoint = component.endpoint
-        await component.stop()
-        return endpoint
-
-    assert uvloop.run(start_and_stop()).startswith("127.0.0.1:")

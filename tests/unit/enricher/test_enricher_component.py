@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import uvloop
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -353,17 +352,3 @@ def test_objectives_default_to_the_mesh_file() -> None:
 def test_without_objectives_or_mesh_it_refuses_to_start() -> None:
     with pytest.raises(ValueError, match="objectives"):
         EnricherComponent(EnricherSettings(listen="127.0.0.1:0"), bus=MemoryBus())
-
-
-def test_it_can_be_built_before_its_event_loop_runs() -> None:
-    # `services.core.server.run` builds the component first, then starts uvloop.
-    objective = _objective()
-    component = EnricherComponent(_settings(objective), bus=MemoryBus())
-
-    async def start_and_stop() -> str:
-        await component.start()
-        endpoint = component.endpoint
-        await component.stop()
-        return endpoint
-
-    assert uvloop.run(start_and_stop()).startswith("127.0.0.1:")

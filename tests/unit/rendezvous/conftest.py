@@ -108,6 +108,8 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             delivery_socket=socket,
             max_in_flight=50,
             max_grace_mailboxes=1000,
+            # Warm-up has its own tests (test_serving.py).
+            warmup=False,
         ),
         {"demo": to_config("demo", OBJECTIVE)},
         bus=bus,

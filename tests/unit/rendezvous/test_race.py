@@ -213,14 +213,11 @@ async def test_delivery_answers_a_single_prediction_and_a_burst(mesh: Mesh) -> N
     async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
         call = delivery_pb2_grpc.DeliveryServiceStub(channel).Deliver()
         single = task_pb2.PredictionEvent(request_id="one", mailbox_id="nobody")
-        await call.write(delivery_pb2.DeliverRequest(delivery_id=7, prediction=single))
+        await call.write(delivery_pb2.DeliverRequest(delivery_id=7, predictions=[single]))
         answer = await call.read()
         assert isinstance(answer, delivery_pb2.DeliverResponse)
-        assert (answer.delivery_id, answer.status) == (
-            7,
-            delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX,
-        )
-        assert not answer.statuses
+        assert answer.delivery_id == 7
+        assert list(answer.statuses) == [delivery_pb2.DELIVERY_STATUS_UNKNOWN_MAILBOX]
 
         burst = [
             task_pb2.PredictionEvent(request_id=f"b{n}", mailbox_id="nobody") for n in range(3)

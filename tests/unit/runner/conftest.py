@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from services.core.bus import MemoryBus
-from services.runner.app import ModelRunner
+from services.runner.host import RunnerHost
 from services.runner.settings import RunnerSettings
 
-StartRunner = Callable[..., Awaitable[ModelRunner]]
+StartRunner = Callable[..., Awaitable[RunnerHost]]
 
 
 @pytest.fixture
@@ -29,9 +29,9 @@ def objective() -> str:
 @pytest.fixture
 async def start_runner(bus: MemoryBus, objective: str) -> AsyncIterator[StartRunner]:
     """Start runners on the test's bus; each gets a unique model name unless given one."""
-    started: list[ModelRunner] = []
+    started: list[RunnerHost] = []
 
-    async def start(endpoint: str, **overrides: Any) -> ModelRunner:
+    async def start(endpoint: str, **overrides: Any) -> RunnerHost:
         fields: dict[str, Any] = {
             "objective": objective,
             "model": f"model-{uuid.uuid4().hex[:8]}",
@@ -42,7 +42,7 @@ async def start_runner(bus: MemoryBus, objective: str) -> AsyncIterator[StartRun
             "shutdown_grace_s": 2.0,
         }
         fields.update(overrides)
-        runner = ModelRunner(RunnerSettings(**fields), bus=bus)
+        runner = RunnerHost(RunnerSettings(**fields), bus=bus)
         await runner.start()
         started.append(runner)
         return runner

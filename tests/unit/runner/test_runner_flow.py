@@ -13,7 +13,7 @@ from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, scoring_pb2, ta
 
 from services.core.bus import Envelope, MemoryBus, Subscription
 from services.core.protos import set_values, timestamp_from_ns
-from services.runner.app import ModelRunner
+from services.runner.host import RunnerHost
 from tests.helpers import metric_value
 from tests.unit.models.model_testing import ServeModel
 from tests.unit.runner.conftest import StartRunner
@@ -118,7 +118,7 @@ async def test_prediction_is_published_to_the_return_address(
     assert event.model == runner.settings.model
     assert event.model_version == "7"  # the model's own version beats the configured one
     assert event.role == common_pb2.MODEL_ROLE_INCUMBENT
-    assert event.runner == runner.instance
+    assert event.runner == runner.settings.instance
     received = event.task_received_time.ToNanoseconds()
     assert before_ns <= received <= event.predicted_time.ToNanoseconds() <= time.time_ns()
     assert event.model_latency.ToNanoseconds() > 0
@@ -306,7 +306,7 @@ async def test_concurrency_bounds_calls_in_flight(
     await publish_tasks(bus, objective, *tasks)
     envelopes = await receive(predictions, 12, timeout=5.0)
 
-    def span_s(runner: ModelRunner) -> float:
+    def span_s(runner: RunnerHost) -> float:
         events = [e.message for e in envelopes if e.message.model == runner.settings.model]
         assert len(events) == 6
         first = min(e.task_received_time.ToNanoseconds() for e in events)
@@ -360,7 +360,7 @@ async def test_tasks_queued_during_a_call_go_to_the_model_in_one_batch(
     return_address, predictions = await listen(bus)
     first = make_task(objective, return_address)
     await publish_tasks(bus, objective, first)
-    await eventually(lambda: runner._consumer is not None and runner._consumer.in_flight == 1)
+    await eventually(lambda: runner.consumer is not None and runner.consumer.in_flight == 1)
     queued = [make_task(objective, return_address) for _ in range(5)]
     await publish_tasks(bus, objective, *queued)
 

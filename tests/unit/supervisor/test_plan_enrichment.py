@@ -47,7 +47,9 @@ def test_one_enriched_objective_brings_the_enricher(tmp_path: Path) -> None:
     assert "enricher" in _names(_mesh(a="none", b="subject_state"), tmp_path)
 
 
-def test_one_runner_host_per_objective_and_replica_serves_every_model(tmp_path: Path) -> None:
+def test_runner_hosts_group_models_that_scale_together_and_host_the_decoy(
+    tmp_path: Path,
+) -> None:
     mesh = Mesh.model_validate(
         {
             "objectives": {
@@ -65,18 +67,50 @@ def test_one_runner_host_per_objective_and_replica_serves_every_model(tmp_path: 
     )
     specs = {s.name: s for s in plan(mesh, tmp_path / "m.yaml", tmp_path, "pulsar://x", "http://x")}
     hosts = sorted(name for name in specs if name.startswith("runners-"))
-    assert hosts == ["runners-o-0", "runners-o-1"]
-    first = json.loads(specs["runners-o-0"].env["RDV_RUNNER_DEPLOYMENTS"])
-    second = json.loads(specs["runners-o-1"].env["RDV_RUNNER_DEPLOYMENTS"])
-    assert [(d["model"], d["role"]) for d in first] == [
-        ("inc", "incumbent"),
-        ("chal", "challenger"),
-    ]
-    assert [d["model"] for d in second] == ["inc"]
-    assert first[0]["endpoint"] == specs["model-inc"].endpoint
-    # Each deployment becomes its own runner settings, subscription named after the model.
-    settings = RunnerSettings(deployments=first)
-    assert [(s.model, s.subscription, s.role) for s in settings.hosted()] == [
-        ("inc", "inc", "incumbent"),
-        ("chal", "chal", "challenger"),
-    ]
+    # One host for the single-replica group (chal + the decoy), two for inc's group.
+    assert hosts == ["runners-o-x1-0", "runners-o-x2-0", "runners-o-x2-1"]
+    assert not any(name.startswith("decoy") for name in specs)
+
+    def env(name: str) -> dict[str, str]:
+        return specs[name].env
+
+    single = json.loads(env("runners-o-x1-0")["RDV_RUNNER_DEPLOYMENTS"])
+    assert [(d["model"], d["role"]) for d in single] == [("chal", "challenger")]
+    assert env("runners-o-x1-0")["RDV_RUNNER_ARCHIVE"] == "true"
+    for replica in ("runners-o-x2-0", "runners-o-x2-1"):
+        deployments = json.loads(env(replica)["RDV_RUNNER_DEPLOYMENTS"])
+        assert [d["model"] for d in deployments] == ["inc"]
+        assert deployments[0]["endpoint"] == specs["model-inc"].endpoint
+        assert env(replica)["RDV_RUNNER_ARCHIVE"] == "false"
+    # Replicas of a group share its subscription; groups do not share one (each model must
+    # see every task exactly once per group).
+    subscriptions = {name: env(name)["RDV_RUNNER_SUBSCRIPTION"] for name in hosts}
+    assert subscriptions["runners-o-x2-0"] == subscriptions["runners-o-x2-1"]
+    assert subscriptions["runners-o-x1-0"] != subscriptions["runners-o-x2-0"]
+
+
+def test_one_group_keeps_plain_host_names(tmp_path: Path) -> None:
+    mesh = Mesh.model_validate(
+        {
+            "objectives": {
+                "o": {
+                    "sla_ms": 50,
+                    "models": [
+                        {"name": "inc", "role": "incumbent", "kind": "sum"},
+                        {"name": "decoy", "role": "decoy"},
+                    ],
+                    "policy": [{"until_ms": 40, "accept": ["inc"]}],
+                }
+            }
+        }
+    )
+    specs = {s.name: s for s in plan(mesh, tmp_path / "m.yaml", tmp_path, "pulsar://x", "http://x")}
+    assert sorted(name for name in specs if name.startswith("runners-")) == ["runners-o-0"]
+    settings = RunnerSettings(
+        objective="o",
+        deployments=json.loads(specs["runners-o-0"].env["RDV_RUNNER_DEPLOYMENTS"]),
+        archive=True,
+        subscription=specs["runners-o-0"].env["RDV_RUNNER_SUBSCRIPTION"],
+    )
+    assert [(s.model, s.role) for s in settings.hosted()] == [("inc", "incumbent")]
+    assert settings.subscription == "runners"
