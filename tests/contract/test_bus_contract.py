@@ -27,7 +27,6 @@ from services.core.bus import (
     Bus,
     BusError,
     Envelope,
-    MemoryBus,
     PublishTimeout,
     PulsarBus,
     RawMessage,
@@ -38,6 +37,7 @@ from services.core.protos import now_timestamp, timestamp_from_ns
 from services.core.settings import PulsarSettings
 from services.core.topics import Topics
 from tests.conftest import PulsarBroker, quick_settings
+from tests.fakes.memory_bus import MemoryBus
 
 # Small, so that the redelivery-limit test takes a second, not a minute.
 MAX_REDELIVERIES = 3
