@@ -1,7 +1,9 @@
 """The Pulsar adapter: the bus contract over `pulsar.asyncio` (pulsar-client 3.13).
 
-`PulsarBus` is the only bus services run on (`connect`). Client errors become a
-`BusError` (the client's exception chained as its cause).
+`PulsarBus` is the only bus services run on (`connect`). Every call into the client is
+made inside `_bus_errors()`, so what escapes this module is a `BusError` (the client's
+exception chained as its cause) and never one of the client's own exceptions; closing is
+best effort and raises nothing.
 
 The client has defects this module works around; each workaround says which, where it is:
 - a cancelled receive still takes the next message (`_keep_pending`);
@@ -77,7 +79,8 @@ class _PulsarPublisher(Publisher[Any]):
             raise _pulsar_error(exc) from exc
 
     async def close(self) -> None:
-        await self._producer.close()
+        with _bus_errors():
+            await self._producer.close()
 
 
 def _raw_from_pulsar(message: Any) -> RawMessage:
@@ -159,7 +162,8 @@ class _PulsarSubscription(Subscription[M]):
     async def _ack_raw(self, raw: RawMessage) -> None:
         if self._nack_counter is not None:
             self._nack_counter.acked(_message_id(raw.handle))
-        await self._consumer.acknowledge(raw.handle)
+        with _bus_errors():
+            await self._consumer.acknowledge(raw.handle)
 
     async def _nack_raw(self, raw: RawMessage) -> None:
         if self._nack_counter is not None:
@@ -167,7 +171,8 @@ class _PulsarSubscription(Subscription[M]):
             if reason is not None:
                 await self._send_to_dead_letter(raw, reason)
                 return
-        await self._consumer.negative_acknowledge(raw.handle)
+        with _bus_errors():
+            await self._consumer.negative_acknowledge(raw.handle)
 
     async def close(self) -> None:
         if self._pending is not None:
@@ -184,7 +189,8 @@ class _PulsarReader(Reader[M]):
         self._pending: asyncio.Future[Any] | None = None
 
     async def has_message_available(self) -> bool:
-        return bool(await self._reader.has_message_available())
+        with _bus_errors():
+            return bool(await self._reader.has_message_available())
 
     async def _read_raw(self) -> RawMessage:
         return _raw_from_pulsar(await _keep_pending(self, self._reader.read_next))
@@ -208,16 +214,22 @@ class PulsarBus(Bus):
         # Every consumer and reader stays referenced until close(): the C++ client aborts
         # the process (std::bad_weak_ptr) when one is garbage-collected while it is open.
         self._open: list[_PulsarSubscription[Any] | _PulsarReader[Any]] = []
-        self._client = pulsar.asyncio.Client(
-            settings.service_url,
-            operation_timeout_seconds=max(1, int(settings.operation_timeout_s)),
-            io_threads=settings.io_threads,
-            message_listener_threads=settings.listener_threads,
-            # Filtered in C++: a Python logger would take the GIL for every INFO line the
-            # client emits, and a broker restart emits bursts of them (measured: answers
-            # 20-40 ms past the SLA while they crossed into the interpreter).
-            logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
-        )
+        # The C++ client refuses a malformed service URL with a bare ValueError.
+        refused: tuple[type[Exception], ...] = (*_client_errors(), ValueError)
+        try:
+            self._client = pulsar.asyncio.Client(
+                settings.service_url,
+                # The client takes whole seconds.
+                operation_timeout_seconds=max(1, int(settings.operation_timeout_s)),
+                io_threads=settings.io_threads,
+                message_listener_threads=settings.listener_threads,
+                # Filtered in C++: a Python logger would take the GIL for every INFO line the
+                # client emits, and a broker restart emits bursts of them (measured: answers
+                # 20-40 ms past the SLA while they crossed into the interpreter).
+                logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+            )
+        except refused as exc:
+            raise _pulsar_error(exc) from exc
 
     async def _create_publisher(self, topic: str, batching: bool) -> Publisher[Any]:
         with _bus_errors():
@@ -306,13 +318,14 @@ class PulsarBus(Bus):
         """
         import pulsar
 
-        holder = await self._client.subscribe(
-            Topics.dead_letter(topic),
-            dead_letter.subscription_name(subscription),
-            consumer_type=pulsar.ConsumerType.Shared,
-            initial_position=pulsar.InitialPosition.Earliest,
-        )
-        await holder.close()
+        with _bus_errors():
+            holder = await self._client.subscribe(
+                Topics.dead_letter(topic),
+                dead_letter.subscription_name(subscription),
+                consumer_type=pulsar.ConsumerType.Shared,
+                initial_position=pulsar.InitialPosition.Earliest,
+            )
+            await holder.close()
 
     async def reader(
         self, topic: str, message_type: type[M], *, start: Start = "earliest"
