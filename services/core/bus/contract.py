@@ -269,6 +269,8 @@ class Bus(abc.ABC):
         self.settings = settings
         self.topics = Topics(settings.tenant_namespace)
         self._publishers: dict[tuple[str, bool], Publisher[Any]] = {}
+        # The message type each topic's publishers were asked for (see `publisher`).
+        self._topic_types: dict[str, type[Message]] = {}
         self._publisher_lock = asyncio.Lock()
 
     async def publisher(
@@ -282,19 +284,37 @@ class Bus(abc.ABC):
         in one turn of the event loop costs the broker one entry instead of one per message.
         Without it every message is its own entry.
 
+        A topic carries one message type: asking for it with another type than before raises
+        TypeError. Keying the cache by type as well would hand out a second publisher that
+        quietly puts a second type on the topic, and every consumer of the topic would send
+        those messages to its dead-letter topic; failing at the call that mixes them is safer.
+        (`dead_letter_publisher` asks with `Message` itself: a dead-letter topic takes the
+        bytes of whatever could not be handled, and nothing else publishes there.)
         """
         if batching is None:
             batching = self.settings.batching
         cache_key = (topic, batching)
         existing = self._publishers.get(cache_key)
         if existing is not None:
+            self._check_topic_type(topic, message_type)
             return existing
         async with self._publisher_lock:
+            self._check_topic_type(topic, message_type)
             existing = self._publishers.get(cache_key)
             if existing is None:
                 existing = await self._create_publisher(topic, batching)
                 self._publishers[cache_key] = existing
+                self._topic_types[topic] = message_type
         return existing
+
+    def _check_topic_type(self, topic: str, message_type: type[Message]) -> None:
+        known = self._topic_types.get(topic)
+        if known is not None and known is not message_type:
+            # __name__, not DESCRIPTOR: `Message` itself (dead-letter topics) has no descriptor.
+            raise TypeError(
+                f"{topic} already has a publisher of {known.__name__}, "
+                f"not {message_type.__name__}: a topic carries one message type"
+            )
 
     async def dead_letter_publisher(self, topic: str) -> Publisher[Any]:
         return await self.publisher(Topics.dead_letter(topic), Message)
@@ -323,3 +343,4 @@ class Bus(abc.ABC):
             with contextlib.suppress(Exception):
                 await publisher.close()
         self._publishers.clear()
+        self._topic_types.clear()
