@@ -164,11 +164,11 @@ class Subscription(abc.ABC, Generic[M]):
         self,
         topic: str,
         message_type: type[M],
-        dead_letter: DeadLetterPublisher,
+        dead_letter_publisher: DeadLetterPublisher,
     ) -> None:
         self.topic = topic
         self.message_type = message_type
-        self._dead_letter_publisher = dead_letter
+        self._dead_letter_publisher = dead_letter_publisher
         self.dead_lettered = 0
 
     async def receive(self) -> Envelope[M]:
@@ -207,8 +207,8 @@ class Subscription(abc.ABC, Generic[M]):
     async def _send_to_dead_letter(self, raw: RawMessage, reason: str) -> None:
         publisher = await self._dead_letter_publisher()
         await dead_letter.publish(publisher, raw, reason)
-        # Acknowledged only once the dead letter is stored: a failed publish leaves the
-        # message on its topic, to be redelivered rather than lost.
+        # Acknowledged only once the dead letter is stored: when the publish fails, the
+        # message stays unacknowledged on its own topic instead of being lost.
         await self._ack_raw(raw)
         self.dead_lettered += 1
         dead_letter.sent(self.topic, publisher.topic, raw, reason)

@@ -1,9 +1,9 @@
 """The Pulsar adapter: the bus contract over `pulsar.asyncio` (pulsar-client 3.13).
 
 `PulsarBus` is the only bus services run on (`connect`). Every call into the client is
-made inside `_bus_errors()`, so what escapes this module is a `BusError` (the client's
-exception chained as its cause) and never one of the client's own exceptions; closing is
-best effort and raises nothing.
+translated (most of them inside `_bus_errors()`), so what escapes this module is a
+`BusError` (the client's exception chained as its cause), never one of the client's own.
+Closing a subscription, a reader or the bus is best effort and raises nothing.
 
 The client has defects this module works around; each workaround says which, where it is:
 - a cancelled receive still takes the next message (`_keep_pending`);
@@ -150,10 +150,10 @@ class _PulsarSubscription(Subscription[M]):
             # A receive is outstanding in the client: the next message is promised to it.
             return None
         try:
-            # pulsar.asyncio's Consumer has no receive that returns at once (its receive()
-            # always waits, and a batch receive waits for its timeout). The C++ consumer it
-            # wraps (the private `_consumer`) has a synchronous receive with a timeout: with
-            # 0 it takes from the client's own queue at once, and raises when that is empty.
+            # pulsar.asyncio's Consumer (3.13) has no receive that returns at once: its only
+            # receive() waits for a message. The C++ consumer it wraps (its private
+            # `_consumer`) has a synchronous receive with a timeout: with 0 it takes from the
+            # client's own queue at once, and raises (Timeout) when that is empty.
             message = self._consumer._consumer.receive(0)
         except _client_errors():
             return None
@@ -314,7 +314,7 @@ class PulsarBus(Bus):
         """Create the durable subscription that keeps the dead letters of `subscription`.
 
         Retention is 0 by default: without a subscription nothing keeps dead letters (the
-        native policy creates it too, but only for Shared and Key_Shared subscriptions).
+        native policy creates the same one, but only when it dead-letters a message itself).
         """
         import pulsar
 
