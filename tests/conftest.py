@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from services.core.bus import Bus, MemoryBus, connect
+from services.core.bus import Bus, connect
 from services.core.settings import PulsarSettings
+from tests.fakes.memory_bus import MemoryBus
 
 REPO = Path(__file__).resolve().parents[1]
 PULSAR_SH = REPO / "tools" / "pulsar.sh"

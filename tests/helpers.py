@@ -11,7 +11,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 
-from services.core.bus import MemoryBus
+from tests.fakes.memory_bus import MemoryBus
 
 M = TypeVar("M", bound=Message)
 

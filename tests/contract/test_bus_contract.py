@@ -27,7 +27,6 @@ from services.core.bus import (
     Bus,
     BusError,
     Envelope,
-    MemoryBus,
     PublishTimeout,
     PulsarBus,
     RawMessage,
@@ -38,6 +37,7 @@ from services.core.protos import now_timestamp, timestamp_from_ns
 from services.core.settings import PulsarSettings
 from services.core.topics import Topics
 from tests.conftest import PulsarBroker, quick_settings
+from tests.fakes.memory_bus import MemoryBus
 
 # Small, so that the redelivery-limit test takes a second, not a minute.
 MAX_REDELIVERIES = 3
@@ -153,6 +153,21 @@ async def test_round_trip_keeps_message_key_and_properties(bus: Bus, topic: str)
     assert envelope.redelivery_count == 0
     # Publish time is the broker's (or the twin's) wall clock; allow for clock granularity.
     assert before_ms - 1000 <= envelope.publish_time_ms <= before_ms + 10_000
+
+
+async def test_a_topic_has_one_publisher_and_one_message_type(bus: Bus, topic: str) -> None:
+    publisher = await bus.publisher(topic, task_pb2.ScoringTask)
+
+    assert await bus.publisher(topic, task_pb2.ScoringTask) is publisher
+    # Another type on the same topic would be dead-lettered by every consumer of it.
+    with pytest.raises(TypeError, match="ScoringTask"):
+        await bus.publisher(topic, task_pb2.PredictionEvent)
+    with pytest.raises(TypeError):
+        await bus.publisher(topic, task_pb2.PredictionEvent, batching=False)
+    # The dead-letter topic takes the bytes of any type, through one shared publisher.
+    dead_letters = await bus.dead_letter_publisher(topic)
+    assert await bus.dead_letter_publisher(topic) is dead_letters
+    assert dead_letters.topic == Topics.dead_letter(topic)
 
 
 async def test_trace_context_continues_across_the_bus(bus: Bus, topic: str) -> None:

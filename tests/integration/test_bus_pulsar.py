@@ -18,11 +18,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import pulsar
+import pulsar.asyncio
 import pytest
 from google.protobuf.message import Message
 from rendezvous.v1 import common_pb2, model_pb2, objective_pb2, scoring_pb2, task_pb2
 
-from services.core.bus import TYPE_PROPERTY, Bus, PulsarBus
+from services.core.bus import TYPE_PROPERTY, Bus, BusError, PulsarBus
 from services.core.protos import (
     duration_from_seconds,
     now_timestamp,
@@ -429,6 +431,32 @@ async def test_dead_letters_are_kept_by_a_durable_subscription(
     }
     assert durable, "nothing holds the dead letter"
     assert all(sub["msgBacklog"] == 1 for sub in durable.values())
+
+
+async def test_an_ack_on_a_closed_consumer_is_a_bus_error(bus: Bus) -> None:
+    # The client fails it (AlreadyClosed); callers catch BusError, never the client's
+    # own exception, so the adapter must translate it.
+    topic = bus.topics.tasks(f"it-closed-{uuid.uuid4().hex[:10]}")
+    subscription = await bus.subscribe(topic, "runner", task_pb2.EnrichedTask)
+    publisher = await bus.publisher(topic, task_pb2.EnrichedTask)
+    await publisher.publish(enriched_task("closed"), timeout=RECEIVE_TIMEOUT_S)
+    envelope = await asyncio.wait_for(subscription.receive(), RECEIVE_TIMEOUT_S)
+    await subscription.close()
+
+    with pytest.raises(BusError) as caught:
+        await subscription.ack(envelope)
+    assert isinstance(caught.value.__cause__, pulsar.asyncio.PulsarException)
+    assert caught.value.__cause__.error() == pulsar.Result.AlreadyClosed
+
+
+async def test_a_closed_reader_is_a_bus_error(bus: Bus) -> None:
+    topic = f"{bus.topics.control()}.it-closed-{uuid.uuid4().hex[:10]}"
+    reader = await bus.reader(topic, objective_pb2.ObjectiveConfig)
+    await reader.close()
+
+    with pytest.raises(BusError) as caught:
+        await reader.has_message_available()
+    assert isinstance(caught.value.__cause__, pulsar.asyncio.PulsarException)
 
 
 _DROP_SCRIPT = textwrap.dedent(

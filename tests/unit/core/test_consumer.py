@@ -12,8 +12,9 @@ from collections.abc import Callable
 import pytest
 from rendezvous.v1 import scoring_pb2, task_pb2
 
-from services.core.bus import BusError, Envelope, MemoryBus, Subscription
+from services.core.bus import BusError, Envelope, Subscription
 from services.core.consumer import BoundedConsumer, Handler
+from tests.fakes.memory_bus import MemoryBus
 from tests.helpers import until
 
 Task = task_pb2.ScoringTask

@@ -13,12 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rendezvous.v1 import common_pb2, scoring_pb2, task_pb2
 
-from services.core.bus import TYPE_PROPERTY, BusError, MemoryBus
+from services.core.bus import TYPE_PROPERTY, BusError
 from services.core.protos import set_values, timestamp_from_ns, values_dict
 from services.core.settings import PulsarSettings
 from services.decoy.app import DecoyComponent, default_archiving_denied
 from services.decoy.archive import archive_record
 from services.decoy.settings import DecoySettings
+from tests.fakes.memory_bus import MemoryBus
 from tests.helpers import metric_value, published, until
 
 SECOND = 1_000_000_000

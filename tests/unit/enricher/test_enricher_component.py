@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from rendezvous.v1 import enricher_pb2, enricher_pb2_grpc, scoring_pb2, task_pb2
 
-from services.core.bus import TYPE_PROPERTY, BusError, MemoryBus
+from services.core.bus import TYPE_PROPERTY, BusError
 from services.core.errors import Unavailable
 from services.core.protos import timestamp_from_ns, values_dict
 from services.core.server import GrpcServer
@@ -28,6 +28,7 @@ from services.enricher.enrich import Enricher
 from services.enricher.service import SERVICE_NAME, EnricherServicer, registrar
 from services.enricher.settings import EnricherSettings
 from services.enricher.store import SubjectStore
+from tests.fakes.memory_bus import MemoryBus
 from tests.helpers import metric_value, published, until
 
 SECOND = 1_000_000_000

@@ -15,10 +15,11 @@ from rendezvous.v1 import common_pb2, scoring_pb2_grpc, task_pb2
 
 from services.collector.app import Collector
 from services.collector.settings import CollectorSettings
-from services.core.bus import MemoryBus, SubscriptionMode
+from services.core.bus import SubscriptionMode
 from services.core.mesh import ObjectiveEntry, to_config
 from services.rendezvous.app import Rendezvous
 from services.rendezvous.settings import RendezvousSettings
+from tests.fakes.memory_bus import MemoryBus
 
 OBJECTIVE = ObjectiveEntry.model_validate(
     {

@@ -11,8 +11,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rendezvous.v1 import delivery_pb2, delivery_pb2_grpc, scoring_pb2, task_pb2
 
-from services.core.bus import MemoryBus
 from services.core.protos import duration_ms
+from tests.fakes.memory_bus import MemoryBus
 from tests.helpers import metric_value, until
 from tests.unit.rendezvous.conftest import Mesh
 

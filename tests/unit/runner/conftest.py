@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from services.core.bus import MemoryBus
 from services.runner.host import RunnerHost
 from services.runner.settings import RunnerSettings
+from tests.fakes.memory_bus import MemoryBus
 
 StartRunner = Callable[..., Awaitable[RunnerHost]]
 

@@ -11,9 +11,10 @@ import grpc
 import pytest
 from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, scoring_pb2, task_pb2
 
-from services.core.bus import Envelope, MemoryBus, Subscription
+from services.core.bus import Envelope, Subscription
 from services.core.protos import set_values, timestamp_from_ns
 from services.runner.host import RunnerHost
+from tests.fakes.memory_bus import MemoryBus
 from tests.helpers import metric_value
 from tests.unit.models.model_testing import ServeModel
 from tests.unit.runner.conftest import StartRunner

@@ -1,0 +1,1 @@
+"""Stand-ins that tests use in place of real infrastructure (the in-memory bus)."""
