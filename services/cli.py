@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mesh", type=Path, default=DEFAULT_MESH)
     up.add_argument("--pulsar-url", help="use this broker instead of starting one")
     up.add_argument("--pulsar-admin-url", default="http://127.0.0.1:8080")
-    up.add_argument("--timeout", type=float, default=240.0)
+    up.add_argument("--timeout", type=float, default=360.0)
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")

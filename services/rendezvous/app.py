@@ -230,11 +230,25 @@ class Rendezvous(Component):
     def _write_ready_file(self) -> None:
         write_ready_file(self.settings.ready_file, endpoint=self.endpoint, **self.facts())
 
-    async def _warm_race(self, request: scoring_pb2.ScoreRequest) -> scoring_pb2.ScoreResponse:
+    async def _warm_race(self, request: scoring_pb2.ScoreRequest) -> float | None:
+        """One warm-up race: the path's own latency (the first prediction's arrival less the
+        model's time, so a slow model does not count against the mesh), or None when nothing
+        arrived within the late grace."""
         objective = self.objectives[request.objective]
-        return await self._race(
-            request, objective, objective.policy.sla_ms, False, time.monotonic_ns(), warmup=True
+        first = asyncio.get_running_loop().create_future()
+        await self._race(
+            request,
+            objective,
+            objective.policy.sla_ms,
+            False,
+            time.monotonic_ns(),
+            warmup=True,
+            first_arrival=first,
         )
+        try:
+            return await asyncio.wait_for(first, objective.late_grace_s)
+        except TimeoutError:
+            return None
 
     # ------------------------------------------------------------------ Score
 
@@ -286,6 +300,7 @@ class Rendezvous(Component):
         started_ns: int,
         *,
         warmup: bool = False,
+        first_arrival: asyncio.Future[float] | None = None,
     ) -> scoring_pb2.ScoreResponse:
         """Open a mailbox, dispatch the task, wait for the verdict; the answer."""
         behind_ns = time.monotonic_ns() - started_ns
@@ -301,6 +316,7 @@ class Rendezvous(Component):
             answer=asyncio.get_running_loop().create_future(),
             received_ns=task.received_time.ToNanoseconds(),
             warmup=warmup,
+            first_arrival=first_arrival,
         )
         self.registry.add(mailbox)
         mailbox.start()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
 
-from services.core.protos import duration_from_seconds
+from services.core.protos import duration_from_seconds, duration_ms
 from services.rendezvous.policy import Policy, Reason, Verdict, decide, next_wakeup
 
 DISPATCH_FAILED_RULE = "dispatch failed: default"
@@ -47,6 +47,8 @@ class Mailbox:
     duplicates: int = 0
     # A warm-up race: answered like any other, never recorded as traffic.
     warmup: bool = False
+    # Set to the path's own latency (arrival less the model's time) at the first arrival.
+    first_arrival: asyncio.Future[float] | None = None
     # False until the broker took the task: no prediction can come before that, so a
     # default then is a failed dispatch, not a slow model.
     dispatched: bool = False
@@ -74,6 +76,8 @@ class Mailbox:
         now = self.elapsed_ms()
         late = self.answered
         self.arrivals[event.model] = Arrival(event, now, late)
+        if self.first_arrival is not None and not self.first_arrival.done():
+            self.first_arrival.set_result(now - duration_ms(event.model_latency))
         if late:
             return delivery_pb2.DELIVERY_STATUS_LATE
         if event.WhichOneof("result") == "prediction":

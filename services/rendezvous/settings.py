@@ -40,8 +40,9 @@ class RendezvousSettings(ServiceSettings):
     min_race_budget_ms: float = Field(default=5.0, ge=0)
     # Warm-up before SERVING (see services/rendezvous/warmup.py).
     warmup: bool = True
-    warmup_rate: float = Field(default=100.0, gt=0)
-    warmup_consecutive: int = Field(default=300, ge=1)
+    warmup_rate: float = Field(default=50.0, gt=0)
+    warmup_consecutive: int = Field(default=150, ge=1)
+    warmup_consecutive_per_objective: int = Field(default=10, ge=1)
     warmup_within_fraction: float = Field(default=0.5, gt=0, le=1)
     warmup_min_s: float = Field(default=0.0, ge=0)
-    warmup_max_s: float = Field(default=120.0, gt=0)
+    warmup_max_s: float = Field(default=90.0, gt=0)

@@ -5,8 +5,10 @@ load, subscriptions and producers (one per return address) are made on first use
 process touches its code paths for the first time. So, once a collector stream is open, the
 rendezvous sends warm-up requests through the real path (the task topic, the enricher, every
 model runner, the collector, the mailbox race) at `warmup_rate`, open loop, for each
-objective, until `warmup_consecutive` in a row were answered by a model within
-`warmup_within_fraction` of the SLA, for `warmup_min_s` at least and `warmup_max_s` at most.
+objective, until enough races in a row saw the path itself (the first prediction's arrival,
+less the time the model took: a model slow by design says nothing about the mesh) take at
+most `warmup_within_fraction` of the SLA, for `warmup_min_s` at least and `warmup_max_s` at
+most.
 Warm-up tasks carry `warmup: true`: the models score them, but they are never archived,
 never in an outcome and never counted as traffic. Health turns SERVING only afterwards, so
 `rendezvous up` returns when the first real request will be answered in time.
@@ -27,7 +29,8 @@ from services.rendezvous.settings import RendezvousSettings
 
 log = logging.getLogger(__name__)
 
-Race = Callable[[scoring_pb2.ScoreRequest], Awaitable[scoring_pb2.ScoreResponse]]
+# One warm-up race: the path's own latency in ms, or None when no prediction came.
+Race = Callable[[scoring_pb2.ScoreRequest], Awaitable[float | None]]
 
 
 @dataclass
@@ -36,7 +39,8 @@ class WarmupProgress:
 
     state: str = "waiting for the collector"
     sent: int = 0
-    answered_in_time: int = 0
+    in_time: int = 0
+    # Races in a row (over every objective) whose path was fast enough.
     consecutive: int = 0
     seconds: float = 0.0
 
@@ -61,7 +65,14 @@ def warmup_request(config: objective_pb2.ObjectiveConfig) -> scoring_pb2.ScoreRe
 
 
 class Warmup:
-    """Drives warm-up races for every objective until each is warm or time is up."""
+    """Drives warm-up races over every objective until the path is warm or time is up.
+
+    Warm: `warmup_consecutive` races in a row, over all objectives, and
+    `warmup_consecutive_per_objective` in a row for each, whose path (the first
+    prediction's arrival less the model's own time) took at most `warmup_within_fraction`
+    of the SLA; and at least `warmup_min_s` spent. The races go round the objectives at
+    `warmup_rate` in total, open loop.
+    """
 
     def __init__(
         self,
@@ -73,57 +84,55 @@ class Warmup:
         self.configs = configs
         self.race = race
         self.progress = WarmupProgress()
+        self._per_objective = {config.objective: 0 for config in configs}
+
+    def warm(self, elapsed_s: float) -> bool:
+        settings = self.settings
+        return (
+            elapsed_s >= settings.warmup_min_s
+            and self.progress.consecutive >= settings.warmup_consecutive
+            and all(
+                n >= settings.warmup_consecutive_per_objective for n in self._per_objective.values()
+            )
+        )
 
     async def run(self) -> bool:
-        """True when every objective got warm within `warmup_max_s`."""
+        """True when the path got warm within `warmup_max_s`."""
+        settings = self.settings
         self.progress.state = "running"
         started = time.monotonic()
-        try:
-            warm = await asyncio.wait_for(
-                asyncio.gather(*(self._objective(config, started) for config in self.configs)),
-                self.settings.warmup_max_s,
-            )
-        except TimeoutError:
-            warm = [False]
-        ok = all(warm)
-        self.progress.seconds = time.monotonic() - started
-        self.progress.state = "done" if ok else "gave up (serving anyway)"
-        log_ = log.info if ok else log.warning
-        log_("warm-up finished", extra=self.progress.as_dict())
-        return ok
-
-    async def _objective(self, config: objective_pb2.ObjectiveConfig, started: float) -> bool:
-        settings = self.settings
-        request = warmup_request(config)
-        within_ms = settings.warmup_within_fraction * duration_ms(config.sla)
-        interval = len(self.configs) / settings.warmup_rate
-        consecutive = 0
+        requests = [(config, warmup_request(config)) for config in self.configs]
         pending: set[asyncio.Task[None]] = set()
-
-        async def one() -> None:
-            nonlocal consecutive
-            response = await self.race(request)
-            in_time = (
-                response.decision.source == scoring_pb2.ANSWER_SOURCE_MODEL
-                and duration_ms(response.elapsed) <= within_ms
-            )
-            consecutive = consecutive + 1 if in_time else 0
-            self.progress.answered_in_time += in_time
-            self.progress.consecutive = consecutive
-
         index = 0
-        while True:
-            elapsed = time.monotonic() - started
-            self.progress.seconds = elapsed
-            if consecutive >= settings.warmup_consecutive and elapsed >= settings.warmup_min_s:
+        ok = True
+        while not self.warm(time.monotonic() - started):
+            self.progress.seconds = time.monotonic() - started
+            if self.progress.seconds >= settings.warmup_max_s:
+                ok = False
                 break
-            due = started + index * interval
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            task = asyncio.create_task(one())
+            await asyncio.sleep(max(0.0, started + index / settings.warmup_rate - time.monotonic()))
+            config, request = requests[index % len(requests)]
+            task = asyncio.create_task(self._one(config, request))
             pending.add(task)
             task.add_done_callback(pending.discard)
             index += 1
             self.progress.sent += 1
-        if pending:
-            await asyncio.wait(pending)
-        return True
+        for task in list(pending):
+            task.cancel()
+        self.progress.seconds = time.monotonic() - started
+        self.progress.state = "done" if ok else "gave up (serving anyway)"
+        (log.info if ok else log.warning)("warm-up finished", extra=self.progress.as_dict())
+        return ok
+
+    async def _one(
+        self, config: objective_pb2.ObjectiveConfig, request: scoring_pb2.ScoreRequest
+    ) -> None:
+        path_ms = await self.race(request)
+        limit_ms = self.settings.warmup_within_fraction * duration_ms(config.sla)
+        if path_ms is not None and path_ms <= limit_ms:
+            self.progress.in_time += 1
+            self.progress.consecutive += 1
+            self._per_objective[config.objective] += 1
+        else:
+            self.progress.consecutive = 0
+            self._per_objective[config.objective] = 0

@@ -35,7 +35,8 @@ class SupervisorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RDV_SUPERVISOR_", extra="forbid")
 
-    ready_timeout_s: float = 90.0
+    # Long enough for the rendezvous' warm-up (RendezvousSettings.warmup_max_s) on a cold broker.
+    ready_timeout_s: float = 240.0
     stop_grace_s: float = 10.0
     restart_backoff_initial_s: float = 0.5
     restart_backoff_max_s: float = 10.0

@@ -16,11 +16,13 @@ from pathlib import Path
 
 from services.core.mesh import Mesh
 
-# Start order: a stage starts once every process of the stage before is ready.
+# Start order: a stage starts once every process of the stage before is ready. The
+# rendezvous and its collector start together: the rendezvous serves only once a
+# collector stream is open and its warm-up through the whole path is done.
 STAGE_MODELS = 0
 STAGE_CONSUMERS = 1
 STAGE_RENDEZVOUS = 2
-STAGE_COLLECTOR = 3
+STAGE_COLLECTOR = STAGE_RENDEZVOUS
 
 RENDEZVOUS_INSTANCE = "rdv-0"
 

@@ -100,7 +100,7 @@ class _MemorySubscription(Subscription[M]):
         self._unacked.append(raw)
         return raw
 
-    def _receive_ready_raw(self) -> RawMessage | None:
+    async def _receive_ready_raw(self) -> RawMessage | None:
         if self._state.mode is SubscriptionMode.FAILOVER and self._state.members[:1] != [self]:
             return None
         try:

@@ -184,7 +184,7 @@ class Subscription(abc.ABC, Generic[M]):
         (a model call, a stream write, a broker entry) once per burst."""
         burst = [await self.receive()]
         while len(burst) < max_messages:
-            raw = self._receive_ready_raw()
+            raw = await self._receive_ready_raw()
             if raw is None:
                 break
             envelope = await self._accept(raw)
@@ -200,8 +200,8 @@ class Subscription(abc.ABC, Generic[M]):
             return None
         return Envelope.of(decoded, raw)
 
-    def _receive_ready_raw(self) -> RawMessage | None:
-        """A message the client already holds, or None; never waits."""
+    async def _receive_ready_raw(self) -> RawMessage | None:
+        """A message the client already holds, or None; never waits for one to arrive."""
         return None
 
     async def _send_to_dead_letter(self, raw: RawMessage, reason: str) -> None:

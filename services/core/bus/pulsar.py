@@ -8,6 +8,8 @@ Closing a subscription, a reader or the bus is best effort and raises nothing.
 The client has defects this module works around; each workaround says which, where it is:
 - a cancelled receive still takes the next message (`_keep_pending`);
 - the asyncio API has no receive that returns at once (`_receive_ready_raw`);
+- its acknowledge makes a future and a cross-thread callback per message, and its
+  negative_acknowledge a thread-pool hop, for calls that never block (`_ack_raw`);
 - an open consumer that is garbage-collected aborts the process (`PulsarBus._open`);
 - the client's threads are still inside Python when its close completes (`close_grace_s`);
 - pulsar.asyncio raises an exception class of its own (`_client_errors`).
@@ -83,6 +85,19 @@ class _PulsarPublisher(Publisher[Any]):
             await self._producer.close()
 
 
+def _settle(future: asyncio.Future[Any], result: Any, message: Any) -> None:
+    """Complete a receive started with the C++ consumer's receive_async (on the loop)."""
+    import _pulsar
+    import pulsar.asyncio
+
+    if future.done():
+        return
+    if result == _pulsar.Result.Ok:
+        future.set_result(message)
+    else:
+        future.set_exception(pulsar.asyncio.PulsarException(result))
+
+
 def _raw_from_pulsar(message: Any) -> RawMessage:
     return RawMessage(
         data=message.data(),
@@ -142,28 +157,52 @@ class _PulsarSubscription(Subscription[M]):
             raw.redelivery_count = self._nack_counter.redelivery_count(_message_id(raw.handle))
         return raw
 
-    async def _receive_raw(self) -> RawMessage:
-        return self._counted(_raw_from_pulsar(await _keep_pending(self, self._consumer.receive)))
+    def _start_receive(self) -> asyncio.Future[Any]:
+        """A receive in the C++ consumer that pulsar.asyncio wraps (its private `_consumer`),
+        completed on this loop; the handle of what it returns is the C++ message.
 
-    def _receive_ready_raw(self) -> RawMessage | None:
-        if self._pending is not None:
-            # A receive is outstanding in the client: the next message is promised to it.
+        pulsar.asyncio's receive() is a coroutine around the same call. Called directly, a
+        message the client already holds completes the future within one turn of the loop
+        (the client calls back at once, on this thread), which `_receive_ready_raw` needs."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def received(result: Any, message: Any) -> None:
+            # On a client thread (or this one): only hand over to the loop.
+            loop.call_soon_threadsafe(_settle, future, result, message)
+
+        with _bus_errors():
+            self._consumer._consumer.receive_async(received)
+        return future
+
+    async def _receive_raw(self) -> RawMessage:
+        return self._counted(_raw_from_pulsar(await _keep_pending(self, self._start_receive)))
+
+    async def _receive_ready_raw(self) -> RawMessage | None:
+        # pulsar.asyncio (3.13) has no receive that returns at once. Its C++ consumer's
+        # receive(0) does, but raises a Timeout exception whenever the queue is empty, which
+        # is every burst under light load (measured: 39 us of CPU each). Instead, start the
+        # next receive now and give it one turn of the loop: a message the client already
+        # holds has arrived by then; otherwise the receive stays pending for the next call.
+        if self._pending is None:
+            self._pending = self._start_receive()
+            await asyncio.sleep(0)
+        pending = self._pending
+        if not pending.done():
             return None
-        try:
-            # pulsar.asyncio's Consumer (3.13) has no receive that returns at once: its only
-            # receive() waits for a message. The C++ consumer it wraps (its private
-            # `_consumer`) has a synchronous receive with a timeout: with 0 it takes from the
-            # client's own queue at once, and raises (Timeout) when that is empty.
-            message = self._consumer._consumer.receive(0)
-        except _client_errors():
-            return None
-        return self._counted(_raw_from_pulsar(message))
+        self._pending = None
+        if pending.exception() is not None:
+            return None  # the next receive() meets the same failure and reports it
+        return self._counted(_raw_from_pulsar(pending.result()))
 
     async def _ack_raw(self, raw: RawMessage) -> None:
         if self._nack_counter is not None:
             self._nack_counter.acked(_message_id(raw.handle))
+        # The C++ consumer's own acknowledge only queues the ack in its grouping tracker (the
+        # client sends acks in groups) and never blocks; pulsar.asyncio's makes a future and
+        # a cross-thread callback per message (measured: 16 us of CPU against 1.4 us).
         with _bus_errors():
-            await self._consumer.acknowledge(raw.handle)
+            self._consumer._consumer.acknowledge(raw.handle)
 
     async def _nack_raw(self, raw: RawMessage) -> None:
         if self._nack_counter is not None:
@@ -171,8 +210,9 @@ class _PulsarSubscription(Subscription[M]):
             if reason is not None:
                 await self._send_to_dead_letter(raw, reason)
                 return
+        # Non-blocking in C++; pulsar.asyncio sends it through a thread-pool hop.
         with _bus_errors():
-            await self._consumer.negative_acknowledge(raw.handle)
+            self._consumer._consumer.negative_acknowledge(raw.handle)
 
     async def close(self) -> None:
         if self._pending is not None:

@@ -62,12 +62,35 @@ class _Message:
         return b"id"
 
 
+class _CppConsumer:
+    """The C++ consumer under pulsar.asyncio's (its `_consumer`), whose non-blocking calls
+    the adapter makes directly: synchronous, and receive_async calls back."""
+
+    def __init__(self, fails: Callable[[str, tuple[Any, ...]], bool], exc: Exception) -> None:
+        self._fails = fails
+        self._exc = exc
+
+    def receive_async(self, callback: Callable[[Any, Any], None]) -> None:
+        if self._fails("receive", ()):
+            raise self._exc
+        callback(pulsar.Result.Ok, _Message())
+
+    def acknowledge(self, *args: Any) -> None:
+        if self._fails("acknowledge", args):
+            raise self._exc
+
+    def negative_acknowledge(self, *args: Any) -> None:
+        if self._fails("negative_acknowledge", args):
+            raise self._exc
+
+
 class _Stub:
     """A client, producer, consumer or reader: each call fails if `fails(name, args)`."""
 
     def __init__(self, fails: Callable[[str, tuple[Any, ...]], bool], exc: Exception) -> None:
         self._fails = fails
         self._exc = exc
+        self._consumer = _CppConsumer(fails, exc)
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         async def call(*args: Any, **kwargs: Any) -> Any:
