@@ -151,12 +151,20 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _print_processes(state: dict[str, Any] | None) -> None:
     if not state:
         return
-    print(f"{'process':28} {'role':11} {'endpoint':22} {'pid':>7} {'restarts':>8}  status")
+    print(f"{'process':28} {'role':12} {'endpoint':22} {'pid':>7} {'restarts':>8}  status")
     for process in state["processes"]:
         print(
-            f"{process['name']:28} {process['role'] or '-':11} {process['endpoint']:22} "
+            f"{process['name']:28} {process['role'] or '-':12} {process['endpoint']:22} "
             f"{process['pid'] or '-':>7} {process['restarts']:>8}  {process['status']}"
         )
+    for process in state["processes"]:
+        warmup = process.get("warmup")
+        if warmup:
+            print(
+                f"warm-up of {process['name']}: {warmup['state']}, {warmup['sent']} requests "
+                f"in {warmup['seconds']:.1f}s, {warmup['in_time']} in time, "
+                f"{warmup['consecutive']} in a row"
+            )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 
 _STANDARD_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -64,7 +65,14 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
 
 
 def configure_tracing(service: str, exporter: str = "none") -> None:
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    """Install the process' tracer provider.
+
+    With no exporter a recorded span goes nowhere, so none is recorded: spans are the SDK's
+    non-recording ones (ALWAYS_OFF), which still carry the trace and span ids, so the trace
+    context keeps crossing gRPC and Pulsar, at a fraction of the cost per message.
+    """
+    sampler = ALWAYS_OFF if exporter == "none" else ALWAYS_ON
+    provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
     if exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)

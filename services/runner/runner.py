@@ -214,7 +214,11 @@ class ModelRunner:
             self.deployment, task, result, received_ns=queued.received_ns, elapsed_s=elapsed_s
         )
         try:
-            publisher = await self._bus.publisher(task.return_address, task_pb2.PredictionEvent)
+            publisher = await self._bus.publisher(
+                task.return_address,
+                task_pb2.PredictionEvent,
+                max_delay_ms=self.settings.prediction_linger_ms,
+            )
             await publisher.publish(
                 event, key=event.request_id, timeout=self.settings.publish_timeout_s
             )

@@ -167,7 +167,16 @@ class Supervised:
             await process.wait()
         self.status = "stopped"
 
+    def ready_facts(self) -> dict[str, Any]:
+        """What the process wrote into its ready file (e.g. the rendezvous' warm-up)."""
+        try:
+            facts: dict[str, Any] = json.loads(self.spec.ready_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return facts
+
     def describe(self) -> dict[str, Any]:
+        warmup = self.ready_facts().get("warmup")
         return {
             "name": self.spec.name,
             "module": self.spec.module,
@@ -177,6 +186,7 @@ class Supervised:
             "status": self.status,
             "restarts": self.restarts,
             "log": str(self.spec.log_file),
+            **({"warmup": warmup} if warmup else {}),
             **self.spec.labels,
         }
 

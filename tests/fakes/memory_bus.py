@@ -189,7 +189,9 @@ class MemoryBus(Bus):
         """Everything ever published to `topic` (for assertions)."""
         return list(self.topic_state(topic).log)
 
-    async def _create_publisher(self, topic: str, batching: bool) -> Publisher[Any]:
+    async def _create_publisher(
+        self, topic: str, batching: bool, max_delay_ms: int
+    ) -> Publisher[Any]:
         return _MemoryPublisher(self, topic)
 
     async def subscribe(

@@ -268,13 +268,18 @@ class Bus(abc.ABC):
     def __init__(self, settings: PulsarSettings) -> None:
         self.settings = settings
         self.topics = Topics(settings.tenant_namespace)
-        self._publishers: dict[tuple[str, bool], Publisher[Any]] = {}
+        self._publishers: dict[tuple[str, bool, int], Publisher[Any]] = {}
         # The message type each topic's publishers were asked for (see `publisher`).
         self._topic_types: dict[str, type[Message]] = {}
         self._publisher_lock = asyncio.Lock()
 
     async def publisher(
-        self, topic: str, message_type: type[M], *, batching: bool | None = None
+        self,
+        topic: str,
+        message_type: type[M],
+        *,
+        batching: bool | None = None,
+        max_delay_ms: int | None = None,
     ) -> Publisher[M]:
         """A publisher for `topic`, shared by every caller in this process.
 
@@ -282,7 +287,10 @@ class Bus(abc.ABC):
         the client's I/O thread sends the batch as soon as it gets to it: a lone message
         leaves at once (measured: the same round trip as unbatched), while a burst published
         in one turn of the event loop costs the broker one entry instead of one per message.
-        Without it every message is its own entry.
+        Without it every message is its own entry. `max_delay_ms` (default:
+        `settings.batching_max_delay_ms`) lets a batch wait that long for more messages: what a
+        few producers of one process publish to one topic within it shares one broker entry,
+        one dispatch and one receive at the other end.
 
         A topic carries one message type: asking for it with another type than before raises
         TypeError. Keying the cache by type as well would hand out a second publisher that
@@ -293,7 +301,9 @@ class Bus(abc.ABC):
         """
         if batching is None:
             batching = self.settings.batching
-        cache_key = (topic, batching)
+        if max_delay_ms is None:
+            max_delay_ms = self.settings.batching_max_delay_ms
+        cache_key = (topic, batching, max_delay_ms)
         existing = self._publishers.get(cache_key)
         if existing is not None:
             self._check_topic_type(topic, message_type)
@@ -302,7 +312,7 @@ class Bus(abc.ABC):
             self._check_topic_type(topic, message_type)
             existing = self._publishers.get(cache_key)
             if existing is None:
-                existing = await self._create_publisher(topic, batching)
+                existing = await self._create_publisher(topic, batching, max_delay_ms)
                 self._publishers[cache_key] = existing
                 self._topic_types[topic] = message_type
         return existing
@@ -320,7 +330,9 @@ class Bus(abc.ABC):
         return await self.publisher(Topics.dead_letter(topic), Message)
 
     @abc.abstractmethod
-    async def _create_publisher(self, topic: str, batching: bool) -> Publisher[Any]: ...
+    async def _create_publisher(
+        self, topic: str, batching: bool, max_delay_ms: int
+    ) -> Publisher[Any]: ...
 
     @abc.abstractmethod
     async def subscribe(

@@ -271,13 +271,15 @@ class PulsarBus(Bus):
         except refused as exc:
             raise _pulsar_error(exc) from exc
 
-    async def _create_publisher(self, topic: str, batching: bool) -> Publisher[Any]:
+    async def _create_publisher(
+        self, topic: str, batching: bool, max_delay_ms: int
+    ) -> Publisher[Any]:
         with _bus_errors():
             producer = await self._client.create_producer(
                 topic,
                 send_timeout_millis=int(self.settings.send_timeout_s * 1000),
                 batching_enabled=batching,
-                batching_max_publish_delay_ms=self.settings.batching_max_delay_ms,
+                batching_max_publish_delay_ms=max_delay_ms,
                 block_if_queue_full=False,
             )
         return _PulsarPublisher(producer, topic)
