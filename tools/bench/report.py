@@ -104,6 +104,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(row['default_share'], '.2f', 100)} % | "
             f"{_fmt(row['cpu_ms_per_request'], '.2f')} |"
         )
+    if result.get("demo") and "unavailable" not in result["demo"]:
+        lines += ["", *demo_section(result["demo"])]
     if result["stopped"]:
         lines += ["", "Stopped climbing:"]
         lines += [f"- {name}: {why}" for name, why in result["stopped"].items()]
@@ -111,6 +113,64 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", *cpu_breakdown(result["runs"])]
     lines += ["", "![latency against achieved rate](latest.png)", ""]
     return "\n".join(lines)
+
+
+def demo_section(demo: dict[str, Any]) -> list[str]:
+    """D: the first run after `rendezvous up` (and its slices), the warm runs, the targets."""
+    warmup = demo.get("warmup") or {}
+    lines = [
+        "## D: the demo mesh as `make up` runs it",
+        "",
+        f"`rendezvous up` returned after {demo['up_s']:.1f} s (broker start, every process, the "
+        f"rendezvous' warm-up: {warmup.get('state', '?')}, {warmup.get('sent', '?')} requests in "
+        f"{warmup.get('seconds', 0):.1f} s); the first request left the moment it returned. "
+        "Client-side figures from an independent open-loop client; late = answered later than "
+        "SLA + 10 ms at the client.",
+        "",
+        "| run | req/s | requests | default answers | late | p50 ms | p90 ms | p99 ms | max ms | "
+        "CPU ms/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    runs = [("first after up", demo["first"]), *(("warm", r) for r in demo["warm"])]
+    for name, run in runs:
+        lines.append(
+            f"| {name} | {run['rate']:g} | {run['requests']} | "
+            f"{100 * (run['default_share'] or 0):.2f} % | {100 * (run['late_share'] or 0):.2f} % | "
+            f"{run['p50_ms']:.1f} | {run['p90_ms']:.1f} | {run['p99_ms']:.1f} | "
+            f"{run['max_ms']:.1f} | {run['cpu_ms_per_request']:.2f} |"
+        )
+    windows = demo["first"].get("windows") or []
+    if windows:
+        slices = ", ".join(
+            f"{w['from_s']:g} s: {100 * (w['default_share'] or 0):.1f} % / p99 {w['p99_ms']:.0f}"
+            for w in windows
+        )
+        lines += ["", f"First run by slice (default share / p99 ms): {slices}."]
+    first = demo["first"]
+    lines += [
+        "",
+        "Targets (the SLA issue):",
+        f"- from the first request after `make up`, {first['rate']:g} req/s: "
+        f"{100 * (first['default_share'] or 0):.2f} % defaults (<= 0.1 %: "
+        f"**{'met' if (first['default_share'] or 0) <= 0.001 else 'missed'}**)",
+    ]
+    for run in demo["warm"]:
+        if run["rate"] != 100:
+            continue
+        ok = (
+            (run["default_share"] or 0) <= 0.001
+            and run["p99_ms"] <= 50.0
+            and (run["late_share"] or 0) <= 0.001
+        )
+        lines.append(
+            f"- warm, 100 req/s: {100 * (run['default_share'] or 0):.2f} % defaults, p99 "
+            f"{run['p99_ms']:.1f} ms, {100 * (run['late_share'] or 0):.2f} % late (<= 0.1 %, "
+            f"<= 50 ms, <= 0.1 %: **{'met' if ok else 'missed'}**)"
+        )
+    by_process = demo["first"].get("cpu_ms_per_request_by_process") or {}
+    parts = [f"{n} {v:.2f}" for n, v in sorted(by_process.items(), key=lambda kv: -kv[1])]
+    lines += ["", "Where the CPU goes in the first run (ms per request): " + ", ".join(parts)]
+    return lines
 
 
 def _row(summary: list[dict[str, Any]], system: str, rate: int) -> dict[str, Any] | None:

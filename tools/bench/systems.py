@@ -22,6 +22,7 @@ ONE, RACE = "bench-one", "bench-race"
 SETTLE_S = 1.0
 
 DESCRIPTIONS = {
+    "D": "the demo mesh as `make up` runs it (enricher, flaky challenger), from the first request",
     "S0": "direct ModelService/Predict to the incumbent's container (the floor)",
     "S1": "rendezvous with one model (objective bench-one)",
     "S2": "rendezvous, three models racing + canary + decoy (objective bench-race)",
