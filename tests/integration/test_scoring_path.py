@@ -444,6 +444,27 @@ async def test_bad_input_gets_clear_statuses(mesh: RunningMesh) -> None:
         assert "Traceback" not in (err.details() or "")
 
 
+async def test_every_answer_leaves_within_the_sla_at_50_requests_per_second(
+    mesh: RunningMesh,
+) -> None:
+    # The server's own clock (started when the request reached the process, loop lag
+    # included): no answer may leave later than SLA + 5 ms, whoever answered.
+    rate, seconds, sla_ms = 50, 10, 60.0
+    async with grpc.aio.insecure_channel(mesh.endpoint) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        started = time.monotonic()
+        calls = []
+        for index in range(rate * seconds):
+            await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
+            calls.append(asyncio.ensure_future(stub.Score(request("hops"), timeout=5.0)))
+        responses = await asyncio.gather(*calls)
+    elapsed = sorted(duration_ms(r.elapsed) for r in responses)
+    assert len(responses) == rate * seconds
+    assert elapsed[-1] <= sla_ms + 5.0, f"slowest answers (ms): {elapsed[-5:]}"
+    by_model = sum(r.decision.source == scoring_pb2.ANSWER_SOURCE_MODEL for r in responses)
+    assert by_model >= 0.99 * len(responses), f"{by_model} of {len(responses)} by a model"
+
+
 async def test_overload_is_shed_with_resource_exhausted(mesh: RunningMesh) -> None:
     # ghz (Go) holds 3x MAX_IN_FLIGHT calls open at once whatever this process is doing; a
     # Python client on a busy machine could not start them faster than they are answered.

@@ -169,6 +169,25 @@ async def test_every_task_is_archived_redacted_and_keyed_by_request(
     assert component.archived == 3
 
 
+async def test_warm_up_tasks_are_acknowledged_and_never_archived(
+    decoy: tuple[DecoyComponent, MemoryBus, str],
+) -> None:
+    component, bus, objective = decoy
+    tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    warm = _enriched(objective, "warm")
+    warm.task.warmup = True
+    await tasks.publish(warm, key="warm")
+    await tasks.publish(_enriched(objective, "real"), key="real")
+
+    await until(lambda: len(_archived(bus, objective)) == 1)
+    assert [r.task.task.request.request_id for r in _archived(bus, objective)] == ["real"]
+    assert component.archived == 1
+    # Both acknowledged: nothing waits for redelivery.
+    subscription = component._subscription
+    assert subscription is not None
+    await until(lambda: not subscription._unacked)  # type: ignore[attr-defined]
+
+
 async def test_an_undecodable_task_goes_to_the_dlq_and_the_next_is_archived(
     decoy: tuple[DecoyComponent, MemoryBus, str],
 ) -> None:
