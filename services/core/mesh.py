@@ -215,10 +215,3 @@ def _describe(step: PolicyStepEntry) -> str:
     if len(step.accept) == 1:
         return f"until {step.until_ms:g}ms: {step.accept[0]} only"
     return f"until {step.until_ms:g}ms: first of {', '.join(step.accept)}"
-
-
-def role_name(role: int) -> str:
-    for name, value in _ROLES.items():
-        if value == role:
-            return name
-    return "unspecified"

@@ -1,9 +1,10 @@
 """Typed settings: one object per service, read from env vars and a YAML file.
 
 Precedence (highest first): constructor arguments, environment variables
-(`RDV_<SERVICE>_<FIELD>`), the service's section of the YAML file named by
-`RENDEZVOUS_CONFIG`, then the defaults declared here. Nothing else in the code
-base carries tunable constants.
+(`RDV_<SERVICE>_<FIELD>`, nested fields joined by `__`), the service's section
+(`config_section`) of the YAML file named by `RENDEZVOUS_CONFIG`, then the
+defaults declared here. A missing file or section reads as empty. Nothing else in
+the code base carries tunable constants.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 CONFIG_FILE_ENV = "RENDEZVOUS_CONFIG"
 
@@ -91,32 +96,27 @@ class ServiceSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = os.environ.get(CONFIG_FILE_ENV)
-        section = getattr(settings_cls, "config_section", "service")
-        return (
-            init_settings,
-            env_settings,
-            _YamlSection(settings_cls, Path(config_file) if config_file else None, section),
-        )
+        return init_settings, env_settings, _config_file_section(settings_cls)
 
 
-class _YamlSection(PydanticBaseSettingsSource):
-    """One service's section of the shared YAML config file; a missing section is empty."""
+def _config_file_section(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource:
+    """This service's section of the `RENDEZVOUS_CONFIG` file, read by pydantic-settings.
 
-    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, section: str) -> None:
-        super().__init__(settings_cls)
-        self._data: dict[str, Any] = {}
-        if path is not None:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: the top level must be a mapping of service sections")
-            section_data = loaded.get(section) or {}
-            if not isinstance(section_data, dict):
-                raise ValueError(f"{path}: section {section!r} must be a mapping")
-            self._data = section_data
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._data)
+    One file serves every service, so no variable, no file and a file without this
+    service's section all read as empty. A file that cannot be read as a mapping of
+    sections is an error naming the file and the section.
+    """
+    path = os.environ.get(CONFIG_FILE_ENV) or None
+    section: str = getattr(settings_cls, "config_section", "service")
+    try:
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path, yaml_config_section=section)
+    except KeyError:
+        # pydantic-settings' way of saying the file has no such section.
+        return YamlConfigSettingsSource(settings_cls, yaml_file=None)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{CONFIG_FILE_ENV}={path} is not valid YAML: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{CONFIG_FILE_ENV}={path}: cannot read section {section!r}; the file must map "
+            f"service names to mappings of settings ({exc})"
+        ) from exc

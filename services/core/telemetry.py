@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -22,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram, start_http_server
 
 _STANDARD_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -99,27 +98,51 @@ def start_metrics_server(port: int) -> None:
         start_http_server(port, addr="127.0.0.1")
 
 
+# Every counter and histogram made here, by name, with the shape it was made with.
+# Ours, not the registry's: prometheus_client keeps its own index private.
+_MADE: dict[str, tuple[dict[str, object], Counter | Histogram]] = {}
+
+_C = TypeVar("_C", Counter, Histogram)
+
+
+def _one_per_name(
+    kind: type[_C], name: str, shape: dict[str, object], make: Callable[[], _C]
+) -> _C:
+    """The collector made for `name`, made now if it is the first ask.
+
+    A second ask must describe the same metric (kind, labels, buckets); anything else is
+    two metrics sharing a name, an error the caller should hear about by name.
+    """
+    made = _MADE.get(name)
+    if made is None:
+        collector = make()
+        _MADE[name] = (shape, collector)
+        return collector
+    made_shape, existing = made
+    if not isinstance(existing, kind) or made_shape != shape:
+        raise ValueError(
+            f"metric {name!r} was made as {type(existing).__name__} {made_shape}, "
+            f"asked again as {kind.__name__} {shape}"
+        )
+    return existing
+
+
 def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
     """A process-wide counter; asking twice for one name returns the same counter."""
-    existing = REGISTRY._names_to_collectors.get(
-        name + "_total"
-    ) or REGISTRY._names_to_collectors.get(name)
-    if existing is not None:
-        return existing  # type: ignore[return-value]
-    return Counter(name, doc, labels)
+    return _one_per_name(Counter, name, {"labels": labels}, lambda: Counter(name, doc, labels))
 
 
 def histogram(
     name: str, doc: str, labels: tuple[str, ...] = (), buckets: tuple[float, ...] | None = None
 ) -> Histogram:
-    existing = REGISTRY._names_to_collectors.get(name) or REGISTRY._names_to_collectors.get(
-        name + "_bucket"
+    """A process-wide histogram; asking twice for one name returns the same histogram."""
+    chosen = LATENCY_BUCKETS_S if buckets is None else buckets
+    return _one_per_name(
+        Histogram,
+        name,
+        {"labels": labels, "buckets": chosen},
+        lambda: Histogram(name, doc, labels, buckets=chosen),
     )
-    if existing is not None:
-        return existing  # type: ignore[return-value]
-    if buckets is None:
-        buckets = LATENCY_BUCKETS_S
-    return Histogram(name, doc, labels, buckets=buckets)
 
 
 # Milliseconds matter here: the rendezvous overhead target is single-digit ms.
@@ -142,7 +165,3 @@ LATENCY_BUCKETS_S = (
     1.0,
     2.5,
 )
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000.0

@@ -14,6 +14,7 @@ Nothing here reads a clock or touches I/O, so the race is property-tested.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -111,7 +112,8 @@ def decide(
             if model in arrived and arrived[model] <= now_ms:
                 return Verdict(model, Reason.ACCEPTED, index, step.description)
         return None
-    if policy.prefer_canary and policy.canary is not None and policy.canary in arrived:
+    canary = policy.canary
+    if policy.prefer_canary and canary is not None and arrived.get(canary, math.inf) <= now_ms:
         return Verdict(
             policy.canary, Reason.SLA_CANARY, -1, f"at the SLA ({sla:g}ms): canary's score"
         )
