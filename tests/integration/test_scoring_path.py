@@ -533,13 +533,20 @@ async def test_collector_restart_loses_nothing(mesh: RunningMesh) -> None:
             break
         await asyncio.sleep(0.2)
     assert mesh.process("collector")["restarts"] >= 1
-    # Every prediction made while it was down was delivered after its restart (as late).
+    # Every prediction made while it was down was delivered after its restart, after the
+    # answer: late. On a busy machine a model call can also run out of the task's deadline;
+    # its error is delivered all the same and recorded as the model's error.
     for response in during:
         result = await outcome(mesh, "hops", response.request_id)
-        assert statuses(result) == {
-            "echo-incumbent": task_pb2.CANDIDATE_STATUS_LATE,
-            "hops-challenger": task_pb2.CANDIDATE_STATUS_LATE,
-        }
+        assert statuses(result).keys() == {"echo-incumbent", "hops-challenger"}
+        for candidate in result.candidates:
+            assert duration_ms(candidate.arrival) > duration_ms(response.elapsed)
+            expected = (
+                task_pb2.CANDIDATE_STATUS_LATE
+                if candidate.prediction.WhichOneof("result") == "prediction"
+                else task_pb2.CANDIDATE_STATUS_ERROR
+            )
+            assert candidate.status == expected, candidate
     after, _ = await score(mesh, request("hops"))
     assert after.decision.model == "echo-incumbent"
 
