@@ -5,8 +5,10 @@ was not scheduled) for that long, and every callback queued meanwhile waited as 
 figures come from it:
 - `rdv_event_loop_lag_seconds`, a histogram of each probe's lateness;
 - `behind_s()`, a lower bound of how long work that becomes runnable now has been waiting:
-  the larger of how overdue the pending probe is and what the last probe measured (while
-  the backlog of that stall is still being worked off). The rendezvous starts a request's
+  the larger of how overdue the pending probe is and what the last probe measured (for
+  `backlog_window_s` after it ran: what queued during a stall is worked off within a few
+  milliseconds, and a request that arrives later did not wait; charging it the whole stall
+  would shed requests that could be answered in time). The rendezvous starts a request's
   clock that much earlier, since the request reached the process before its handler ran.
 """
 
@@ -27,8 +29,9 @@ LOOP_LAG = histogram(
 class LoopLag:
     """A probe timer on the running loop; `stop` cancels it."""
 
-    def __init__(self, process: str, interval_s: float) -> None:
+    def __init__(self, process: str, interval_s: float, backlog_window_s: float) -> None:
         self._interval_s = interval_s
+        self._backlog_window_s = backlog_window_s
         self._histogram = LOOP_LAG.labels(process)
         self._loop = asyncio.get_running_loop()
         self._due = time.monotonic() + interval_s
@@ -49,9 +52,10 @@ class LoopLag:
         """A lower bound of how long runnable work has waited for the loop, right now."""
         now = time.monotonic()
         overdue = now - self._due
-        # After a stall the loop works off what queued during it, for about as long again:
-        # until then the last probe's lateness still describes the wait.
-        recent = self._last_lag_s if now - self._last_run < self._last_lag_s else 0.0
+        # Right after a stall the loop works off what queued during it: for that short while
+        # the last probe's lateness still describes the wait.
+        window = min(self._last_lag_s, self._backlog_window_s)
+        recent = self._last_lag_s if now - self._last_run < window else 0.0
         return max(0.0, overdue, recent)
 
     def stop(self) -> None:

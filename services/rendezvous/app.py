@@ -172,7 +172,11 @@ class Rendezvous(Component):
             self._outcome_publishers[name] = await bus.publisher(
                 bus.topics.results(name), task_pb2.Outcome
             )
-        lag = self._lag = LoopLag("rendezvous", self.settings.loop_lag_probe_interval_s)
+        lag = self._lag = LoopLag(
+            "rendezvous",
+            self.settings.loop_lag_probe_interval_s,
+            self.settings.loop_lag_backlog_window_s,
+        )
         stack.callback(lag.stop)
 
     def facts(self) -> dict[str, Any]:

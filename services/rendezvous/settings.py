@@ -35,6 +35,8 @@ class RendezvousSettings(ServiceSettings):
     # The event-loop lag probe's period (the rdv_event_loop_lag_seconds metric, and how
     # far a request's clock is started before its handler ran).
     loop_lag_probe_interval_s: float = Field(default=0.02, gt=0)
+    # How long after a stall its lateness is still charged to requests (its backlog).
+    loop_lag_backlog_window_s: float = Field(default=0.005, ge=0)
     # A request the loop could leave less than this much of its SLA is shed at once with
     # RESOURCE_EXHAUSTED: answering it would only answer late.
     min_race_budget_ms: float = Field(default=5.0, ge=0)

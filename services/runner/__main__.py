@@ -1,4 +1,4 @@
-"""`python -m services.runner`: run one model runner."""
+"""`python -m services.runner`: run a runner host (its model runners and, when set, the decoy)."""
 
 from .app import main
 
