@@ -28,10 +28,10 @@ async def outcomes(stub: object, calls: int) -> list[str]:
             results.append("OK")
         except grpc.aio.AioRpcError as err:
             results.append(err.code().name)
-            assert err.details() in (
-                "the model is unavailable (simulated)",
-                "the model failed (simulated)",
-            )
+            assert (err.code(), err.details()) in {
+                (grpc.StatusCode.UNAVAILABLE, "the model is unavailable (simulated)"),
+                (grpc.StatusCode.INTERNAL, "the model failed (simulated)"),
+            }
     return results
 
 

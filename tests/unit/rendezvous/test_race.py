@@ -128,6 +128,7 @@ async def test_unknown_objective_is_not_found(mesh: Mesh) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await mesh.stub.Score(scoring_pb2.ScoreRequest(objective="nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "unknown objective 'nope'"
 
 
 async def test_bad_features_name_every_field(mesh: Mesh) -> None:
@@ -155,7 +156,8 @@ async def test_undecodable_body_is_invalid_argument(mesh: Mesh) -> None:
         await raw(b"\xff\xff\xff\xff")
     await channel.close()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Traceback" not in (caught.value.details() or "")
+    assert caught.value.details() == "request body does not parse"
+    assert violations(caught.value) == {"": "the request body is not a valid Score request"}
 
 
 async def test_oversize_request_is_resource_exhausted(mesh: Mesh) -> None:
@@ -164,6 +166,11 @@ async def test_oversize_request_is_resource_exhausted(mesh: Mesh) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await mesh.stub.Score(big)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # gRPC's own words, before any handler runs: the size and the limit, nothing else.
+    limit = mesh.rendezvous.settings.max_message_bytes
+    assert caught.value.details() == (
+        f"SERVER: Received message larger than max ({big.ByteSize()} vs. {limit})"
+    )
 
 
 async def test_overload_is_shed(mesh: Mesh) -> None:
