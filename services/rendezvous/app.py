@@ -282,7 +282,9 @@ class Rendezvous(Component):
             client_ms = behind_ms + remaining * 1000 - self.settings.client_deadline_margin_ms
             if client_ms < sla_ms:
                 sla_ms, client_deadline = max(client_ms, 0.0), True
-        if sla_ms - behind_ms < self.settings.min_race_budget_ms:
+        # Shed only for the loop's own lag: a budget a tight client deadline leaves small is
+        # answered as the client asked, by the default at its deadline (CLIENT_DEADLINE).
+        if objective.policy.sla_ms - behind_ms < self.settings.min_race_budget_ms:
             SHED.labels(request.objective, "behind").inc()
             raise ResourceExhausted("the service is overloaded; retry later")
 
