@@ -23,7 +23,7 @@ from typing import Any
 
 from rendezvous.v1 import task_pb2
 
-from services.core.bus import Envelope, Subscription, SubscriptionMode
+from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode
 from services.core.consumer import BoundedConsumer
 from services.core.lifecycle import Component
 from services.core.telemetry import counter
@@ -44,7 +44,7 @@ REDELIVERIES = counter(
 class RunnerHost(Component):
     """A Component: the hosted runners, the hosted archive, one subscription."""
 
-    def __init__(self, settings: RunnerSettings, bus: Any = None) -> None:
+    def __init__(self, settings: RunnerSettings, bus: Bus | None = None) -> None:
         super().__init__(settings, name=f"runner-host-{settings.instance}", bus=bus)
         self.settings: RunnerSettings = settings
         self.objective = settings.host_objective()

@@ -30,13 +30,9 @@ from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
 from services.core.protos import set_values
 from tools.bench.load import quantile
 from tools.bench.probes import CpuMeter
+from tools.bench.systems import FEATURES
 
 REPO = Path(__file__).resolve().parents[2]
-FEATURES = {
-    "age": 0.0380759, "sex": 0.0506801, "bmi": 0.0616962, "bp": 0.0218724,
-    "s1": -0.0442235, "s2": -0.0348208, "s3": -0.0434008, "s4": -0.0025923,
-    "s5": 0.0199075, "s6": -0.0176461,
-}  # fmt: skip
 # An answer this much past the SLA at the client is "late" in the report.
 LATE_MARGIN_MS = 10.0
 
