@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rendezvous.v1 import common_pb2, model_pb2, objective_pb2
 
-from services.core.protos import duration_from_seconds, set_values
+from services.core.protos import duration_from_seconds, duration_ms, set_values, values_dict
 
 _ROLES = {
     "incumbent": common_pb2.MODEL_ROLE_INCUMBENT,
@@ -72,11 +72,26 @@ class ModelEntry(_Strict):
 
 
 class PolicyStepEntry(_Strict):
-    """Accept the first of `accept` (in that order of preference) until `until_ms`."""
+    """Accept the first of `accept` (in that order of preference) until `until_ms`.
+
+    `shares` give models of `accept` a share of the requests as first choice (an A/B split,
+    deterministic by request id; see PolicyStep.shares in objective.proto)."""
 
     until_ms: float = Field(gt=0)
     accept: list[str] = Field(min_length=1)
     description: str = ""
+    shares: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _shares_of_accepted_models(self) -> PolicyStepEntry:
+        for model, share in self.shares.items():
+            if model not in self.accept:
+                raise ValueError(f"shares names {model!r}, which the step does not accept")
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"share of {model!r} must be in [0, 1], not {share}")
+        if sum(self.shares.values()) > 1.0 + 1e-9:
+            raise ValueError("shares must sum to at most 1")
+        return self
 
 
 class DefaultEntry(_Strict):
@@ -192,19 +207,24 @@ def to_config(name: str, entry: ObjectiveEntry, version: int = 1) -> objective_p
             description=feature.description,
         )
     for model in entry.models:
-        config.models.add(
+        deployment = config.models.add(
             name=model.name,
             role=_ROLES[model.role],
             version=model.version,
             endpoint=model.endpoint or "",
             enabled=model.enabled,
+            kind=model.kind or "",
+            replicas=model.replicas,
         )
+        deployment.args.update(model.args)
     for step in entry.policy:
-        config.policy.steps.add(
+        added = config.policy.steps.add(
             until=duration_from_seconds(step.until_ms / 1000),
             accept=step.accept,
             description=step.description or _describe(step),
         )
+        for accepted, share in step.shares.items():
+            added.shares[accepted] = share
     config.default_answer.score = entry.default.score
     config.default_answer.prefer_canary = entry.default.prefer_canary
     set_values(config.default_answer.outputs, entry.default.outputs)
@@ -215,3 +235,81 @@ def _describe(step: PolicyStepEntry) -> str:
     if len(step.accept) == 1:
         return f"until {step.until_ms:g}ms: {step.accept[0]} only"
     return f"until {step.until_ms:g}ms: first of {', '.join(step.accept)}"
+
+
+_ROLE_NAMES = {value: key for key, value in _ROLES.items()}
+_FEATURE_TYPE_NAMES = {value: key for key, value in _FEATURE_TYPES.items()}
+_ENRICHMENT_NAMES = {value: key for key, value in _ENRICHMENT.items()}
+_CONSENT_NAMES = {value: key for key, value in _CONSENT.items()}
+
+
+def entry_from_config(config: objective_pb2.ObjectiveConfig) -> dict[str, Any]:
+    """An objective configuration in the mesh file's form (what `to_config` reads back):
+    how `rendezvous objective show` prints it, and what `apply` takes after an edit."""
+
+    def model(deployment: objective_pb2.ModelDeployment) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": deployment.name,
+            "role": _ROLE_NAMES.get(deployment.role, "challenger"),
+            "version": deployment.version,
+        }
+        if deployment.kind:
+            out["kind"] = deployment.kind
+        args = values_dict(deployment.args.fields) if deployment.HasField("args") else {}
+        if args:
+            out["args"] = args
+        if deployment.endpoint:
+            out["endpoint"] = deployment.endpoint
+        if deployment.replicas > 1:
+            out["replicas"] = deployment.replicas
+        if not deployment.enabled:
+            out["enabled"] = False
+        return out
+
+    def step(policy_step: objective_pb2.PolicyStep) -> dict[str, Any]:
+        until_ms = duration_ms(policy_step.until)
+        out: dict[str, Any] = {"until_ms": until_ms, "accept": list(policy_step.accept)}
+        generated = _describe(PolicyStepEntry(until_ms=until_ms, accept=list(policy_step.accept)))
+        if policy_step.description and policy_step.description != generated:
+            out["description"] = policy_step.description
+        if policy_step.shares:
+            out["shares"] = {
+                name: policy_step.shares[name]
+                for name in policy_step.accept
+                if name in policy_step.shares
+            }
+        return out
+
+    default: dict[str, Any] = {"score": config.default_answer.score}
+    outputs = values_dict(config.default_answer.outputs)
+    if outputs:
+        default["outputs"] = outputs
+    if config.default_answer.prefer_canary:
+        default["prefer_canary"] = True
+    return {
+        "sla_ms": duration_ms(config.sla),
+        "late_grace_ms": duration_ms(config.late_grace),
+        "enrichment": _ENRICHMENT_NAMES.get(config.enrichment, "subject_state"),
+        "features": [
+            {
+                "name": feature.name,
+                "type": _FEATURE_TYPE_NAMES.get(feature.type, "any"),
+                "required": feature.required,
+                **({"description": feature.description} if feature.description else {}),
+            }
+            for feature in config.features
+        ],
+        "models": [model(deployment) for deployment in config.models],
+        "policy": [step(policy_step) for policy_step in config.policy.steps],
+        "default": default,
+        "sampling": {
+            "challenger_fraction": config.sampling.challenger_fraction,
+            "archive_fraction": config.sampling.archive_fraction,
+        },
+        "default_consent": {
+            "experimentation": _CONSENT_NAMES.get(
+                config.default_consent.experimentation, "granted"
+            ),
+            "archiving": _CONSENT_NAMES.get(config.default_consent.archiving, "granted"),
+        },
+    }

@@ -6,7 +6,9 @@ rdv.<objective>.results      outcomes: the answer and every candidate
 rdv.<objective>.archive      the decoy's redacted copy of every task
 rdv.<objective>.events       subject events the enricher keeps state from
 rdv.predictions.<instance>   a rendezvous instance's return address
-rdv.control.objectives       objective configurations (compacted, keyed by objective)
+rdv.control.objectives       objective configurations (compacted, keyed by objective; the
+                             retained history is the audit trail of every version)
+rdv.control.runners          runner hosts' RunnerStatus (compacted, keyed objective/model/host)
 <topic>-DLQ                  messages that could not be decoded or processed
 """
 
@@ -51,6 +53,9 @@ class Topics:
 
     def control(self) -> str:
         return self._full(f"{PREFIX}.control.objectives")
+
+    def runner_status(self) -> str:
+        return self._full(f"{PREFIX}.control.runners")
 
     @staticmethod
     def dead_letter(topic: str) -> str:

@@ -151,15 +151,33 @@ class _MemorySubscription(Subscription[M]):
 
 
 class _MemoryReader(Reader[M]):
-    def __init__(self, topic: _MemoryTopic, message_type: type[M], position: int) -> None:
+    def __init__(
+        self,
+        topic: _MemoryTopic,
+        message_type: type[M],
+        position: int,
+        compacted: bool = False,
+    ) -> None:
         super().__init__(topic.name, message_type)
         self._topic = topic
         self._position = position
+        # A compacted read of what is already there: the latest message per key, in the
+        # order of those latest messages (as Pulsar's compacted ledger keeps them).
+        self._compacted: list[RawMessage] = []
+        if compacted and position == 0:
+            latest: dict[str | None, int] = {}
+            for index, raw in enumerate(topic.log):
+                latest.pop(raw.key, None)
+                latest[raw.key] = index
+            self._compacted = [topic.log[index] for index in latest.values()]
+            self._position = len(topic.log)
 
     async def has_message_available(self) -> bool:
-        return self._position < len(self._topic.log)
+        return bool(self._compacted) or self._position < len(self._topic.log)
 
     async def _read_raw(self) -> RawMessage:
+        if self._compacted:
+            return self._compacted.pop(0)
         async with self._topic.appended:
             await self._topic.appended.wait_for(lambda: self._position < len(self._topic.log))
         raw = self._topic.log[self._position]
@@ -223,7 +241,13 @@ class MemoryBus(Bus):
         return opened
 
     async def reader(
-        self, topic: str, message_type: type[M], *, start: Start = "earliest"
+        self,
+        topic: str,
+        message_type: type[M],
+        *,
+        start: Start = "earliest",
+        compacted: bool = False,
     ) -> Reader[M]:
         state = self.topic_state(topic)
-        return _MemoryReader(state, message_type, 0 if start == "earliest" else len(state.log))
+        position = 0 if start == "earliest" else len(state.log)
+        return _MemoryReader(state, message_type, position, compacted)

@@ -22,28 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from rendezvous.v1 import objective_pb2 as rendezvous_dot_v1_dot_objective__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brendezvous/v1/control.proto\x12\rrendezvous.v1\x1a\x1drendezvous/v1/objective.proto\".\n\x19GetObjectiveConfigRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\"L\n\x1aGetObjectiveConfigResponse\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\"\x1d\n\x1bListObjectiveConfigsRequest\"O\n\x1cListObjectiveConfigsResponse\x12/\n\x07\x63onfigs\x18\x01 \x03(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\"h\n\x1cUpdateObjectiveConfigRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"O\n\x1dUpdateObjectiveConfigResponse\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig2\xe5\x02\n\x13\x43ontrolPlaneService\x12i\n\x12GetObjectiveConfig\x12(.rendezvous.v1.GetObjectiveConfigRequest\x1a).rendezvous.v1.GetObjectiveConfigResponse\x12o\n\x14ListObjectiveConfigs\x12*.rendezvous.v1.ListObjectiveConfigsRequest\x1a+.rendezvous.v1.ListObjectiveConfigsResponse\x12r\n\x15UpdateObjectiveConfig\x12+.rendezvous.v1.UpdateObjectiveConfigRequest\x1a,.rendezvous.v1.UpdateObjectiveConfigResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brendezvous/v1/control.proto\x12\rrendezvous.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1drendezvous/v1/objective.proto\"?\n\x19GetObjectiveConfigRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"L\n\x1aGetObjectiveConfigResponse\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\"\x1d\n\x1bListObjectiveConfigsRequest\"O\n\x1cListObjectiveConfigsResponse\x12/\n\x07\x63onfigs\x18\x01 \x03(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\"\x7f\n\x1cUpdateObjectiveConfigRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"O\n\x1dUpdateObjectiveConfigResponse\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\"0\n\x1bListObjectiveHistoryRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\"P\n\x1cListObjectiveHistoryResponse\x12\x30\n\x08versions\x18\x01 \x03(\x0b\x32\x1e.rendezvous.v1.ObjectiveConfig\"\x9d\x01\n\x0cRunnerStatus\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x19\n\x11objective_version\x18\x05 \x01(\x03\x12/\n\x0breport_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xd6\x03\n\x13\x43ontrolPlaneService\x12i\n\x12GetObjectiveConfig\x12(.rendezvous.v1.GetObjectiveConfigRequest\x1a).rendezvous.v1.GetObjectiveConfigResponse\x12o\n\x14ListObjectiveConfigs\x12*.rendezvous.v1.ListObjectiveConfigsRequest\x1a+.rendezvous.v1.ListObjectiveConfigsResponse\x12r\n\x15UpdateObjectiveConfig\x12+.rendezvous.v1.UpdateObjectiveConfigRequest\x1a,.rendezvous.v1.UpdateObjectiveConfigResponse\x12o\n\x14ListObjectiveHistory\x12*.rendezvous.v1.ListObjectiveHistoryRequest\x1a+.rendezvous.v1.ListObjectiveHistoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rendezvous.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETOBJECTIVECONFIGREQUEST']._serialized_start=77
-  _globals['_GETOBJECTIVECONFIGREQUEST']._serialized_end=123
-  _globals['_GETOBJECTIVECONFIGRESPONSE']._serialized_start=125
-  _globals['_GETOBJECTIVECONFIGRESPONSE']._serialized_end=201
-  _globals['_LISTOBJECTIVECONFIGSREQUEST']._serialized_start=203
-  _globals['_LISTOBJECTIVECONFIGSREQUEST']._serialized_end=232
-  _globals['_LISTOBJECTIVECONFIGSRESPONSE']._serialized_start=234
-  _globals['_LISTOBJECTIVECONFIGSRESPONSE']._serialized_end=313
-  _globals['_UPDATEOBJECTIVECONFIGREQUEST']._serialized_start=315
-  _globals['_UPDATEOBJECTIVECONFIGREQUEST']._serialized_end=419
-  _globals['_UPDATEOBJECTIVECONFIGRESPONSE']._serialized_start=421
-  _globals['_UPDATEOBJECTIVECONFIGRESPONSE']._serialized_end=500
-  _globals['_CONTROLPLANESERVICE']._serialized_start=503
-  _globals['_CONTROLPLANESERVICE']._serialized_end=860
+  _globals['_GETOBJECTIVECONFIGREQUEST']._serialized_start=110
+  _globals['_GETOBJECTIVECONFIGREQUEST']._serialized_end=173
+  _globals['_GETOBJECTIVECONFIGRESPONSE']._serialized_start=175
+  _globals['_GETOBJECTIVECONFIGRESPONSE']._serialized_end=251
+  _globals['_LISTOBJECTIVECONFIGSREQUEST']._serialized_start=253
+  _globals['_LISTOBJECTIVECONFIGSREQUEST']._serialized_end=282
+  _globals['_LISTOBJECTIVECONFIGSRESPONSE']._serialized_start=284
+  _globals['_LISTOBJECTIVECONFIGSRESPONSE']._serialized_end=363
+  _globals['_UPDATEOBJECTIVECONFIGREQUEST']._serialized_start=365
+  _globals['_UPDATEOBJECTIVECONFIGREQUEST']._serialized_end=492
+  _globals['_UPDATEOBJECTIVECONFIGRESPONSE']._serialized_start=494
+  _globals['_UPDATEOBJECTIVECONFIGRESPONSE']._serialized_end=573
+  _globals['_LISTOBJECTIVEHISTORYREQUEST']._serialized_start=575
+  _globals['_LISTOBJECTIVEHISTORYREQUEST']._serialized_end=623
+  _globals['_LISTOBJECTIVEHISTORYRESPONSE']._serialized_start=625
+  _globals['_LISTOBJECTIVEHISTORYRESPONSE']._serialized_end=705
+  _globals['_RUNNERSTATUS']._serialized_start=708
+  _globals['_RUNNERSTATUS']._serialized_end=865
+  _globals['_CONTROLPLANESERVICE']._serialized_start=868
+  _globals['_CONTROLPLANESERVICE']._serialized_end=1338
 # @@protoc_insertion_point(module_scope)

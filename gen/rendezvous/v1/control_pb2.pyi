@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from rendezvous.v1 import objective_pb2 as _objective_pb2
 import builtins as _builtins
@@ -26,16 +27,20 @@ class GetObjectiveConfigRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OBJECTIVE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     objective: _builtins.str
     """objective names the objective."""
+    version: _builtins.int
+    """version asks for a past version; 0 means the current one."""
     def __init__(
         self,
         *,
         objective: _builtins.str = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["objective", b"objective"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["objective", b"objective", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -114,8 +119,15 @@ class UpdateObjectiveConfigRequest(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     expected_version: _builtins.int
-    """expected_version must equal the current version (optimistic concurrency)."""
+    """expected_version must equal the current version (optimistic concurrency); 0 for an
+    objective that does not exist yet.
+    """
+    validate_only: _builtins.bool
+    """validate_only checks the configuration and returns what would be stored, without
+    publishing it.
+    """
     @_builtins.property
     def config(self) -> _objective_pb2.ObjectiveConfig:
         """config is the new configuration; its change record is required."""
@@ -125,10 +137,11 @@ class UpdateObjectiveConfigRequest(_message.Message):
         *,
         config: _objective_pb2.ObjectiveConfig | None = ...,
         expected_version: _builtins.int = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "expected_version", b"expected_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "expected_version", b"expected_version", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,3 +170,98 @@ class UpdateObjectiveConfigResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateObjectiveConfigResponse: _TypeAlias = UpdateObjectiveConfigResponse  # noqa: Y015
+
+@_typing.final
+class ListObjectiveHistoryRequest(_message.Message):
+    """ListObjectiveHistoryRequest names an objective."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    objective: _builtins.str
+    """objective names the objective."""
+    def __init__(
+        self,
+        *,
+        objective: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["objective", b"objective"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListObjectiveHistoryRequest: _TypeAlias = ListObjectiveHistoryRequest  # noqa: Y015
+
+@_typing.final
+class ListObjectiveHistoryResponse(_message.Message):
+    """ListObjectiveHistoryResponse carries every version of an objective."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[_objective_pb2.ObjectiveConfig]:
+        """versions are the configurations as published, oldest first; each one's `change`
+        says who made it, why, when, and which version it replaced.
+        """
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[_objective_pb2.ObjectiveConfig] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListObjectiveHistoryResponse: _TypeAlias = ListObjectiveHistoryResponse  # noqa: Y015
+
+@_typing.final
+class RunnerStatus(_message.Message):
+    """RunnerStatus is what a runner host says of one deployment it serves, on the compacted
+    runner-status topic keyed "<objective>/<model>/<host instance>". The control plane lets a
+    policy accept a model only once some host reports it ready.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_VERSION_FIELD_NUMBER: _builtins.int
+    REPORT_TIME_FIELD_NUMBER: _builtins.int
+    objective: _builtins.str
+    """objective names the objective."""
+    model: _builtins.str
+    """model names the deployment."""
+    instance: _builtins.str
+    """instance names the runner host."""
+    ready: _builtins.bool
+    """ready is true while the host's runner for the model runs and its model answers."""
+    objective_version: _builtins.int
+    """objective_version is the configuration version the host followed when it reported."""
+    @_builtins.property
+    def report_time(self) -> _timestamp_pb2.Timestamp:
+        """report_time is when the host reported."""
+
+    def __init__(
+        self,
+        *,
+        objective: _builtins.str = ...,
+        model: _builtins.str = ...,
+        instance: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+        objective_version: _builtins.int = ...,
+        report_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report_time", b"report_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "model", b"model", "objective", b"objective", "objective_version", b"objective_version", "ready", b"ready", "report_time", b"report_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunnerStatus: _TypeAlias = RunnerStatus  # noqa: Y015

@@ -28,6 +28,14 @@ if _version_not_supported:
 class ControlPlaneServiceStub:
     """ControlPlaneService reads and changes objective configurations. Every change
     is a new version on the compacted control topic; services follow it live.
+
+    Errors: NOT_FOUND for an unknown objective or version; INVALID_ARGUMENT with a
+    google.rpc.BadRequest field violation per problem for a configuration that does not
+    validate (nothing is published); FAILED_PRECONDITION when `expected_version` is not the
+    current version (the message names the current one) or when a policy accepts a model no
+    runner serves yet; UNAVAILABLE while the service has not caught up with the topic.
+    Promote, split and rollback are compositions of Get, ListObjectiveHistory and Update
+    (see the `rendezvous objective` command).
     """
 
     def __init__(self, channel):
@@ -51,11 +59,24 @@ class ControlPlaneServiceStub:
                 request_serializer=rendezvous_dot_v1_dot_control__pb2.UpdateObjectiveConfigRequest.SerializeToString,
                 response_deserializer=rendezvous_dot_v1_dot_control__pb2.UpdateObjectiveConfigResponse.FromString,
                 _registered_method=True)
+        self.ListObjectiveHistory = channel.unary_unary(
+                '/rendezvous.v1.ControlPlaneService/ListObjectiveHistory',
+                request_serializer=rendezvous_dot_v1_dot_control__pb2.ListObjectiveHistoryRequest.SerializeToString,
+                response_deserializer=rendezvous_dot_v1_dot_control__pb2.ListObjectiveHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServiceServicer:
     """ControlPlaneService reads and changes objective configurations. Every change
     is a new version on the compacted control topic; services follow it live.
+
+    Errors: NOT_FOUND for an unknown objective or version; INVALID_ARGUMENT with a
+    google.rpc.BadRequest field violation per problem for a configuration that does not
+    validate (nothing is published); FAILED_PRECONDITION when `expected_version` is not the
+    current version (the message names the current one) or when a policy accepts a model no
+    runner serves yet; UNAVAILABLE while the service has not caught up with the topic.
+    Promote, split and rollback are compositions of Get, ListObjectiveHistory and Update
+    (see the `rendezvous objective` command).
     """
 
     def GetObjectiveConfig(self, request, context):
@@ -79,6 +100,13 @@ class ControlPlaneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListObjectiveHistory(self, request, context):
+        """ListObjectiveHistory returns every version of an objective, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +125,11 @@ def add_ControlPlaneServiceServicer_to_server(servicer, server):
                     request_deserializer=rendezvous_dot_v1_dot_control__pb2.UpdateObjectiveConfigRequest.FromString,
                     response_serializer=rendezvous_dot_v1_dot_control__pb2.UpdateObjectiveConfigResponse.SerializeToString,
             ),
+            'ListObjectiveHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListObjectiveHistory,
+                    request_deserializer=rendezvous_dot_v1_dot_control__pb2.ListObjectiveHistoryRequest.FromString,
+                    response_serializer=rendezvous_dot_v1_dot_control__pb2.ListObjectiveHistoryResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rendezvous.v1.ControlPlaneService', rpc_method_handlers)
@@ -108,6 +141,14 @@ def add_ControlPlaneServiceServicer_to_server(servicer, server):
 class ControlPlaneService:
     """ControlPlaneService reads and changes objective configurations. Every change
     is a new version on the compacted control topic; services follow it live.
+
+    Errors: NOT_FOUND for an unknown objective or version; INVALID_ARGUMENT with a
+    google.rpc.BadRequest field violation per problem for a configuration that does not
+    validate (nothing is published); FAILED_PRECONDITION when `expected_version` is not the
+    current version (the message names the current one) or when a policy accepts a model no
+    runner serves yet; UNAVAILABLE while the service has not caught up with the topic.
+    Promote, split and rollback are compositions of Get, ListObjectiveHistory and Update
+    (see the `rendezvous objective` command).
     """
 
     @staticmethod
@@ -181,6 +222,33 @@ class ControlPlaneService:
             '/rendezvous.v1.ControlPlaneService/UpdateObjectiveConfig',
             rendezvous_dot_v1_dot_control__pb2.UpdateObjectiveConfigRequest.SerializeToString,
             rendezvous_dot_v1_dot_control__pb2.UpdateObjectiveConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListObjectiveHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rendezvous.v1.ControlPlaneService/ListObjectiveHistory',
+            rendezvous_dot_v1_dot_control__pb2.ListObjectiveHistoryRequest.SerializeToString,
+            rendezvous_dot_v1_dot_control__pb2.ListObjectiveHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,14 @@ GRPC_VERSION: str
 class ControlPlaneServiceStub:
     """ControlPlaneService reads and changes objective configurations. Every change
     is a new version on the compacted control topic; services follow it live.
+
+    Errors: NOT_FOUND for an unknown objective or version; INVALID_ARGUMENT with a
+    google.rpc.BadRequest field violation per problem for a configuration that does not
+    validate (nothing is published); FAILED_PRECONDITION when `expected_version` is not the
+    current version (the message names the current one) or when a policy accepts a model no
+    runner serves yet; UNAVAILABLE while the service has not caught up with the topic.
+    Promote, split and rollback are compositions of Get, ListObjectiveHistory and Update
+    (see the `rendezvous objective` command).
     """
 
     @_typing.overload
@@ -41,11 +49,21 @@ class ControlPlaneServiceStub:
     """ListObjectiveConfigs returns every objective's current configuration."""
     UpdateObjectiveConfig: _grpc.UnaryUnaryMultiCallable[_control_pb2.UpdateObjectiveConfigRequest, _control_pb2.UpdateObjectiveConfigResponse]
     """UpdateObjectiveConfig publishes a new version (e.g. a promotion)."""
+    ListObjectiveHistory: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListObjectiveHistoryRequest, _control_pb2.ListObjectiveHistoryResponse]
+    """ListObjectiveHistory returns every version of an objective, oldest first."""
 
 @_typing.type_check_only
 class ControlPlaneServiceAsyncStub(ControlPlaneServiceStub):
     """ControlPlaneService reads and changes objective configurations. Every change
     is a new version on the compacted control topic; services follow it live.
+
+    Errors: NOT_FOUND for an unknown objective or version; INVALID_ARGUMENT with a
+    google.rpc.BadRequest field violation per problem for a configuration that does not
+    validate (nothing is published); FAILED_PRECONDITION when `expected_version` is not the
+    current version (the message names the current one) or when a policy accepts a model no
+    runner serves yet; UNAVAILABLE while the service has not caught up with the topic.
+    Promote, split and rollback are compositions of Get, ListObjectiveHistory and Update
+    (see the `rendezvous objective` command).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -55,10 +73,20 @@ class ControlPlaneServiceAsyncStub(ControlPlaneServiceStub):
     """ListObjectiveConfigs returns every objective's current configuration."""
     UpdateObjectiveConfig: _aio.UnaryUnaryMultiCallable[_control_pb2.UpdateObjectiveConfigRequest, _control_pb2.UpdateObjectiveConfigResponse]  # type: ignore[assignment]
     """UpdateObjectiveConfig publishes a new version (e.g. a promotion)."""
+    ListObjectiveHistory: _aio.UnaryUnaryMultiCallable[_control_pb2.ListObjectiveHistoryRequest, _control_pb2.ListObjectiveHistoryResponse]  # type: ignore[assignment]
+    """ListObjectiveHistory returns every version of an objective, oldest first."""
 
 class ControlPlaneServiceServicer(metaclass=_abc_1.ABCMeta):
     """ControlPlaneService reads and changes objective configurations. Every change
     is a new version on the compacted control topic; services follow it live.
+
+    Errors: NOT_FOUND for an unknown objective or version; INVALID_ARGUMENT with a
+    google.rpc.BadRequest field violation per problem for a configuration that does not
+    validate (nothing is published); FAILED_PRECONDITION when `expected_version` is not the
+    current version (the message names the current one) or when a policy accepts a model no
+    runner serves yet; UNAVAILABLE while the service has not caught up with the topic.
+    Promote, split and rollback are compositions of Get, ListObjectiveHistory and Update
+    (see the `rendezvous objective` command).
     """
 
     @_abc_1.abstractmethod
@@ -84,5 +112,13 @@ class ControlPlaneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.UpdateObjectiveConfigResponse, _abc.Awaitable[_control_pb2.UpdateObjectiveConfigResponse]]:
         """UpdateObjectiveConfig publishes a new version (e.g. a promotion)."""
+
+    @_abc_1.abstractmethod
+    def ListObjectiveHistory(
+        self,
+        request: _control_pb2.ListObjectiveHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListObjectiveHistoryResponse, _abc.Awaitable[_control_pb2.ListObjectiveHistoryResponse]]:
+        """ListObjectiveHistory returns every version of an objective, oldest first."""
 
 def add_ControlPlaneServiceServicer_to_server(servicer: ControlPlaneServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

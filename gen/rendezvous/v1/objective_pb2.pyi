@@ -149,6 +149,9 @@ class ModelDeployment(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name identifies the deployment; predictions carry it."""
     role: _common_pb2.ModelRole.ValueType
@@ -159,6 +162,18 @@ class ModelDeployment(_message.Message):
     """endpoint is the model container's gRPC address, e.g. "127.0.0.1:50071"."""
     enabled: _builtins.bool
     """enabled is false for a deployment that is kept but receives no tasks."""
+    kind: _builtins.str
+    """kind names the example container the local supervisor runs for it (e.g. "diabetes");
+    empty when the container runs elsewhere and `endpoint` says where.
+    """
+    replicas: _builtins.int
+    """replicas is how many runner hosts serve it (0 reads as 1); deployments with the same
+    count share hosts.
+    """
+    @_builtins.property
+    def args(self) -> _struct_pb2.Struct:
+        """args are the container's arguments (kind-specific)."""
+
     def __init__(
         self,
         *,
@@ -167,10 +182,13 @@ class ModelDeployment(_message.Message):
         version: _builtins.str = ...,
         endpoint: _builtins.str = ...,
         enabled: _builtins.bool = ...,
+        kind: _builtins.str = ...,
+        args: _struct_pb2.Struct | None = ...,
+        replicas: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "endpoint", b"endpoint", "name", b"name", "role", b"role", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "enabled", b"enabled", "endpoint", b"endpoint", "kind", b"kind", "name", b"name", "replicas", b"replicas", "role", b"role", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,9 +224,30 @@ class PolicyStep(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SharesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     UNTIL_FIELD_NUMBER: _builtins.int
     ACCEPT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
     description: _builtins.str
     """description is a human-readable name for the step, echoed in answers."""
     @_builtins.property
@@ -219,16 +258,26 @@ class PolicyStep(_message.Message):
     def accept(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """accept lists the models whose predictions the step accepts, most preferred first."""
 
+    @_builtins.property
+    def shares(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """shares give models of `accept` a share of the requests as the step's first choice: a
+        live A/B split. Each request draws one number in [0, 1) from a hash of its objective and
+        request id (so a retried request lands in the same arm, in every step); the models'
+        shares, in `accept` order, cover [0, sum) and the rest keeps `accept`'s own order. Each
+        share is in [0, 1] and they sum to at most 1.
+        """
+
     def __init__(
         self,
         *,
         until: _duration_pb2.Duration | None = ...,
         accept: _abc.Iterable[_builtins.str] | None = ...,
         description: _builtins.str = ...,
+        shares: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "description", b"description", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "description", b"description", "shares", b"shares", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -289,7 +338,10 @@ Global___DefaultAnswer: _TypeAlias = DefaultAnswer  # noqa: Y015
 
 @_typing.final
 class Sampling(_message.Message):
-    """Sampling says which share of requests the optional roles see."""
+    """Sampling says which share of requests the optional roles see. The rendezvous decides for
+    each request, deterministically by request id, and writes the decision into the task
+    (`ScoringTask.scorers`, `ScoringTask.skip_archive`).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -322,10 +374,16 @@ class ConfigChange(_message.Message):
     AUTHOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
     author: _builtins.str
     """author is who made the change."""
     reason: _builtins.str
     """reason says why, e.g. "promote challenger-a after two weeks of wins"."""
+    previous_version: _builtins.int
+    """previous_version is the version this change replaced (0 for the first)."""
+    action: _builtins.str
+    """action names the kind of change: "seed", "apply", "promote", "rollback", "split", ..."""
     @_builtins.property
     def change_time(self) -> _timestamp_pb2.Timestamp:
         """change_time is when the change was made."""
@@ -336,10 +394,12 @@ class ConfigChange(_message.Message):
         author: _builtins.str = ...,
         reason: _builtins.str = ...,
         change_time: _timestamp_pb2.Timestamp | None = ...,
+        previous_version: _builtins.int = ...,
+        action: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "change_time", b"change_time", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "author", b"author", "change_time", b"change_time", "previous_version", b"previous_version", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

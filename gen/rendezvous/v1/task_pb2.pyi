@@ -90,6 +90,8 @@ class ScoringTask(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     OBJECTIVE_VERSION_FIELD_NUMBER: _builtins.int
     WARMUP_FIELD_NUMBER: _builtins.int
+    SCORERS_FIELD_NUMBER: _builtins.int
+    SKIP_ARCHIVE_FIELD_NUMBER: _builtins.int
     return_address: _builtins.str
     """return_address is the prediction topic of the rendezvous instance that waits."""
     mailbox_id: _builtins.str
@@ -100,6 +102,10 @@ class ScoringTask(_message.Message):
     """warmup marks a task the rendezvous sends to warm the path before it serves: models
     score it like any task, but it is never archived, never in an outcome and never counted
     as traffic.
+    """
+    skip_archive: _builtins.bool
+    """skip_archive: the request fell outside the objective's archive_fraction; the decoy
+    does not archive it.
     """
     @_builtins.property
     def request(self) -> _scoring_pb2.ScoreRequest:
@@ -117,6 +123,13 @@ class ScoringTask(_message.Message):
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """trace_context is the W3C trace context of the request (traceparent, tracestate)."""
 
+    @_builtins.property
+    def scorers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """scorers are the deployments that score this task, decided by the rendezvous under
+        objective_version (roles, enabled, sampling, consent); a runner whose deployment is not
+        listed skips the task. Empty: every deployment the runner hosts scores it.
+        """
+
     def __init__(
         self,
         *,
@@ -128,10 +141,12 @@ class ScoringTask(_message.Message):
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         objective_version: _builtins.int = ...,
         warmup: _builtins.bool = ...,
+        scorers: _abc.Iterable[_builtins.str] | None = ...,
+        skip_archive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "received_time", b"received_time", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "mailbox_id", b"mailbox_id", "objective_version", b"objective_version", "received_time", b"received_time", "request", b"request", "return_address", b"return_address", "trace_context", b"trace_context", "warmup", b"warmup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "mailbox_id", b"mailbox_id", "objective_version", b"objective_version", "received_time", b"received_time", "request", b"request", "return_address", b"return_address", "scorers", b"scorers", "skip_archive", b"skip_archive", "trace_context", b"trace_context", "warmup", b"warmup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -347,8 +347,15 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def reader(
-        self, topic: str, message_type: type[M], *, start: Start = "earliest"
-    ) -> Reader[M]: ...
+        self,
+        topic: str,
+        message_type: type[M],
+        *,
+        start: Start = "earliest",
+        compacted: bool = False,
+    ) -> Reader[M]:
+        """A reader from `start`. `compacted`: of a keyed topic's compacted part, only the
+        latest message per key (Pulsar's topic compaction), then everything after it."""
 
     async def close(self) -> None:
         for publisher in list(self._publishers.values()):

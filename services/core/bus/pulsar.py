@@ -370,7 +370,12 @@ class PulsarBus(Bus):
             await holder.close()
 
     async def reader(
-        self, topic: str, message_type: type[M], *, start: Start = "earliest"
+        self,
+        topic: str,
+        message_type: type[M],
+        *,
+        start: Start = "earliest",
+        compacted: bool = False,
     ) -> Reader[M]:
         import pulsar
 
@@ -379,6 +384,7 @@ class PulsarBus(Bus):
                 topic,
                 pulsar.MessageId.earliest if start == "earliest" else pulsar.MessageId.latest,
                 receiver_queue_size=self.settings.receiver_queue_size,
+                is_read_compacted=compacted,
             )
         opened = _PulsarReader(reader, topic, message_type)
         self._open.append(opened)

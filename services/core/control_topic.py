@@ -1,0 +1,155 @@
+"""Following the control topic: every objective's current configuration, live.
+
+The control topic (`rdv.control.objectives`, keyed by objective, compacted) is the source of
+truth for how objectives are served; the control component is its one writer. Every other
+component follows it with a `ControlFollower`: a compacted read from the earliest message
+(the latest version of each objective, then every change after it), so a component that
+starts late needs nothing but the topic. Until the follower has caught up (no older message
+waiting) a component does not act on a configuration; after that, each new version is
+handed to the listeners, in order, one version at a time.
+
+A version that is not newer than the one held is ignored: the compacted part and the
+topic's tail can overlap, and a reconnecting reader may see a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Collection
+
+from rendezvous.v1 import objective_pb2
+
+from services.core.bus import Bus, Reader
+
+log = logging.getLogger(__name__)
+
+ObjectiveConfig = objective_pb2.ObjectiveConfig
+# Called with the version held before (None for a new objective) and the new one.
+Listener = Callable[[ObjectiveConfig | None, ObjectiveConfig], Awaitable[None] | None]
+
+
+class ControlFollower:
+    """Holds the current configuration of every (or the named) objective, live."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        retry_delay_s: float = 0.5,
+        objectives: Collection[str] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.topic = bus.topics.control()
+        self.configs: dict[str, ObjectiveConfig] = {}
+        self.caught_up = asyncio.Event()
+        self._only = frozenset(objectives) if objectives is not None else None
+        self._retry_delay_s = retry_delay_s
+        self._listeners: list[Listener] = []
+        self._reader: Reader[ObjectiveConfig] | None = None
+        self._changed = asyncio.Condition()
+
+    def listen(self, listener: Listener) -> None:
+        """Call `listener` for every version that arrives once caught up."""
+        self._listeners.append(listener)
+
+    async def open(self) -> None:
+        self._reader = await self.bus.reader(
+            self.topic, ObjectiveConfig, start="earliest", compacted=True
+        )
+
+    async def run(self) -> None:
+        """Read until cancelled; `caught_up` is set once no older message is waiting."""
+        if self._reader is None:
+            await self.open()
+        reader = self._reader
+        assert reader is not None
+        while True:
+            try:
+                if not self.caught_up.is_set() and not await reader.has_message_available():
+                    self.caught_up.set()
+                    log.info(
+                        "caught up with the control topic",
+                        extra={"objectives": ",".join(sorted(self.configs))},
+                    )
+                    continue
+                envelope = await reader.read_next()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The client reconnects by itself; keep what we hold and try again.
+                log.exception("reading the control topic failed")
+                await asyncio.sleep(self._retry_delay_s)
+                continue
+            await self._take(envelope.message)
+
+    async def _take(self, config: ObjectiveConfig) -> None:
+        name = config.objective
+        if self._only is not None and name not in self._only:
+            return
+        held = self.configs.get(name)
+        if held is not None and config.version <= held.version:
+            return
+        self.configs[name] = config
+        if self.caught_up.is_set():
+            log.info(
+                "objective configuration changed",
+                extra={"objective": name, "version": config.version},
+            )
+            for listener in self._listeners:
+                try:
+                    result = listener(held, config)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    # One listener's failure must not stop the others, nor the follower.
+                    log.exception(
+                        "applying a configuration failed",
+                        extra={"objective": name, "version": config.version},
+                    )
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, objective: str, min_version: int = 1) -> ObjectiveConfig:
+        """The objective's configuration once it is at least `min_version` (callers bound
+        the wait with their own timeout)."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.configs.get(objective, ObjectiveConfig()).version >= min_version
+            )
+        return self.configs[objective]
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.close()
+
+
+async def follow(
+    bus: Bus,
+    stack: contextlib.AsyncExitStack,
+    watch: Callable[[asyncio.Task[None]], asyncio.Task[None]],
+    *,
+    retry_delay_s: float = 0.5,
+    objectives: Collection[str] | None = None,
+) -> ControlFollower:
+    """A follower that runs until `stack` closes, returned once it has caught up.
+
+    `watch` is the component's `Component.watch`: a follower that dies ends the process
+    (the supervisor restarts it) rather than leaving it on a stale configuration.
+    """
+    follower = ControlFollower(bus, retry_delay_s=retry_delay_s, objectives=objectives)
+    await follower.open()
+    stack.push_async_callback(follower.close)
+    task = watch(asyncio.create_task(follower.run(), name="control:follow"))
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
+    await follower.caught_up.wait()
+    return follower
