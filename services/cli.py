@@ -6,6 +6,7 @@ rendezvous score [--features JSON]                one request, the answer as JSO
 rendezvous demo [--requests N] [--rate R]         traffic, then a per-model report
 rendezvous down                                   stop the mesh and the broker `up` started
 rendezvous run COMPONENT                          run one component in the foreground
+rendezvous objective show|history|diff|apply|promote|split|rollback   the control plane
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.control import cli as objective_commands
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
 DEFAULT_STATE = REPO / ".run" / "mesh"
 PULSAR_SCRIPT = REPO / "tools" / "pulsar.sh"
-COMPONENTS = ("rendezvous", "collector", "enricher", "runner", "models", "decoy")
+COMPONENTS = ("control", "rendezvous", "collector", "enricher", "runner", "models", "decoy")
 
 
 def _state(state_dir: Path) -> dict[str, Any] | None:
@@ -323,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one component in the foreground")
     run.add_argument("component", choices=COMPONENTS)
     run.set_defaults(handler=cmd_run)
+
+    objective_commands.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)

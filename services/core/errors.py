@@ -87,6 +87,38 @@ class ResourceExhausted(ServiceError):
     reason = "OVERLOADED"
 
 
+class FailedPrecondition(ServiceError):
+    """The request is well formed but the system is not in a state to take it (a stale
+    `expected_version`, a model nobody serves yet); `violations` are (type, subject,
+    description) triples sent as a google.rpc.PreconditionFailure."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+    def __init__(
+        self,
+        message: str,
+        violations: Sequence[tuple[str, str, str]] = (),
+        *,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.violations = list(violations)
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=kind, subject=subject, description=description
+                )
+                for kind, subject, description in self.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        return [packed, *super().details()]
+
+
 class Unavailable(ServiceError):
     """The service is draining or not ready."""
 

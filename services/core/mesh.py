@@ -9,6 +9,7 @@ supervisor) or given in the file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,9 +233,14 @@ def to_config(name: str, entry: ObjectiveEntry, version: int = 1) -> objective_p
 
 
 def _describe(step: PolicyStepEntry) -> str:
-    if len(step.accept) == 1:
-        return f"until {step.until_ms:g}ms: {step.accept[0]} only"
-    return f"until {step.until_ms:g}ms: first of {', '.join(step.accept)}"
+    return describe_step(step.until_ms, step.accept)
+
+
+def describe_step(until_ms: float, accept: Sequence[str]) -> str:
+    """The description a step gets when its entry gives none (edits keep it in step)."""
+    if len(accept) == 1:
+        return f"until {until_ms:g}ms: {accept[0]} only"
+    return f"until {until_ms:g}ms: first of {', '.join(accept)}"
 
 
 _ROLE_NAMES = {value: key for key, value in _ROLES.items()}
@@ -269,7 +275,7 @@ def entry_from_config(config: objective_pb2.ObjectiveConfig) -> dict[str, Any]:
     def step(policy_step: objective_pb2.PolicyStep) -> dict[str, Any]:
         until_ms = duration_ms(policy_step.until)
         out: dict[str, Any] = {"until_ms": until_ms, "accept": list(policy_step.accept)}
-        generated = _describe(PolicyStepEntry(until_ms=until_ms, accept=list(policy_step.accept)))
+        generated = describe_step(until_ms, list(policy_step.accept))
         if policy_step.description and policy_step.description != generated:
             out["description"] = policy_step.description
         if policy_step.shares:

@@ -208,8 +208,9 @@ class MemoryBus(Bus):
         return list(self.topic_state(topic).log)
 
     async def _create_publisher(
-        self, topic: str, batching: bool, max_delay_ms: int
+        self, topic: str, batching: bool, max_delay_ms: int, *, exclusive: bool = False
     ) -> Publisher[Any]:
+        # One process, one writer: an exclusive publisher has nobody to exclude here.
         return _MemoryPublisher(self, topic)
 
     async def subscribe(

@@ -268,7 +268,7 @@ class Bus(abc.ABC):
     def __init__(self, settings: PulsarSettings) -> None:
         self.settings = settings
         self.topics = Topics(settings.tenant_namespace)
-        self._publishers: dict[tuple[str, bool, int], Publisher[Any]] = {}
+        self._publishers: dict[tuple[str, bool, int, bool], Publisher[Any]] = {}
         # The message type each topic's publishers were asked for (see `publisher`).
         self._topic_types: dict[str, type[Message]] = {}
         self._publisher_lock = asyncio.Lock()
@@ -280,8 +280,13 @@ class Bus(abc.ABC):
         *,
         batching: bool | None = None,
         max_delay_ms: int | None = None,
+        exclusive: bool = False,
     ) -> Publisher[M]:
         """A publisher for `topic`, shared by every caller in this process.
+
+        With `exclusive` the publisher is the topic's only one (Pulsar's WaitForExclusive
+        access mode): the call waits, as a standby, for as long as another process holds the
+        topic, so a second writer of a single-writer topic (the control topic) cannot write.
 
         With `batching` (default: `settings.batching`, true) and `batching_max_delay_ms` 0,
         the client's I/O thread sends the batch as soon as it gets to it: a lone message
@@ -303,7 +308,7 @@ class Bus(abc.ABC):
             batching = self.settings.batching
         if max_delay_ms is None:
             max_delay_ms = self.settings.batching_max_delay_ms
-        cache_key = (topic, batching, max_delay_ms)
+        cache_key = (topic, batching, max_delay_ms, exclusive)
         existing = self._publishers.get(cache_key)
         if existing is not None:
             self._check_topic_type(topic, message_type)
@@ -312,7 +317,9 @@ class Bus(abc.ABC):
             self._check_topic_type(topic, message_type)
             existing = self._publishers.get(cache_key)
             if existing is None:
-                existing = await self._create_publisher(topic, batching, max_delay_ms)
+                existing = await self._create_publisher(
+                    topic, batching, max_delay_ms, exclusive=exclusive
+                )
                 self._publishers[cache_key] = existing
                 self._topic_types[topic] = message_type
         return existing
@@ -331,7 +338,7 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def _create_publisher(
-        self, topic: str, batching: bool, max_delay_ms: int
+        self, topic: str, batching: bool, max_delay_ms: int, *, exclusive: bool = False
     ) -> Publisher[Any]: ...
 
     @abc.abstractmethod

@@ -272,8 +272,17 @@ class PulsarBus(Bus):
             raise _pulsar_error(exc) from exc
 
     async def _create_publisher(
-        self, topic: str, batching: bool, max_delay_ms: int
+        self, topic: str, batching: bool, max_delay_ms: int, *, exclusive: bool = False
     ) -> Publisher[Any]:
+        import pulsar
+
+        # WaitForExclusive: a second exclusive producer is not refused but parked by the broker
+        # until the first one goes away, so a standby takes over the topic by itself.
+        access_mode = (
+            pulsar.ProducerAccessMode.WaitForExclusive
+            if exclusive
+            else pulsar.ProducerAccessMode.Shared
+        )
         with _bus_errors():
             producer = await self._client.create_producer(
                 topic,
@@ -281,6 +290,7 @@ class PulsarBus(Bus):
                 batching_enabled=batching,
                 batching_max_publish_delay_ms=max_delay_ms,
                 block_if_queue_full=False,
+                access_mode=access_mode,
             )
         return _PulsarPublisher(producer, topic)
 
