@@ -21,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _STANDARD_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -98,11 +98,11 @@ def start_metrics_server(port: int) -> None:
         start_http_server(port, addr="127.0.0.1")
 
 
-# Every counter and histogram made here, by name, with the shape it was made with.
+# Every counter, gauge and histogram made here, by name, with the shape it was made with.
 # Ours, not the registry's: prometheus_client keeps its own index private.
-_MADE: dict[str, tuple[dict[str, object], Counter | Histogram]] = {}
+_MADE: dict[str, tuple[dict[str, object], Counter | Gauge | Histogram]] = {}
 
-_C = TypeVar("_C", Counter, Histogram)
+_C = TypeVar("_C", Counter, Gauge, Histogram)
 
 
 def _one_per_name(
@@ -130,6 +130,11 @@ def _one_per_name(
 def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
     """A process-wide counter; asking twice for one name returns the same counter."""
     return _one_per_name(Counter, name, {"labels": labels}, lambda: Counter(name, doc, labels))
+
+
+def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+    """A process-wide gauge; asking twice for one name returns the same gauge."""
+    return _one_per_name(Gauge, name, {"labels": labels}, lambda: Gauge(name, doc, labels))
 
 
 def histogram(

@@ -1,4 +1,9 @@
-"""The answer a client gets, as a pure function of the race's verdict and its arrivals."""
+"""The answer a client gets, as a pure function of the race's verdict and its arrivals.
+
+Everything in it comes from the one configuration version that decided the request: the
+version, the default, and the answering model's role (a model promoted a moment ago answers
+as the incumbent even while its runner, on the version before, still stamps "challenger").
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ def answer(
         decision.source = scoring_pb2.ANSWER_SOURCE_MODEL
         decision.model = event.model
         decision.model_version = event.model_version
-        decision.role = event.role or _configured_role(config, event.model)
+        # The deciding version's role; the event's own only for a model it does not list.
+        decision.role = _configured_role(config, event.model) or event.role
     else:
         default = config.default_answer
         response.score = default.score

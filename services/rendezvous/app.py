@@ -14,6 +14,20 @@ the event loop's measured lag (`services.core.loop_lag`) is taken off the budget
 request the loop could not leave `min_race_budget_ms` is shed with RESOURCE_EXHAUSTED
 rather than answered late. Health is SERVING only while a collector stream is open and
 after the warm-up (`services.rendezvous.warmup`).
+
+Configuration is live: run as a process, the rendezvous follows the control topic
+(`services.core.control_topic`) and compiles each new version of an objective into an
+`_Objective` (policy, SLA, default, sampling, publishers opened beforehand), swapped in by one
+dict assignment. A request takes its objective's `_Objective` once, when it arrives, and is
+decided by that version from start to finish: its task, its race, its answer and its outcome
+all carry that version, whatever is applied meanwhile. Given static configurations (tests,
+the bench, a mesh file), it serves those and follows nothing.
+
+Per request, deterministically by request id (`services.core.sampling`), the rendezvous
+decides who scores the task (`ScoringTask.scorers`: challengers only within
+`challenger_fraction` and with the subject's consent to experimentation, canaries only with
+that consent), whether the decoy archives it (`skip_archive`), and which A/B arm of the
+policy it races under (`Policy.for_request`).
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
+from prometheus_client import Counter
 from rendezvous.v1 import (
     common_pb2,
     delivery_pb2,
@@ -39,13 +54,15 @@ from rendezvous.v1 import (
 )
 
 from services.core.bus import Bus, BusError, Publisher
+from services.core.control_topic import follow
 from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.core.lifecycle import Component, cancel_and_wait, run
 from services.core.loop_lag import LoopLag
 from services.core.mesh import load_mesh
 from services.core.protos import duration_from_seconds, duration_ms, timestamp_from_ns
+from services.core.sampling import ARCHIVE, CHALLENGERS, SHARES, draw
 from services.core.server import write_ready_file
-from services.core.telemetry import counter, histogram, inject, tracer
+from services.core.telemetry import counter, gauge, histogram, inject, tracer
 from services.rendezvous.answer import answer
 from services.rendezvous.mailbox import DISPATCH_FAILED_RULE, Mailbox, MailboxRegistry
 from services.rendezvous.policy import Policy, Reason, Verdict
@@ -62,6 +79,9 @@ DELIVERIES = counter("rdv_deliveries", "Predictions delivered by the collector",
 SHED = counter("rdv_shed", "Score calls shed for overload", ("objective", "why"))
 DISPATCH_FAILURES = counter("rdv_dispatch_failures", "Tasks not published in time", ("objective",))
 OUTCOMES = counter("rdv_outcomes", "Outcomes published to the results topic", ("result",))
+OBJECTIVE_VERSION = gauge(
+    "rdv_objective_version", "The configuration version new requests are decided by", ("objective",)
+)
 
 _SERVICES = (
     scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
@@ -70,11 +90,33 @@ _SERVICES = (
 
 
 class _Objective:
-    """An objective's configuration, compiled once for the request path."""
+    """One version of an objective's configuration, compiled once for the request path."""
 
     def __init__(self, config: objective_pb2.ObjectiveConfig) -> None:
         self.config = config
+        self.name = config.objective
+        self.version = config.version
         self.policy = Policy.from_config(config)
+        # Who scores a task: every enabled deployment but the decoy (which archives, it does
+        # not score); without the challengers for a request outside `challenger_fraction`;
+        # without challengers and canaries for a subject who denied experimentation.
+        scoring = [m for m in config.models if m.enabled and m.role != common_pb2.MODEL_ROLE_DECOY]
+        optional = (common_pb2.MODEL_ROLE_CHALLENGER, common_pb2.MODEL_ROLE_CANARY)
+        self.scorers = tuple(m.name for m in scoring)
+        self.scorers_without_challengers = tuple(
+            m.name for m in scoring if m.role != common_pb2.MODEL_ROLE_CHALLENGER
+        )
+        self.scorers_without_experiments = tuple(m.name for m in scoring if m.role not in optional)
+        # A config without a Sampling message samples nothing out (the fields' zero would
+        # read as "no challenger, no archive").
+        sampling = config.sampling if config.HasField("sampling") else None
+        self.challenger_fraction = 1.0 if sampling is None else sampling.challenger_fraction
+        self.archive_fraction = 1.0 if sampling is None else sampling.archive_fraction
+        # Draw only when the draw can change something (a fraction of 1 keeps every request).
+        self.samples_challengers = (
+            self.challenger_fraction < 1.0 and self.scorers_without_challengers != self.scorers
+        )
+        self.samples_archive = self.archive_fraction < 1.0
         self.late_grace_s = duration_ms(config.late_grace) / 1000
         # ENRICHMENT_UNSPECIFIED keeps the enricher on the path: the safe reading.
         self.enriched = config.enrichment != objective_pb2.ENRICHMENT_NONE
@@ -89,6 +131,38 @@ class _Objective:
             "default",
         )
         self.latency = ANSWER_LATENCY.labels(config.objective)
+
+    def answered_by(self, model: str) -> Counter:
+        """The answer counter's child for `model` ("" for the default)."""
+        child = self.answers.get(model)
+        if child is None:
+            # Not a deployment of this version (cannot win its policy); counted all the same.
+            child = self.answers[model] = ANSWERS.labels(
+                self.name, scoring_pb2.AnswerSource.Name(scoring_pb2.ANSWER_SOURCE_MODEL), model
+            )
+        return child
+
+    def sample(self, task: task_pb2.ScoringTask) -> None:
+        """Write who scores `task` and whether it is archived, by its request id (its
+        consent already resolved)."""
+        if task.warmup:
+            # Warm every scoring path; never archived.
+            task.scorers.extend(self.scorers)
+            task.skip_archive = True
+            return
+        request_id = task.request.request_id
+        if task.request.consent.experimentation == common_pb2.CONSENT_DECISION_DENIED:
+            task.scorers.extend(self.scorers_without_experiments)
+        elif (
+            self.samples_challengers
+            and draw(self.name, request_id, CHALLENGERS) >= self.challenger_fraction
+        ):
+            task.scorers.extend(self.scorers_without_challengers)
+        else:
+            task.scorers.extend(self.scorers)
+        task.skip_archive = (
+            self.samples_archive and draw(self.name, request_id, ARCHIVE) >= self.archive_fraction
+        )
 
     def resolve_consent(self, consent: common_pb2.Consent) -> None:
         """Consumers only look for DENIED: "unspecified" becomes the objective's default here,
@@ -108,9 +182,10 @@ class Rendezvous(Component):
     def __init__(
         self,
         settings: RendezvousSettings,
-        objectives: Mapping[str, objective_pb2.ObjectiveConfig],
+        objectives: Mapping[str, objective_pb2.ObjectiveConfig] | None,
         bus: Bus | None = None,
     ) -> None:
+        """Serve the static `objectives`, or (None) follow the control topic."""
         super().__init__(
             settings,
             name=f"rendezvous-{settings.instance}",
@@ -127,9 +202,15 @@ class Rendezvous(Component):
             uds_path=settings.delivery_socket,
         )
         self.settings: RendezvousSettings = settings
-        self.objectives = {name: _Objective(cfg) for name, cfg in objectives.items()}
+        self.following = objectives is None
+        # The version in force per objective; replaced, never mutated (see apply_config).
+        self.objectives = {name: _Objective(cfg) for name, cfg in (objectives or {}).items()}
+        # apply_config one version at a time; set once an objective is held.
+        self._applying = asyncio.Lock()
+        self._holding = asyncio.Event()
         self.registry = MailboxRegistry()
-        # Per objective: the request topic (enriched objectives) or the tasks topic.
+        # Per objective: the request topic (enriched versions) and/or the tasks topic (versions
+        # without enrichment), opened before the first version that needs one is in force.
         self._request_publishers: dict[str, Publisher[task_pb2.ScoringTask]] = {}
         self._task_publishers: dict[str, Publisher[task_pb2.EnrichedTask]] = {}
         self._outcome_publishers: dict[str, Publisher[task_pb2.Outcome]] = {}
@@ -140,6 +221,8 @@ class Rendezvous(Component):
         self._streams = 0
         self._warm = not settings.warmup
         self._lag: LoopLag | None = None
+        # Set once open() is done: from then on a new version rewrites the ready file.
+        self._opened = False
         self._warming: asyncio.Task[None] | None = None
         self.warmup = Warmup(
             settings, [o.config for o in self.objectives.values()], self._warm_race
@@ -159,31 +242,119 @@ class Rendezvous(Component):
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
-        bus = self.bus
-        for name, objective in self.objectives.items():
-            if objective.enriched:
-                self._request_publishers[name] = await bus.publisher(
-                    bus.topics.requests(name), task_pb2.ScoringTask
-                )
-            else:
-                self._task_publishers[name] = await bus.publisher(
-                    bus.topics.tasks(name), task_pb2.EnrichedTask
-                )
-            self._outcome_publishers[name] = await bus.publisher(
-                bus.topics.results(name), task_pb2.Outcome
-            )
+        if self.following:
+            await self._follow(stack)
+        else:
+            for objective in self.objectives.values():
+                await self._open_publishers(objective)
+                OBJECTIVE_VERSION.labels(objective.name).set(objective.version)
         lag = self._lag = LoopLag(
             "rendezvous",
             self.settings.loop_lag_probe_interval_s,
             self.settings.loop_lag_backlog_window_s,
         )
         stack.callback(lag.stop)
+        self._opened = True
+
+    async def _follow(self, stack: contextlib.AsyncExitStack) -> None:
+        """Follow the control topic; return once it holds an objective (bounded by
+        `control_wait_s`): the control component seeds the topic before we start."""
+        settings = self.settings
+        follower = await follow(
+            self.bus, stack, self.watch, retry_delay_s=settings.control_retry_delay_s
+        )
+        # Registered before the first await: no version after the catch-up is missed.
+        follower.listen(self._on_config)
+        for config in list(follower.configs.values()):
+            await self.apply_config(config)
+        try:
+            await asyncio.wait_for(self._holding.wait(), settings.control_wait_s)
+        except TimeoutError:
+            raise RuntimeError(
+                f"no objective on {follower.topic} after {settings.control_wait_s:g}s "
+                "(is the control component running?)"
+            ) from None
+        # Warm-up covers the objectives held at start.
+        self.warmup = Warmup(
+            settings, [o.config for o in self.objectives.values()], self._warm_race
+        )
+        if not settings.warmup:
+            self.warmup.progress.state = "off"
+
+    async def _on_config(
+        self, _held: objective_pb2.ObjectiveConfig | None, config: objective_pb2.ObjectiveConfig
+    ) -> None:
+        await self.apply_config(config)
+
+    async def apply_config(self, config: objective_pb2.ObjectiveConfig) -> bool:
+        """Decide new requests of `config.objective` by `config` (False: not newer than the
+        version held, ignored). Requests already in flight keep the version they started with.
+
+        The publishers the version needs (a new objective's, or the other task topic after
+        an enrichment change) are opened first; then the compiled version replaces the old
+        by one dict assignment, so a request sees one version or the other, never a mixture.
+        """
+        async with self._applying:
+            name = config.objective
+            held = self.objectives.get(name)
+            if held is not None and config.version <= held.version:
+                return False
+            compiled = _Objective(config)
+            while True:
+                try:
+                    await self._open_publishers(compiled)
+                    break
+                except BusError:
+                    if self.stopping:
+                        raise
+                    # Keep the version held until the new one can be served; keep order.
+                    log.warning(
+                        "cannot open the publishers of a new version yet; retrying",
+                        extra={"objective": name, "version": config.version},
+                    )
+                    await asyncio.sleep(self.settings.control_retry_delay_s)
+            self.objectives[name] = compiled
+            self._holding.set()
+        OBJECTIVE_VERSION.labels(name).set(config.version)
+        if self._opened:
+            # `rendezvous status` shows the versions in force.
+            self._write_ready_file()
+        log.info(
+            "objective version applied",
+            extra={
+                "objective": name,
+                "version": config.version,
+                "previous_version": held.version if held is not None else 0,
+                "action": config.change.action,
+                "author": config.change.author,
+                "enriched": compiled.enriched,
+            },
+        )
+        return True
+
+    async def _open_publishers(self, objective: _Objective) -> None:
+        bus = self.bus
+        name = objective.name
+        if objective.enriched and name not in self._request_publishers:
+            self._request_publishers[name] = await bus.publisher(
+                bus.topics.requests(name), task_pb2.ScoringTask
+            )
+        if not objective.enriched and name not in self._task_publishers:
+            self._task_publishers[name] = await bus.publisher(
+                bus.topics.tasks(name), task_pb2.EnrichedTask
+            )
+        if name not in self._outcome_publishers:
+            self._outcome_publishers[name] = await bus.publisher(
+                bus.topics.results(name), task_pb2.Outcome
+            )
 
     def facts(self) -> dict[str, Any]:
         return {
             "delivery_socket": str(self.settings.delivery_socket),
             "return_address": self.return_address,
             "objectives": list(self.objectives),
+            "objective_versions": {name: o.version for name, o in self.objectives.items()},
+            "following": self.following,
             "warmup": self.warmup.progress.as_dict(),
         }
 
@@ -266,6 +437,7 @@ class Rendezvous(Component):
             raise Unavailable("the service is draining")
         if not request.objective:
             raise InvalidArgument([("objective", "required")])
+        # The one look-up: this request is decided by this version from start to finish.
         objective = self.objectives.get(request.objective)
         if objective is None:
             raise NotFound(f"unknown objective {request.objective!r}")
@@ -293,7 +465,7 @@ class Rendezvous(Component):
             response = await self._race(request, objective, sla_ms, client_deadline, started_ns)
             span.set_attribute("rdv.request_id", response.request_id)
             span.set_attribute("rdv.answered_by", response.decision.model or "default")
-        objective.answers[response.decision.model].inc()
+        objective.answered_by(response.decision.model).inc()
         objective.latency.observe(duration_ms(response.elapsed) / 1000)
         return response
 
@@ -311,11 +483,15 @@ class Rendezvous(Component):
         """Open a mailbox, dispatch the task, wait for the verdict; the answer."""
         behind_ns = time.monotonic_ns() - started_ns
         task = self._task(request, objective, sla_ms, time.time_ns() - behind_ns, warmup)
+        policy = objective.policy
+        if policy.has_shares:
+            # The request's A/B arm: the same in every step, and on every retry of it.
+            policy = policy.for_request(draw(objective.name, task.request.request_id, SHARES))
         mailbox = Mailbox(
             mailbox_id=task.mailbox_id,
             request_id=task.request.request_id,
             objective=request.objective,
-            policy=objective.policy,
+            policy=policy,
             sla_ms=sla_ms,
             client_deadline=client_deadline,
             started_ns=started_ns,
@@ -326,7 +502,7 @@ class Rendezvous(Component):
         )
         self.registry.add(mailbox)
         mailbox.start()
-        self._spawn(self._dispatch(task, mailbox, sla_ms))
+        self._spawn(self._dispatch(task, objective, mailbox, sla_ms))
         self._awaiting += 1
         try:
             verdict = await mailbox.answer
@@ -357,26 +533,31 @@ class Rendezvous(Component):
             mailbox_id=uuid.uuid4().hex,
             received_time=timestamp_from_ns(received_ns),
             deadline=timestamp_from_ns(received_ns + int(sla_ms * 1e6)),
-            objective_version=objective.config.version,
+            objective_version=objective.version,
             warmup=warmup,
         )
         if not request.request_id:
             task.request.request_id = uuid.uuid4().hex
         objective.resolve_consent(task.request.consent)
+        objective.sample(task)
         # The one place trace context enters the task; Pulsar properties carry it as well.
         task.trace_context.update(inject())
         return task
 
-    async def _dispatch(self, task: task_pb2.ScoringTask, mailbox: Mailbox, sla_ms: float) -> None:
+    async def _dispatch(
+        self, task: task_pb2.ScoringTask, objective: _Objective, mailbox: Mailbox, sla_ms: float
+    ) -> None:
         budget_s = max(sla_ms - mailbox.elapsed_ms(), 0.0) / 1000
         key = task.request.request_id
         try:
-            publisher = self._task_publishers.get(mailbox.objective)
-            if publisher is not None:
-                await publisher.publish(task_pb2.EnrichedTask(task=task), key=key, timeout=budget_s)
-            else:
-                await self._request_publishers[mailbox.objective].publish(
+            # The request's own version says whether its task passes through the enricher.
+            if objective.enriched:
+                await self._request_publishers[objective.name].publish(
                     task, key=key, timeout=budget_s
+                )
+            else:
+                await self._task_publishers[objective.name].publish(
+                    task_pb2.EnrichedTask(task=task), key=key, timeout=budget_s
                 )
             mailbox.dispatched = True
         except BusError:
@@ -478,8 +659,10 @@ class _DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
 
 def main() -> None:
     settings = RendezvousSettings()
-    if settings.mesh_file is None:
-        raise SystemExit("RDV_RENDEZVOUS_MESH_FILE (or mesh_file in the config file) is required")
-    configs = load_mesh(settings.mesh_file).objective_configs()
+    # The control topic is the source of truth; a mesh file, if given, is a static mode
+    # (nothing followed, version 1 for ever), for running without a control component.
+    configs = None
+    if settings.mesh_file is not None:
+        configs = load_mesh(settings.mesh_file).objective_configs()
     with contextlib.suppress(KeyboardInterrupt):
         run("rendezvous", settings, lambda: Rendezvous(settings, configs))

@@ -10,13 +10,22 @@ A policy is a schedule over the time since the request arrived:
 `decide` says, at one instant, whether the race is over and who won; the
 mailbox calls it at every arrival and at every step boundary (`next_wakeup`).
 Nothing here reads a clock or touches I/O, so the race is property-tested.
+
+A step may give models of its `accept` list a share of the requests as its first choice
+(a live A/B split). Each request draws one number u in [0, 1) (`services.core.sampling`,
+by objective and request id, the same u in every step); the shares, in `accept` order,
+cover [0, sum of shares), and the model whose range holds u goes first, the others keeping
+`accept`'s order; outside every range the step is as written. `Policy.for_request(u)` is
+the policy one request races under: the few distinct variants are compiled once, in
+`from_config`, so a request only looks one up (and a policy without shares is itself).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from rendezvous.v1 import common_pb2, objective_pb2, scoring_pb2
@@ -42,6 +51,36 @@ class Step:
     until_ms: float
     accept: tuple[str, ...]
     description: str
+    # The A/B arms: (model, low, high), the model first for u in [low, high), in `accept`
+    # order; empty for a step without shares.
+    arms: tuple[tuple[str, float, float], ...] = ()
+
+    @classmethod
+    def with_shares(
+        cls, until_ms: float, accept: tuple[str, ...], description: str, shares: Mapping[str, float]
+    ) -> Step:
+        """A step whose `shares` (model -> share) become ranges of u in `accept` order.
+
+        A share of a model the step does not accept is ignored (the control plane rejects
+        such a config), as is an empty share."""
+        arms = []
+        low = 0.0
+        for model in accept:
+            share = shares.get(model, 0.0)
+            if share > 0.0:
+                arms.append((model, low, low + share))
+                low += share
+        return cls(until_ms, accept, description, tuple(arms))
+
+    def for_draw(self, u: float) -> Step:
+        """This step as one request with draw `u` sees it: its arm's model first."""
+        for model, low, high in self.arms:
+            if low <= u < high:
+                if self.accept[0] == model:
+                    break
+                accept = (model, *(name for name in self.accept if name != model))
+                return Step(self.until_ms, accept, f"{self.description} ({model}'s share)")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,21 +91,55 @@ class Policy:
     sla_ms: float
     canary: str | None
     prefer_canary: bool
+    # With shares: the ends of the arms' ranges, sorted, and the policy for each cell of
+    # [0, 1) they cut (variants[i] holds for u in [cuts[i-1], cuts[i])). Empty without.
+    cuts: tuple[float, ...] = ()
+    variants: tuple[Policy, ...] = ()
 
     @classmethod
     def from_config(cls, config: objective_pb2.ObjectiveConfig) -> Policy:
         canaries = [
             m.name for m in config.models if m.role == common_pb2.MODEL_ROLE_CANARY and m.enabled
         ]
-        return cls(
+        policy = cls(
             steps=tuple(
-                Step(duration_ms(step.until), tuple(step.accept), step.description)
+                Step.with_shares(
+                    duration_ms(step.until), tuple(step.accept), step.description, step.shares
+                )
                 for step in config.policy.steps
             ),
             sla_ms=duration_ms(config.sla),
             canary=canaries[0] if canaries else None,
             prefer_canary=config.default_answer.prefer_canary,
         )
+        return policy.compiled()
+
+    @property
+    def has_shares(self) -> bool:
+        """Whether requests race under variants of this policy (draw u only then)."""
+        return bool(self.variants)
+
+    def compiled(self) -> Policy:
+        """This policy with its request-specific variants precomputed (see `for_request`)."""
+        bounds = {
+            bound for step in self.steps for _, low, high in step.arms for bound in (low, high)
+        }
+        cuts = tuple(sorted(bound for bound in bounds if 0.0 < bound < 1.0))
+        if not any(step.arms for step in self.steps):
+            return self
+        # Each cell [cuts[i-1], cuts[i]) lies inside one arm (or none) of every step: its
+        # lower end stands for all of it.
+        variants = tuple(
+            replace(self, steps=tuple(step.for_draw(low) for step in self.steps), cuts=())
+            for low in (0.0, *cuts)
+        )
+        return replace(self, cuts=cuts, variants=variants)
+
+    def for_request(self, u: float) -> Policy:
+        """The policy a request with draw `u` races under: no allocation, a lookup."""
+        if not self.variants:
+            return self
+        return self.variants[bisect.bisect_right(self.cuts, u)]
 
 
 @dataclass(frozen=True, slots=True)

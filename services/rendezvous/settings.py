@@ -40,6 +40,11 @@ class RendezvousSettings(ServiceSettings):
     # A request the loop could leave less than this much of its SLA is shed at once with
     # RESOURCE_EXHAUSTED: answering it would only answer late.
     min_race_budget_ms: float = Field(default=5.0, ge=0)
+    # Following the control topic (when not given static configurations): how long start-up
+    # waits for the topic to hold an objective (the control component seeds it first), and
+    # the pause before reading the topic, or opening a new objective's publishers, again.
+    control_wait_s: float = Field(default=60.0, gt=0)
+    control_retry_delay_s: float = Field(default=0.5, gt=0)
     # Warm-up before SERVING (see services/rendezvous/warmup.py).
     warmup: bool = True
     warmup_rate: float = Field(default=50.0, gt=0)

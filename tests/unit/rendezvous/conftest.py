@@ -1,17 +1,20 @@
 """A rendezvous and its collector in-process over real sockets, with scripted models
-publishing to the return address through the in-memory bus."""
+publishing to the return address through the in-memory bus.
+
+The scripted models behave like runners: a model the task's `scorers` do not list skips it,
+and each stamps the role it was deployed with (`ROLES`), whatever the config says now."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
-from rendezvous.v1 import common_pb2, scoring_pb2_grpc, task_pb2
+from rendezvous.v1 import common_pb2, objective_pb2, scoring_pb2_grpc, task_pb2
 
 from services.collector.app import Collector
 from services.collector.settings import CollectorSettings
@@ -41,6 +44,7 @@ OBJECTIVE = ObjectiveEntry.model_validate(
 ROLES = {
     "incumbent": common_pb2.MODEL_ROLE_INCUMBENT,
     "challenger": common_pb2.MODEL_ROLE_CHALLENGER,
+    "challenger-b": common_pb2.MODEL_ROLE_CHALLENGER,
     "canary": common_pb2.MODEL_ROLE_CANARY,
 }
 
@@ -63,8 +67,13 @@ class Mesh:
 
 
 async def _scripted_models(bus: MemoryBus, script: Script) -> None:
-    subscription = await bus.subscribe(
+    """Answer the tasks of "demo" from its request topic (enriched objective) and from its
+    tasks topic (an objective without enrichment), as `script` says."""
+    requests = await bus.subscribe(
         bus.topics.requests("demo"), "models", task_pb2.ScoringTask, mode=SubscriptionMode.SHARED
+    )
+    enriched = await bus.subscribe(
+        bus.topics.tasks("demo"), "models", task_pb2.EnrichedTask, mode=SubscriptionMode.SHARED
     )
 
     async def answer(
@@ -89,18 +98,40 @@ async def _scripted_models(bus: MemoryBus, script: Script) -> None:
             await publisher.publish(event, key=event.request_id)
 
     running: set[asyncio.Task[None]] = set()
-    while True:
-        envelope = await subscription.receive()
+
+    def take(task: task_pb2.ScoringTask) -> None:
+        scorers = set(task.scorers)
         for model, (delay, score) in script.plan.items():
-            task = asyncio.create_task(answer(envelope.message, model, delay, score))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        await subscription.ack(envelope)
+            if scorers and model not in scorers:
+                continue  # sampled out: as a runner does, skip the task
+            answering = asyncio.create_task(answer(task, model, delay, score))
+            running.add(answering)
+            answering.add_done_callback(running.discard)
+
+    async def from_requests() -> None:
+        while True:
+            envelope = await requests.receive()
+            take(envelope.message)
+            await requests.ack(envelope)
+
+    async def from_tasks() -> None:
+        while True:
+            envelope = await enriched.receive()
+            take(envelope.message.task)
+            await enriched.ack(envelope)
+
+    await asyncio.gather(from_requests(), from_tasks())
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    bus = MemoryBus()
+@contextlib.asynccontextmanager
+async def running_mesh(
+    tmp_path: Path,
+    configs: Mapping[str, objective_pb2.ObjectiveConfig] | None,
+    bus: MemoryBus | None = None,
+) -> AsyncIterator[Mesh]:
+    """A started rendezvous (static `configs`, or None: following `bus`'s control topic),
+    its collector, the scripted models and a stub."""
+    bus = bus or MemoryBus()
     socket = tmp_path / "delivery.sock"
     rendezvous = Rendezvous(
         RendezvousSettings(
@@ -111,8 +142,9 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             max_grace_mailboxes=1000,
             # Warm-up has its own tests (test_serving.py).
             warmup=False,
+            control_wait_s=5.0,
         ),
-        {"demo": to_config("demo", OBJECTIVE)},
+        configs,
         bus=bus,
     )
     collector = Collector(
@@ -135,3 +167,9 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         await channel.close()
         await collector.stop()
         await rendezvous.stop()
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with running_mesh(tmp_path, {"demo": to_config("demo", OBJECTIVE)}) as running:
+        yield running

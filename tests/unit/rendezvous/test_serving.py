@@ -156,6 +156,11 @@ async def test_warm_up_runs_the_real_path_then_serves_and_records_nothing(
             # The last races may still have been starting when the warm-up ended.
             assert progress.in_time <= len(warm_tasks) <= progress.sent
             assert all(task.warmup for task in warm_tasks)
+            # Every enabled model warms its path; the decoy never archives a warm-up task.
+            assert all(
+                list(task.scorers) == ["incumbent", "challenger", "canary"] and task.skip_archive
+                for task in warm_tasks
+            )
 
             async with grpc.aio.insecure_channel(rendezvous.endpoint) as channel:
                 response = await scoring_pb2_grpc.ScoringServiceStub(channel).Score(_request())
