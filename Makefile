@@ -14,7 +14,7 @@ GRPCURL_VERSION := v1.9.4
 export PYTHON := $(CURDIR)/$(PY)
 
 .PHONY: help setup venv tools gen gen-check lint fmt buf-breaking unit integration test check \
-        pulsar-up pulsar-down up down status demo score ghz-smoke bench bench-smoke profile clean
+        pulsar-up pulsar-down up down status demo demo-promote score ghz-smoke bench bench-smoke profile clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -95,6 +95,9 @@ score: ## Send one request to the running mesh and print the answer
 
 demo: ## Drive a few hundred requests through the running mesh and report per model
 	$(BIN)/rendezvous demo
+
+demo-promote: ## Under 100 req/s: add a challenger, promote it, roll back; switch times and checks
+	$(BIN)/rendezvous demo-promote --out docs/results/lifecycle/latest.json
 
 bench: setup ## Benchmark S0-S3 side by side; writes docs/results/bench/ (BENCH_ARGS="--smoke": the CI check)
 	$(PY) -m tools.bench $(BENCH_ARGS)

@@ -4,6 +4,7 @@ rendezvous up [--mesh FILE] [--pulsar-url URL]   broker (unless given) + every c
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, then a per-model report
+rendezvous demo-promote [--rate R]                add, promote, roll back a challenger under load
 rendezvous down                                   stop the mesh and the broker `up` started
 rendezvous run COMPONENT                          run one component in the foreground
 rendezvous objective show|history|diff|apply|promote|split|rollback   the control plane
@@ -286,6 +287,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_demo_promote(args: argparse.Namespace) -> int:
+    from services.demo_promote import print_report, run_drill, write_report
+
+    state = _state(args.state_dir) or {}
+    print(
+        f"Traffic at {args.rate:g}/s to {_target(args)}; after {args.hold:g}s a challenger "
+        f"({args.challenger}) is added, promoted, then rolled back, {args.hold:g}s apart ..."
+    )
+    report = asyncio.run(
+        run_drill(
+            target=_target(args),
+            control_target=objective_commands.control_target(
+                argparse.Namespace(target=args.control_target, state_dir=args.state_dir)
+            ),
+            objective=args.objective,
+            pulsar_url=state.get("pulsar_url", "pulsar://127.0.0.1:6650"),
+            rate=args.rate,
+            hold_s=args.hold,
+            challenger=args.challenger,
+        )
+    )
+    print_report(report)
+    if args.out:
+        write_report(report, args.out)
+        print(f"\nwritten to {args.out}")
+    failed = report.failed_calls or report.inconsistent or report.missing_outcomes
+    return 1 if failed or report.missing_archive else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rendezvous", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=300)
     demo.add_argument("--rate", type=float, default=50.0, help="requests per second")
     demo.set_defaults(handler=cmd_demo)
+
+    drill = sub.add_parser(
+        "demo-promote", help="add, promote and roll back a challenger under live traffic"
+    )
+    drill.add_argument("--target")
+    drill.add_argument("--control-target", help="ControlPlaneService (default: the mesh's)")
+    drill.add_argument("--objective", default="demo")
+    drill.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    drill.add_argument("--hold", type=float, default=8.0, help="seconds between changes")
+    drill.add_argument("--challenger", default="diabetes-ridge-v2")
+    drill.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    drill.set_defaults(handler=cmd_demo_promote)
 
     run = sub.add_parser("run", help="run one component in the foreground")
     run.add_argument("component", choices=COMPONENTS)
