@@ -148,14 +148,26 @@ async def serve_until_signalled(build: Callable[[], Component]) -> int:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await component.start()
+    signalled = asyncio.create_task(stopping.wait())
+    # A start can wait long (a standby control plane waits for the topic's exclusive
+    # producer): a signal meanwhile cancels it, and start() closes what it had opened.
+    starting = asyncio.create_task(component.start())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("signalled while starting; stopping", extra={"component": component.name})
+        await cancel_and_wait([starting, signalled])
+        return 0
+    try:
+        await starting
+    except BaseException:
+        await cancel_and_wait([signalled])
+        raise
     # What start-up made (modules, servers, clients: ~50 000 objects) lives as long as the
     # process; left to the collector, each full collection walks all of it again, 23 ms on an
     # idle core here and several times that on a busy one, a stall on every process of the
     # request path every few seconds. Frozen, a full collection walks only what came later.
     gc.collect()
     gc.freeze()
-    signalled = asyncio.create_task(stopping.wait())
     failed = asyncio.create_task(component.failed.wait())
     await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
     await cancel_and_wait([signalled, failed])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 
 import grpc
 import pytest
@@ -20,10 +22,13 @@ class _Recorder(Component):
 
     uses_bus = False
 
-    def __init__(self, events: list[str], *, fail_open: bool = False) -> None:
+    def __init__(
+        self, events: list[str], *, fail_open: bool = False, hang_open: bool = False
+    ) -> None:
         super().__init__(ServiceSettings(listen="127.0.0.1:0"), name="recorder")
         self.events = events
         self.fail_open = fail_open
+        self.hang_open = hang_open
         self.end_loop = asyncio.Event()
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
@@ -45,6 +50,9 @@ class _Recorder(Component):
         stack.push_async_callback(cancel)
         if self.fail_open:
             raise RuntimeError("open failed half-way")
+        if self.hang_open:
+            # Like a standby that waits for an exclusive producer.
+            await asyncio.Event().wait()
 
     async def drain(self) -> None:
         self.events.append("drain")
@@ -118,3 +126,23 @@ async def test_a_given_bus_stays_open(memory_bus: Bus) -> None:
 
     assert closed == []
     assert component.bus is memory_bus
+
+
+async def test_a_signal_during_a_start_that_waits_stops_it() -> None:
+    events: list[str] = []
+
+    def build() -> _Recorder:
+        asyncio.get_running_loop()
+        return _Recorder(events, hang_open=True)
+
+    serving = asyncio.create_task(serve_until_signalled(build))
+    async with asyncio.timeout(10.0):
+        while "open" not in events:  # noqa: ASYNC110 (the component is built inside the task)
+            await asyncio.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+    status = await asyncio.wait_for(serving, 10.0)
+
+    assert status == 0
+    # What the start had opened is closed, in reverse order.
+    assert events[-3:] == ["close loop", "close second", "close first"]
