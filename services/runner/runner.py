@@ -124,6 +124,7 @@ class ModelRunner:
             reason = skip_reason(
                 envelope.message.task,
                 received_ns,
+                model=self.model,
                 experimental=self._experimental,
                 topics=self._topics,
             )
