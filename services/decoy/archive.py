@@ -86,7 +86,8 @@ class Archiver:
     ) -> None:
         self.publisher = publisher
         self.objective = objective
-        self._default_denied = default_denied
+        # Public: a live runner host updates it when the objective's default consent changes.
+        self.default_denied = default_denied
         self._timeout_s = publish_timeout_s
         self._archived = {
             dropped: ARCHIVED.labels(objective, str(dropped).lower()) for dropped in (False, True)
@@ -116,7 +117,7 @@ class Archiver:
             self.sampled_out += 1
             self._sampled_out.inc()
             return True
-        record = archive_record(task, default_denied=self._default_denied)
+        record = archive_record(task, default_denied=self.default_denied)
         request_id = task.task.request.request_id
         try:
             await self.publisher.publish(record, key=request_id or None, timeout=self._timeout_s)
