@@ -396,10 +396,18 @@ class Supervisor:
             for process in batch:
                 await process.start()
             self.write_state()
-            results = await asyncio.gather(*(p.wait_ready() for p in batch))
+            ready = asyncio.gather(*(p.wait_ready() for p in batch))
+            signalled = asyncio.create_task(stopping.wait())
+            # A signal during start-up stops at once rather than after the stage's readiness.
+            await asyncio.wait({ready, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
             self.write_state()
             if stopping.is_set():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
                 return False
+            results = ready.result()
             if not all(results):
                 failed = [p.spec.name for p, ok in zip(batch, results, strict=True) if not ok]
                 log.error("processes not ready", extra={"processes": ",".join(failed)})

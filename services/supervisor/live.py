@@ -4,6 +4,10 @@ Once the control component is ready (it has seeded the topic from the mesh file)
 supervisor reads the objective configurations from the topic with a `ControlFollower` of its
 own, plans the mesh from them (`services.supervisor.plan`), and plans again for every new
 version; the `Supervisor` starts and stops what the difference says.
+
+The mesh serves the objectives its mesh file names, each as the topic holds it: a broker
+(and so a control topic) can be shared by several meshes, tests or tenants, and an objective
+another mesh put on the topic is not this supervisor's to run processes for.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from services.core.bus import Bus, connect
 from services.core.control_topic import ControlFollower
+from services.core.control_topic import ObjectiveConfig as ControlConfig
 from services.core.settings import PulsarSettings
 from services.runner.live import write_model_directory
 from services.supervisor.plan import Ports, ProcessSpec, model_directory, model_endpoints, plan
@@ -42,7 +47,8 @@ class LiveMesh:
         self.state_dir = state_dir
         self.rendezvous_listen = rendezvous_listen
         self.ports = ports
-        # The mesh file's objectives: the topic holds each once the control component seeded.
+        # The mesh file's objectives: the topic holds each once the control component seeded
+        # it, and only these are planned.
         self.objectives = list(objectives)
         self.retry_delay_s = retry_delay_s
         self.directory = model_directory(state_dir)
@@ -54,13 +60,20 @@ class LiveMesh:
     def versions(self) -> dict[str, int]:
         """The version of each objective the plan follows."""
         follower = self._follower
-        return {} if follower is None else {n: c.version for n, c in follower.configs.items()}
+        return {} if follower is None else {n: c.version for n, c in self._configs().items()}
+
+    def _configs(self) -> dict[str, ControlConfig]:
+        assert self._follower is not None, "open() first"
+        held = self._follower.configs
+        return {name: held[name] for name in self.objectives if name in held}
 
     async def open(self, timeout_s: float, changed: Changed) -> None:
         """Caught up with the topic, holding every objective of the mesh file; `changed` is
         awaited for each new version from then on."""
         bus = self._bus = connect(self.pulsar, "supervisor")
-        follower = self._follower = ControlFollower(bus, retry_delay_s=self.retry_delay_s)
+        follower = self._follower = ControlFollower(
+            bus, retry_delay_s=self.retry_delay_s, objectives=self.objectives
+        )
         await follower.open()
         self._task = asyncio.create_task(follower.run(), name="supervisor:control")
         self._task.add_done_callback(self._follower_ended)
@@ -84,9 +97,8 @@ class LiveMesh:
 
     def plan(self) -> list[ProcessSpec]:
         """The processes the configurations held now need, with stable ports."""
-        assert self._follower is not None, "open() first"
         return plan(
-            self._follower.configs,
+            self._configs(),
             self.state_dir,
             self.pulsar.service_url,
             self.pulsar.admin_url,
