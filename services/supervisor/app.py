@@ -396,8 +396,8 @@ class Supervisor:
             for process in batch:
                 await process.start()
             self.write_state()
-            ready = asyncio.gather(*(p.wait_ready() for p in batch))
-            signalled = asyncio.create_task(stopping.wait())
+            ready: asyncio.Future[list[bool]] = asyncio.gather(*(p.wait_ready() for p in batch))
+            signalled: asyncio.Future[Any] = asyncio.create_task(stopping.wait())
             # A signal during start-up stops at once rather than after the stage's readiness.
             await asyncio.wait({ready, signalled}, return_when=asyncio.FIRST_COMPLETED)
             signalled.cancel()
