@@ -191,7 +191,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     healthy = asyncio.run(probe())
     for process, ok in zip(state["processes"], healthy, strict=True):
-        process["status"] = "SERVING" if ok else f"NOT SERVING ({process['status']})"
+        if ok:
+            # A removed model's container serves on while the runner hosts drain it.
+            draining = process["status"] == "draining"
+            process["status"] = "SERVING (draining, stops soon)" if draining else "SERVING"
+        else:
+            process["status"] = f"NOT SERVING ({process['status']})"
     if args.json:
         print(json.dumps(state, indent=2))
     else:
