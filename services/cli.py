@@ -124,6 +124,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"Rendezvous is up in {took:.1f}s: {len(state['processes'])} processes.")
     _print_processes(state)
     endpoint = state["endpoint"]
+    print(
+        f"\nControlPlaneService at {state.get('control_endpoint', '-')}: objective versions "
+        f"{_versions(state)}"
+    )
     body = json.dumps({"objective": "demo", "features": _sample_features()})
     print(
         f"\nScoringService at {endpoint} (gRPC, reflection on). Try:\n"
@@ -171,6 +175,11 @@ def _print_processes(state: dict[str, Any] | None) -> None:
             )
 
 
+def _versions(state: dict[str, Any]) -> str:
+    versions: dict[str, int] = state.get("objective_versions") or {}
+    return ", ".join(f"{name} v{version}" for name, version in sorted(versions.items())) or "-"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from services.supervisor.app import check_health
 
@@ -186,13 +195,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     healthy = asyncio.run(probe())
     for process, ok in zip(state["processes"], healthy, strict=True):
-        process["status"] = "SERVING" if ok else f"NOT SERVING ({process['status']})"
+        if ok:
+            # A removed model's container serves on while the runner hosts drain it.
+            draining = process["status"] == "draining"
+            process["status"] = "SERVING (draining, stops soon)" if draining else "SERVING"
+        else:
+            process["status"] = f"NOT SERVING ({process['status']})"
     if args.json:
         print(json.dumps(state, indent=2))
     else:
         print(
-            f"phase: {state['phase']}  endpoint: {state['endpoint']}  broker: {state['pulsar_url']}"
+            f"phase: {state['phase']}  endpoint: {state['endpoint']}  "
+            f"control: {state.get('control_endpoint', '-')}  broker: {state['pulsar_url']}"
         )
+        print(f"objective versions: {_versions(state)}")
         _print_processes(state)
     return 0 if all(healthy) else 1
 
@@ -200,22 +216,45 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_supervise(args: argparse.Namespace) -> int:
     from services.core.mesh import load_mesh
     from services.core.telemetry import configure_logging
-    from services.supervisor.app import Supervisor
-    from services.supervisor.plan import plan
+    from services.supervisor.app import Supervisor, SupervisorSettings
+    from services.supervisor.live import LiveMesh
+    from services.supervisor.plan import Ports, plan_control
 
     configure_logging("supervisor")
+    # Read here only to fail early on a bad file; the control component seeds the topic
+    # from it and everything else is planned from the topic.
     mesh = load_mesh(args.mesh)
-    specs = plan(mesh, args.mesh, args.state_dir, args.pulsar_url, args.pulsar_admin_url)
+    settings = SupervisorSettings()
+    ports = Ports()
+    control = plan_control(
+        args.mesh,
+        args.state_dir,
+        args.pulsar_url,
+        args.pulsar_admin_url,
+        settings.control_listen,
+        ports,
+    )
+    live = LiveMesh(
+        args.pulsar_url,
+        args.pulsar_admin_url,
+        args.state_dir,
+        mesh.rendezvous.listen,
+        ports,
+        objectives=mesh.objectives,
+    )
     supervisor = Supervisor(
-        specs,
+        [control],
         args.state_dir / "state.json",
         facts={
             "endpoint": mesh.rendezvous.listen,
+            "control_endpoint": control.endpoint,
             "mesh": str(args.mesh),
             "pulsar_url": args.pulsar_url,
             "pulsar_admin_url": args.pulsar_admin_url,
             "owns_broker": args.owns_broker,
         },
+        settings=settings,
+        live=live,
     )
     return asyncio.run(supervisor.run())
 

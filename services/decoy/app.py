@@ -6,6 +6,12 @@ and replay record of everything accepted, so every task is archived, late or not
 is acknowledged only after its record is on the archive topic; a failed publish is
 negatively acknowledged and Pulsar redelivers it.
 
+The decoy needs nothing from the control topic: the rendezvous applies the objective's live
+configuration to each task under the version that decided it, resolving the default consent
+into the task and marking a task outside `Sampling.archive_fraction` with `skip_archive`,
+which the `Archiver` honours (acknowledged, not archived). `default_archiving` (or the mesh
+file) only matters for a task whose archiving consent is still unspecified.
+
 The local mesh hosts the decoy in the objective's runner host (`RunnerSettings.archive`),
 which receives each task once for its models and the archive; this process is the decoy
 on its own, for a deployment that scales the archive apart from the models.

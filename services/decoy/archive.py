@@ -11,7 +11,9 @@ The record holds the task exactly as the models saw it, then:
 
 `Archiver` puts a burst of tasks on the objective's archive topic: the decoy process uses it,
 and so does a runner host that hosts the decoy (one receive of a task then serves the
-objective's models and its archive). Warm-up tasks are never archived.
+objective's models and its archive). Warm-up tasks are never archived, nor is a task the
+rendezvous marked `skip_archive` (its request fell outside the objective's
+`Sampling.archive_fraction`): both are reported done, so they are acknowledged.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ ARCHIVED = counter(
     "Tasks the decoy put on the archive topic",
     ("objective", "features_dropped"),
 )
+NOT_ARCHIVED = counter(
+    "rdv_decoy_not_archived",
+    "Tasks the decoy acknowledged without archiving them, by reason",
+    ("objective", "reason"),
+)
+# The request fell outside the objective's archive_fraction (ScoringTask.skip_archive).
+SAMPLED_OUT = "sampled_out"
 ARCHIVE_FAILURES = counter(
     "rdv_decoy_archive_failures",
     "Tasks whose archive publish failed (negatively acknowledged for redelivery)",
@@ -77,17 +86,21 @@ class Archiver:
     ) -> None:
         self.publisher = publisher
         self.objective = objective
-        self._default_denied = default_denied
+        # Public: a live runner host updates it when the objective's default consent changes.
+        self.default_denied = default_denied
         self._timeout_s = publish_timeout_s
         self._archived = {
             dropped: ARCHIVED.labels(objective, str(dropped).lower()) for dropped in (False, True)
         }
         self._failures = ARCHIVE_FAILURES.labels(objective)
+        self._sampled_out = NOT_ARCHIVED.labels(objective, SAMPLED_OUT)
         self.archived = 0
+        self.sampled_out = 0
 
     async def archive(self, envelopes: list[Envelope[task_pb2.EnrichedTask]]) -> list[bool]:
-        """True per task once its record is on the archive topic (or it is a warm-up task),
-        False when the publish failed and the task should be redelivered."""
+        """True per task once its record is on the archive topic (or it is not to be archived:
+        a warm-up task, a task marked skip_archive), False when the publish failed and the task
+        should be redelivered."""
         with _tracer.start_as_current_span(
             "decoy.archive",
             context=envelopes[0].trace_context(),
@@ -100,7 +113,11 @@ class Archiver:
     async def _one(self, task: task_pb2.EnrichedTask) -> bool:
         if task.task.warmup:
             return True
-        record = archive_record(task, default_denied=self._default_denied)
+        if task.task.skip_archive:
+            self.sampled_out += 1
+            self._sampled_out.inc()
+            return True
+        record = archive_record(task, default_denied=self.default_denied)
         request_id = task.task.request.request_id
         try:
             await self.publisher.publish(record, key=request_id or None, timeout=self._timeout_s)

@@ -7,6 +7,13 @@ caught up do the request pipelines start, health turn SERVING and the ready file
 Until then Enrich answers UNAVAILABLE, so no model ever sees a state built from half the
 events. Stop order: NOT_SERVING, stop receiving, let in-flight tasks finish (shutdown
 grace), stop reading events, close the subscriptions, stop the server, close the bus.
+
+Objectives come from `objectives` (or the mesh file) and stay fixed, or, with `follow` (how
+the supervisor runs it), from the control topic: every objective whose enrichment is not
+NONE is served, and that set follows the topic live. A newly enriched objective gets its
+events reader and, once that has caught up, its request pipeline; an objective whose
+enrichment became NONE has its pipeline stopped (in-flight tasks finish) and its reader
+closed. Health turns SERVING once the objectives enriched at start have caught up.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import contextlib
 import logging
 from typing import Any
 
+from rendezvous.v1 import objective_pb2
+
 from services.core.bus import Bus
+from services.core.control_topic import follow
 from services.core.lifecycle import Component, cancel_and_wait, run
 from services.core.mesh import load_mesh
 from services.enricher.enrich import Enricher
@@ -30,13 +40,32 @@ log = logging.getLogger(__name__)
 
 
 def resolve_objectives(settings: EnricherSettings) -> list[str]:
-    """The configured objectives, else every objective of the mesh file that is enriched."""
+    """The configured objectives, else every objective of the mesh file that is enriched
+    (none yet when following the control topic)."""
     if settings.objectives:
         return list(dict.fromkeys(settings.objectives))
     if settings.mesh_file is not None:
         mesh = load_mesh(settings.mesh_file)
         return [name for name, entry in mesh.objectives.items() if entry.enriched]
-    raise ValueError("the enricher needs `objectives` or a `mesh_file` to know what to serve")
+    if settings.follow:
+        return []
+    raise ValueError(
+        "the enricher needs `objectives`, a `mesh_file` or `follow` to know what to serve"
+    )
+
+
+def enriched(config: objective_pb2.ObjectiveConfig) -> bool:
+    """Whether the objective's tasks pass through the enricher (UNSPECIFIED reads as yes)."""
+    return config.enrichment != objective_pb2.ENRICHMENT_NONE
+
+
+class _Served:
+    """One objective's events reader (and its task) and request pipeline."""
+
+    def __init__(self, follower: EventFollower, reader: asyncio.Task[None], pipeline: TaskPipeline):
+        self.follower = follower
+        self.reader = reader
+        self.pipeline = pipeline
 
 
 class EnricherComponent(Component):
@@ -58,38 +87,89 @@ class EnricherComponent(Component):
             registrars=[registrar(EnricherServicer(self.enricher, lambda: self._caught_up))],
         )
         self.settings: EnricherSettings = settings
-        self.followers: list[EventFollower] = []
-        self.pipelines: list[TaskPipeline] = []
+        self._served: dict[str, _Served] = {}
+        # Live changes are applied one at a time, in the order of the versions.
+        self._change_lock = asyncio.Lock()
+
+    @property
+    def followers(self) -> list[EventFollower]:
+        return [served.follower for served in self._served.values()]
+
+    @property
+    def pipelines(self) -> list[TaskPipeline]:
+        return [served.pipeline for served in self._served.values()]
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         """Returns once the state has caught up and tasks flow."""
-        bus = self.bus
-        for objective in self.objectives:
-            follower = EventFollower(bus, objective, self.enricher, self.settings.retry_delay_s)
-            await follower.open()
-            stack.push_async_callback(follower.close)
-            self.followers.append(follower)
-            pipeline = TaskPipeline(
-                bus,
-                objective,
-                self.enricher,
-                subscription=self.settings.subscription,
-                max_in_flight=self.settings.max_in_flight,
-                send_timeout_s=self.settings.pulsar.send_timeout_s,
-                retry_delay_s=self.settings.retry_delay_s,
+        stack.push_async_callback(self._close_all)
+        objectives = self.objectives
+        control = None
+        if self.settings.follow:
+            control = await follow(
+                self.bus, stack, self.watch, retry_delay_s=self.settings.retry_delay_s
             )
-            await pipeline.open()
-            stack.push_async_callback(pipeline.close)
-            self.pipelines.append(pipeline)
-        readers = [
-            self.watch(asyncio.create_task(follower.run(), name=f"events:{follower.objective}"))
-            for follower in self.followers
-        ]
-        stack.push_async_callback(cancel_and_wait, readers)
-        await asyncio.gather(*(follower.caught_up.wait() for follower in self.followers))
-        for pipeline in self.pipelines:
-            await pipeline.start()
+            objectives = [name for name, config in control.configs.items() if enriched(config)]
+        served = [await self._open_objective(objective) for objective in objectives]
+        await asyncio.gather(*(s.follower.caught_up.wait() for s in served))
+        for one in served:
+            await one.pipeline.start()
         self._caught_up = True
+        if control is not None:
+            control.listen(self._changed)
+            # Versions that came while the readers caught up: applied now.
+            for config in list(control.configs.values()):
+                await self._changed(None, config)
+
+    async def _open_objective(self, objective: str) -> _Served:
+        """Its events reader running and its request subscription made (tasks wait there)."""
+        bus = self.bus
+        follower = EventFollower(bus, objective, self.enricher, self.settings.retry_delay_s)
+        await follower.open()
+        reader = self.watch(asyncio.create_task(follower.run(), name=f"events:{objective}"))
+        pipeline = TaskPipeline(
+            bus,
+            objective,
+            self.enricher,
+            subscription=self.settings.subscription,
+            max_in_flight=self.settings.max_in_flight,
+            send_timeout_s=self.settings.pulsar.send_timeout_s,
+            retry_delay_s=self.settings.retry_delay_s,
+        )
+        served = _Served(follower, reader, pipeline)
+        self._served[objective] = served
+        self.enricher.objectives.add(objective)
+        self.objectives = sorted(self._served)
+        await pipeline.open()
+        return served
+
+    async def _changed(
+        self, _: objective_pb2.ObjectiveConfig | None, config: objective_pb2.ObjectiveConfig
+    ) -> None:
+        if self.stopping:
+            return
+        name = config.objective
+        async with self._change_lock:
+            if enriched(config) and name not in self._served:
+                served = await self._open_objective(name)
+                await served.follower.caught_up.wait()
+                await served.pipeline.start()
+                log.info("objective enriched from now on", extra={"objective": name})
+            elif not enriched(config) and name in self._served:
+                await self._close_objective(name, self.settings.shutdown_grace_s)
+                log.info("objective no longer enriched", extra={"objective": name})
+
+    async def _close_objective(self, objective: str, grace_s: float) -> None:
+        served = self._served.pop(objective)
+        self.enricher.objectives.discard(objective)
+        self.objectives = sorted(self._served)
+        await served.pipeline.stop(grace_s)
+        await cancel_and_wait([served.reader])
+        await served.follower.close()
+        await served.pipeline.close()
+
+    async def _close_all(self) -> None:
+        for objective in list(self._served):
+            await self._close_objective(objective, 0.0)
 
     def facts(self) -> dict[str, Any]:
         return {"objectives": self.objectives, "subjects": len(self.store)}

@@ -23,7 +23,8 @@ class Enricher:
     """The subject state of the objectives this enricher follows, and the enrich step."""
 
     def __init__(self, objectives: list[str], store: SubjectStore) -> None:
-        self.objectives = frozenset(objectives)
+        # A set: an enricher that follows the control topic adds and drops objectives live.
+        self.objectives = set(objectives)
         self.store = store
 
     def record_event(

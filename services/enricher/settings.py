@@ -18,6 +18,9 @@ class EnricherSettings(ServiceSettings):
 
     # Objectives whose requests this enricher serves; empty means every objective of mesh_file.
     objectives: list[str] = Field(default_factory=list)
+    # Follow the control topic instead: serve every objective whose enrichment is not NONE,
+    # live (how the supervisor runs it).
+    follow: bool = False
     # The SHARED subscription on each request topic: enricher replicas split the load.
     subscription: str = "enricher"
     # LRU bound over (objective, subject) pairs; the least recently used subject is forgotten.

@@ -5,6 +5,9 @@ deadline), `Predict` for one, and `Predict` per task, concurrently, for a contai
 answers PredictBatch with UNIMPLEMENTED (the method is optional; the answer is remembered).
 Whatever goes wrong comes back as a `ModelError` per task, built in one place
 (`model_error`): a failing model costs error predictions, never the runner.
+
+`wait_ready` asks the container's standard gRPC health service until it says SERVING: a
+runner host that adds a model live puts it in its fan-out (and reports it ready) only then.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, task_pb2
 
 from services.core.telemetry import inject
@@ -69,6 +73,28 @@ class ModelClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float, poll_s: float) -> bool:
+        """True once the container's health service answers SERVING, False after `timeout_s`.
+
+        A container without the health service (UNIMPLEMENTED) answered all the same: it
+        listens, and it is taken as ready."""
+        health = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(), timeout=max(min(remaining, 1.0), 0.05)
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return True
+            if time.monotonic() + poll_s >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
 
     async def score(self, tasks: list[task_pb2.EnrichedTask], objective: str) -> Scored:
         """One result per task: one PredictBatch call when there are several and the model

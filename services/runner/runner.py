@@ -5,6 +5,8 @@ what admission rejects, queues the rest and scores them with at most `max_calls_
 model calls at once, each taking everything queued (up to `max_batch`): under light load a
 call is one task, and tasks that arrive while calls are in flight make up the next batch.
 Each runner batches on its own, so a slow model never holds up another one's predictions.
+A runner the host removes live is drained (`drain`: its queued and in-flight calls finish)
+before it is closed; a role or version change (`update`) applies to the next event.
 A prediction (or the model's error) goes to the task's return address, keyed by request id;
 the events of one call are published in one turn of the loop, so they leave as one batch.
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -107,6 +111,18 @@ class ModelRunner:
             outcome: PUBLISHED.labels(self.model, outcome) for outcome in ("prediction", "error")
         }
         self._publish_failures = PUBLISH_FAILURES.labels(self.model)
+        self._closed = False
+
+    def update(self, role: RunnerRole, model_version: str) -> None:
+        """A new role or configured version, for every event from now on."""
+        self._experimental = role in EXPERIMENTAL_ROLES
+        self.deployment = dataclasses.replace(
+            self.deployment, role=ROLES[role], model_version=model_version
+        )
+
+    @property
+    def role(self) -> RunnerRole:
+        return next(name for name, value in ROLES.items() if value == self.deployment.role)
 
     @property
     def calls_in_flight(self) -> int:
@@ -119,11 +135,15 @@ class ModelRunner:
         False when its prediction could not be published (the task is to be redelivered)."""
         loop = asyncio.get_running_loop()
         done = [True] * len(envelopes)
+        if self._closed:
+            # Removed from the host while this burst was on its way: no longer a scorer.
+            return done
         queued: list[tuple[int, asyncio.Future[bool]]] = []
         for index, envelope in enumerate(envelopes):
             reason = skip_reason(
                 envelope.message.task,
                 received_ns,
+                model=self.model,
                 experimental=self._experimental,
                 topics=self._topics,
             )
@@ -238,8 +258,30 @@ class ModelRunner:
             self._published[event.WhichOneof("result") or "error"].inc()
         return True
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or in flight (at most `timeout_s`); True when idle."""
+        deadline = time.monotonic() + timeout_s
+        # A burst handed over just before the removal queues its tasks on its first step.
+        await asyncio.sleep(0)
+        while self._queue or self._calls:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._calls:
+                await asyncio.wait(set(self._calls), timeout=remaining)
+            else:
+                self._start_calls()
+                await asyncio.sleep(0)
+        return True
+
     async def close(self) -> None:
         """Cancel calls still in flight (their tasks are redelivered) and close the channel."""
+        self._closed = True
+        for queued in self._queue:
+            # Never called: redelivered rather than left waiting.
+            if not queued.published.done():
+                queued.published.set_result(False)
+        self._queue.clear()
         for call in list(self._calls):
             call.cancel()
         for call in list(self._calls):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -10,6 +11,12 @@ from pydantic_settings import SettingsConfigDict
 from services.core.settings import ServiceSettings
 
 RunnerRole = Literal["incumbent", "challenger", "canary"]
+
+
+def group_subscription(replicas: int) -> str:
+    """The SHARED subscription of the runner hosts of one replica group: stable whatever
+    other groups come and go, so a group keeps its cursor across configuration changes."""
+    return "runners" if replicas <= 1 else f"runners-x{replicas}"
 
 
 class RunnerDeployment(BaseModel):
@@ -32,6 +39,11 @@ class RunnerSettings(ServiceSettings):
     own model channel and batches, all fed from the host's one subscription; the tunables
     below apply to each. `archive` hosts the objective's decoy too (with only `objective`
     set, the host is the decoy alone).
+
+    Live (`follow`): only `objective` and `replicas`; the host follows the objective on the
+    control topic and serves every enabled deployment with that replica count (0 reads as 1),
+    plus the decoy's archive when the decoy has it, adding and removing runners as versions
+    change. A deployment without an endpoint is looked up in `model_directory`.
     """
 
     model_config = SettingsConfigDict(env_prefix="RDV_RUNNER_")
@@ -47,6 +59,21 @@ class RunnerSettings(ServiceSettings):
     endpoint: str = ""
     # Several deployments hosted by this process (instead of the fields above).
     deployments: list[RunnerDeployment] = Field(default_factory=list)
+    # Live mode: follow the control topic (see the class docstring).
+    follow: bool = False
+    # The replica group this host serves in live mode.
+    replicas: int = Field(default=1, ge=1)
+    # JSON {model name: endpoint} of the containers the local supervisor runs (live mode).
+    model_directory: Path | None = None
+    # How long a model added live may take to show up in the model directory and answer
+    # health before the host gives up on it (and reports it not ready).
+    model_start_timeout_s: float = Field(default=60.0, gt=0)
+    # Pause between looks at the model directory and health checks of a starting model.
+    model_poll_s: float = Field(default=0.2, gt=0)
+    # How long a live host waits at start for its objective on the control topic.
+    config_timeout_s: float = Field(default=60.0, gt=0)
+    # How long a removed model's queued and in-flight calls may take before it is closed.
+    drain_timeout_s: float = Field(default=5.0, gt=0)
     # Most tasks in flight at once (over every call); further tasks wait in the client.
     concurrency: int = Field(default=64, ge=1)
     # Most tasks scored by one PredictBatch call: the tasks that queued up while the
@@ -85,6 +112,14 @@ class RunnerSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _default_subscription(self) -> RunnerSettings:
+        if self.follow:
+            if not self.objective or self.model or self.deployments:
+                raise ValueError(
+                    "a live runner host (follow) takes its objective, not model or deployments"
+                )
+            if not self.subscription:
+                self.subscription = group_subscription(self.replicas)
+            return self._check_backoff()
         single = bool(self.objective and self.model and self.endpoint and self.role)
         archive_only = self.archive and bool(self.objective) and not self.model
         if not (self.deployments or single or archive_only):
@@ -99,6 +134,9 @@ class RunnerSettings(ServiceSettings):
             raise ValueError(f"one runner host serves one objective, not {sorted(objectives)}")
         if not self.subscription:
             self.subscription = self.model if single and not self.deployments else "runners"
+        return self._check_backoff()
+
+    def _check_backoff(self) -> RunnerSettings:
         if self.max_reconnect_backoff_ms < self.initial_reconnect_backoff_ms:
             raise ValueError("max_reconnect_backoff_ms must be >= initial_reconnect_backoff_ms")
         return self

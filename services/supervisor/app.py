@@ -1,11 +1,19 @@
 """The local supervisor: starts every process of a mesh, keeps them running, stops them.
 
-Processes start stage by stage (models, then consumers, then the rendezvous,
-then its collector); a stage is ready when each process wrote its ready file
+Processes start stage by stage (the control component, then models, then consumers, then
+the rendezvous and its collector); a stage is ready when each process wrote its ready file
 and answers the standard gRPC health check with SERVING. A process that exits
 unexpectedly is restarted on the same port with a growing backoff. SIGTERM
 stops everything in reverse order: SIGTERM, then SIGKILL after the grace.
 The supervisor's view is written to `state.json` for `rendezvous status`.
+
+With a `LiveMesh`, only the control component is planned up front; once it is ready the
+mesh is planned from the control topic, and planned again for every new version. The
+difference is applied at once: the model directory is rewritten (new containers' endpoints,
+which the runner hosts wait for), new model containers, runner hosts (a new replica group)
+and the enricher start, processes whose settings changed restart, runner hosts of a group
+that became empty stop, and the container of a removed model stops `model_stop_grace_s`
+later, once the runner hosts have drained it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.supervisor.plan import ProcessSpec
+from services.supervisor.live import LiveMesh
+from services.supervisor.plan import CONTROL, STAGE_MODELS, ProcessSpec, diff
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,11 @@ class SupervisorSettings(BaseSettings):
     # The kernel's RT throttling (95 % of each second) keeps a runaway from starving the box.
     # 0: nice only. Needs root or CAP_SYS_NICE; without it, nice alone, then nothing.
     latency_critical_rt_priority: int = Field(default=1, ge=0, le=99)
+    # Where the control component (ControlPlaneService) listens.
+    control_listen: str = "127.0.0.1:50052"
+    # How long a removed model's container keeps running after the change: the runner hosts
+    # drain it first (RunnerSettings.drain_timeout_s, 5 s by default).
+    model_stop_grace_s: float = Field(default=10.0, ge=0)
 
 
 async def check_health(endpoint: str, service: str = "", timeout: float = 1.0) -> bool:
@@ -210,7 +224,8 @@ class Supervised:
 
 
 class Supervisor:
-    """Starts a planned mesh stage by stage and keeps it running until signalled."""
+    """Starts a planned mesh stage by stage and keeps it running until signalled; with a
+    `LiveMesh`, plans the rest from the control topic and follows it."""
 
     def __init__(
         self,
@@ -218,22 +233,30 @@ class Supervisor:
         state_file: Path,
         facts: dict[str, Any],
         settings: SupervisorSettings | None = None,
+        live: LiveMesh | None = None,
     ) -> None:
         self.settings = settings or SupervisorSettings()
         self.processes = [Supervised(spec, self.settings) for spec in specs]
         self.state_file = state_file
         self.facts = facts
         self.phase = "starting"
+        self.live = live
+        # Containers of removed models waiting out model_stop_grace_s, by process name.
+        self._retiring: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._apply_lock = asyncio.Lock()
 
     def write_state(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
+        versions = self.live.versions if self.live is not None else {}
         tmp.write_text(
             json.dumps(
                 {
                     "phase": self.phase,
                     "supervisor_pid": os.getpid(),
                     **self.facts,
+                    **({"objective_versions": versions} if versions else {}),
                     "processes": [p.describe() for p in self.processes],
                 },
                 indent=2,
@@ -246,7 +269,9 @@ class Supervisor:
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        ok = await self._start_all(stopping)
+        ok = await self._start_stages(list(self.processes), stopping)
+        if ok and self.live is not None:
+            ok = await self._start_live(self.live, stopping)
         self.phase = "ready" if ok else "failed"
         self.write_state()
         if ok:
@@ -256,22 +281,133 @@ class Supervisor:
                 self.write_state()
         self.phase = "stopping"
         self.write_state()
+        if self.live is not None:
+            # No change is applied while everything stops.
+            await self.live.close()
+        for task in [*self._retiring.values(), *self._background]:
+            task.cancel()
         for process in reversed(self.processes):
             await process.stop()
         self.phase = "stopped"
         self.write_state()
         return 0 if ok else 1
 
-    async def _start_all(self, stopping: asyncio.Event) -> bool:
-        for stage in sorted({p.spec.stage for p in self.processes}):
-            batch = [p for p in self.processes if p.spec.stage == stage]
+    async def _start_live(self, live: LiveMesh, stopping: asyncio.Event) -> bool:
+        """The mesh planned from the control topic, started stage by stage, then followed."""
+        try:
+            await live.open(self.settings.ready_timeout_s, self._changed)
+        except TimeoutError:
+            log.error("the control topic does not hold the mesh's objectives")
+            return False
+        async with self._apply_lock:
+            specs = live.plan()
+            live.write_directory(specs)
+            started = [Supervised(spec, self.settings) for spec in specs]
+            self.processes.extend(started)
+            return await self._start_stages(started, stopping)
+
+    async def _changed(self) -> None:
+        """A new version: start, restart and stop what the new plan says."""
+        live = self.live
+        assert live is not None
+        async with self._apply_lock:
+            if self.phase not in ("ready", "starting"):
+                return
+            specs = live.plan()
+            planned = {spec.name: spec for spec in specs}
+            for name in [name for name in self._retiring if name in planned]:
+                # Removed and added back within the grace: it never stopped.
+                retiring = self._retiring.pop(name)
+                retiring.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await retiring
+                kept = self._process(name)
+                if kept is not None:
+                    kept.status = "ready"
+            running = [
+                p.spec
+                for p in self.processes
+                if p.spec.name != CONTROL and p.spec.name not in self._retiring
+            ]
+            change = diff(running, specs)
+            # Kept processes take the new plan's labels (e.g. a host now hosting the decoy).
+            for process in self.processes:
+                spec = planned.get(process.spec.name)
+                if spec is not None and spec.env == process.spec.env:
+                    process.spec.role, process.spec.labels = spec.role, spec.labels
+            # Before any host can look: the endpoints of containers started below.
+            live.write_directory(specs)
+            for spec in change.start:
+                await self._launch(spec)
+            for spec in change.restart:
+                old = self._process(spec.name)
+                if old is not None:
+                    await self._remove(old)
+                await self._launch(spec)
+            for spec in change.stop:
+                gone = self._process(spec.name)
+                if gone is None:
+                    continue
+                if spec.stage == STAGE_MODELS:
+                    # Runner hosts drain the model first; its container goes after the grace.
+                    gone.status = "draining"
+                    self._retiring[spec.name] = asyncio.create_task(self._retire(gone))
+                else:
+                    await self._remove(gone)
+            if change:
+                log.info(
+                    "mesh changed",
+                    extra={
+                        "started": ",".join(s.name for s in change.start),
+                        "restarted": ",".join(s.name for s in change.restart),
+                        "stopped": ",".join(s.name for s in change.stop),
+                    },
+                )
+            self.write_state()
+
+    def _process(self, name: str) -> Supervised | None:
+        return next((p for p in self.processes if p.spec.name == name), None)
+
+    async def _launch(self, spec: ProcessSpec) -> None:
+        process = Supervised(spec, self.settings)
+        self.processes.append(process)
+        await process.start()
+        # Readiness is tracked on the side: a change is applied at once, and whoever needs
+        # the process (a runner host its model) waits for its health on its own.
+        ready = asyncio.create_task(process.wait_ready())
+        self._background.add(ready)
+        ready.add_done_callback(self._background.discard)
+
+    async def _remove(self, process: Supervised) -> None:
+        await process.stop()
+        with contextlib.suppress(ValueError):
+            self.processes.remove(process)
+
+    async def _retire(self, process: Supervised) -> None:
+        await asyncio.sleep(self.settings.model_stop_grace_s)
+        async with self._apply_lock:
+            self._retiring.pop(process.spec.name, None)
+            await self._remove(process)
+            self.write_state()
+
+    async def _start_stages(self, processes: list[Supervised], stopping: asyncio.Event) -> bool:
+        for stage in sorted({p.spec.stage for p in processes}):
+            batch = [p for p in processes if p.spec.stage == stage]
             for process in batch:
                 await process.start()
             self.write_state()
-            results = await asyncio.gather(*(p.wait_ready() for p in batch))
+            ready: asyncio.Future[list[bool]] = asyncio.gather(*(p.wait_ready() for p in batch))
+            signalled: asyncio.Future[Any] = asyncio.create_task(stopping.wait())
+            # A signal during start-up stops at once rather than after the stage's readiness.
+            await asyncio.wait({ready, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
             self.write_state()
             if stopping.is_set():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
                 return False
+            results = ready.result()
             if not all(results):
                 failed = [p.spec.name for p, ok in zip(batch, results, strict=True) if not ok]
                 log.error("processes not ready", extra={"processes": ",".join(failed)})

@@ -1,9 +1,19 @@
-"""Turns a mesh file into the processes that serve it, in start order.
+"""Turns objective configurations into the processes that serve them, in start order.
 
-Every process gets a fixed loopback port chosen once (so a restarted model
-container comes back where its runner looks for it), a ready file, and its
-settings as `RDV_<SERVICE>_*` environment variables: the same settings objects
-the services read in production, nothing supervisor-specific.
+The control component comes first (`plan_control`): it seeds the control topic from the mesh
+file. Everything else is planned from the configurations on that topic (`plan`): a model
+container per deployment the supervisor runs locally (a `kind`, no `endpoint`), the runner
+hosts of each objective's replica groups (live: each follows its objective and serves its
+group), the enricher when some objective is enriched, the rendezvous and its collector.
+Planned again for every new version, the plan is compared with what runs (`diff`): what to
+start, what to stop, what to restart because its settings changed.
+
+Every process gets a fixed loopback port chosen once and kept by name in `Ports` (so a
+restarted model container comes back where its runner looks for it, and planning again
+gives a running process the same settings), a ready file, and its settings as
+`RDV_<SERVICE>_*` environment variables: the same settings objects the services read in
+production, nothing supervisor-specific. The endpoints of the local model containers are
+written to the model directory (`model_directory`), where live runner hosts look them up.
 """
 
 from __future__ import annotations
@@ -11,20 +21,31 @@ from __future__ import annotations
 import json
 import random
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.core.mesh import Mesh
+from rendezvous.v1 import common_pb2, objective_pb2
 
-# Start order: a stage starts once every process of the stage before is ready. The
-# rendezvous and its collector start together: the rendezvous serves only once a
-# collector stream is open and its warm-up through the whole path is done.
-STAGE_MODELS = 0
-STAGE_CONSUMERS = 1
-STAGE_RENDEZVOUS = 2
+from services.core.protos import values_dict
+from services.runner.live import replica_group
+from services.runner.settings import group_subscription
+
+# Start order: a stage starts once every process of the stage before is ready. The control
+# component seeds the topic everything else is planned from. The rendezvous and its
+# collector start together: the rendezvous serves only once a collector stream is open and
+# its warm-up through the whole path is done.
+STAGE_CONTROL = 0
+STAGE_MODELS = 1
+STAGE_CONSUMERS = 2
+STAGE_RENDEZVOUS = 3
 STAGE_COLLECTOR = STAGE_RENDEZVOUS
 
 RENDEZVOUS_INSTANCE = "rdv-0"
+CONTROL = "control"
+ENRICHER = "enricher"
+# ProcessSpec.labels: which model a container serves.
+MODEL_LABEL = "model"
 
 
 @dataclass
@@ -79,18 +100,41 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {low}-{high}")
 
 
-def plan(
-    mesh: Mesh,
-    mesh_file: Path,
-    state_dir: Path,
-    pulsar_url: str,
-    pulsar_admin_url: str,
-) -> list[ProcessSpec]:
-    """Every process of the mesh, models first, the collector last."""
-    specs: list[ProcessSpec] = []
-    socket_path = state_dir / RENDEZVOUS_INSTANCE / "delivery.sock"
+@dataclass
+class Ports:
+    """The ports handed out, by process name: planning again keeps a process's addresses."""
+
+    listen: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, int] = field(default_factory=dict)
+
+    def endpoint(self, name: str, fixed: str | None = None) -> str:
+        if name not in self.listen:
+            self.listen[name] = fixed or f"127.0.0.1:{free_port()}"
+        return self.listen[name]
+
+    def metrics_port(self, name: str) -> int:
+        if name not in self.metrics:
+            self.metrics[name] = free_port()
+        return self.metrics[name]
+
+
+def model_directory(state_dir: Path) -> Path:
+    """Where the local model containers' endpoints are written for live runner hosts."""
+    return state_dir / "models.json"
+
+
+class _Planner:
+    """Builds ProcessSpecs with stable ports, ready files and logs under one state dir."""
+
+    def __init__(self, state_dir: Path, pulsar_url: str, pulsar_admin_url: str, ports: Ports):
+        self.state_dir = state_dir
+        self.pulsar_url = pulsar_url
+        self.pulsar_admin_url = pulsar_admin_url
+        self.ports = ports
+        self.specs: list[ProcessSpec] = []
 
     def add(  # noqa: PLR0917 (a local builder; keywords would only add noise)
+        self,
         name: str,
         module: str,
         prefix: str,
@@ -99,15 +143,17 @@ def plan(
         listen: str | None = None,
         role: str = "",
         latency_critical: bool = False,
+        labels: dict[str, str] | None = None,
     ) -> ProcessSpec:
-        endpoint = listen or f"127.0.0.1:{free_port()}"
-        ready_file = state_dir / "ready" / f"{name}.json"
+        endpoint = self.ports.endpoint(name, listen)
+        ready_file = self.state_dir / "ready" / f"{name}.json"
+        metrics_port = self.ports.metrics_port(name)
         env = {
             f"{prefix}LISTEN": endpoint,
             f"{prefix}READY_FILE": str(ready_file),
-            f"{prefix}PULSAR__SERVICE_URL": pulsar_url,
-            f"{prefix}PULSAR__ADMIN_URL": pulsar_admin_url,
-            f"{prefix}METRICS_PORT": str(free_port()),
+            f"{prefix}PULSAR__SERVICE_URL": self.pulsar_url,
+            f"{prefix}PULSAR__ADMIN_URL": self.pulsar_admin_url,
+            f"{prefix}METRICS_PORT": str(metrics_port),
             **{f"{prefix}{key}": value for key, value in settings.items()},
         }
         spec = ProcessSpec(
@@ -117,89 +163,136 @@ def plan(
             env=env,
             endpoint=endpoint,
             ready_file=ready_file,
-            log_file=state_dir / "logs" / f"{name}.log",
+            log_file=self.state_dir / "logs" / f"{name}.log",
             role=role,
             latency_critical=latency_critical,
-            labels={"metrics": f"127.0.0.1:{env[f'{prefix}METRICS_PORT']}"},
+            labels={"metrics": f"127.0.0.1:{metrics_port}", **(labels or {})},
         )
-        specs.append(spec)
+        self.specs.append(spec)
         return spec
 
-    for objective, entry in mesh.objectives.items():
-        # Deployments that scale together (the same replica count) share runner hosts:
-        # host r of a group receives each task once for all of the group's models, and the
-        # decoy joins the group of its replica count as the host's archive.
-        groups: dict[int, list[dict[str, str]]] = {}
-        archived: set[int] = set()
-        for model in entry.models:
-            if model.role == "decoy":
-                archived.add(model.replicas)
-                groups.setdefault(model.replicas, [])
+
+_ROLE_NAMES = {
+    common_pb2.MODEL_ROLE_INCUMBENT: "incumbent",
+    common_pb2.MODEL_ROLE_CHALLENGER: "challenger",
+    common_pb2.MODEL_ROLE_CANARY: "canary",
+    common_pb2.MODEL_ROLE_DECOY: "decoy",
+}
+
+
+def plan_control(  # noqa: PLR0917 (mirrors plan's arguments)
+    mesh_file: Path,
+    state_dir: Path,
+    pulsar_url: str,
+    pulsar_admin_url: str,
+    listen: str,
+    ports: Ports,
+) -> ProcessSpec:
+    """The control component: the one writer of the control topic, seeded from `mesh_file`."""
+    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports)
+    return planner.add(
+        CONTROL,
+        "services.control",
+        "RDV_CONTROL_",
+        STAGE_CONTROL,
+        {"MESH_FILE": str(mesh_file)},
+        listen=listen,
+        role="control",
+    )
+
+
+def local_model(deployment: objective_pb2.ModelDeployment) -> bool:
+    """Whether the supervisor runs the deployment's container (a kind and no endpoint)."""
+    return (
+        deployment.role != common_pb2.MODEL_ROLE_DECOY
+        and bool(deployment.kind)
+        and not deployment.endpoint
+    )
+
+
+def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
+    configs: Mapping[str, objective_pb2.ObjectiveConfig],
+    state_dir: Path,
+    pulsar_url: str,
+    pulsar_admin_url: str,
+    rendezvous_listen: str,
+    ports: Ports | None = None,
+) -> list[ProcessSpec]:
+    """Every process serving `configs` (the control component aside), models first, the
+    collector last. `ports` keeps addresses across plans (a fresh one when not given)."""
+    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports or Ports())
+    add = planner.add
+    socket_path = state_dir / RENDEZVOUS_INSTANCE / "delivery.sock"
+    directory = model_directory(state_dir)
+    containers: set[str] = set()
+    for objective, config in sorted(configs.items()):
+        for deployment in config.models:
+            if not local_model(deployment):
+                if deployment.role != common_pb2.MODEL_ROLE_DECOY and not deployment.endpoint:
+                    raise ValueError(
+                        f"model {deployment.name!r} of {objective!r} needs a kind or an endpoint"
+                    )
                 continue
-            endpoint = model.endpoint
-            if endpoint is None:
-                if model.kind is None:
-                    raise ValueError(f"model {model.name!r} needs a kind or an endpoint")
-                container = add(
-                    f"model-{model.name}",
-                    "services.models",
-                    "RDV_MODEL_",
-                    STAGE_MODELS,
-                    {
-                        "KIND": model.kind,
-                        "NAME": model.name,
-                        "VERSION": model.version,
-                        "ARGS": json.dumps(model.args),
-                    },
-                    role=model.role,
-                )
-                endpoint = container.endpoint
-            groups.setdefault(model.replicas, []).append(
+            # A container per model name (names are what predictions and the directory carry).
+            if deployment.name in containers:
+                continue
+            containers.add(deployment.name)
+            add(
+                f"model-{deployment.name}",
+                "services.models",
+                "RDV_MODEL_",
+                STAGE_MODELS,
                 {
-                    "objective": objective,
-                    "model": model.name,
-                    "role": model.role,
-                    "model_version": model.version,
-                    "endpoint": endpoint,
-                }
+                    "KIND": deployment.kind,
+                    "NAME": deployment.name,
+                    "VERSION": deployment.version,
+                    "ARGS": json.dumps(values_dict(deployment.args.fields), sort_keys=True),
+                },
+                role=_ROLE_NAMES.get(deployment.role, ""),
+                labels={MODEL_LABEL: deployment.name, "objective": objective},
             )
-        for replicas, deployments in sorted(groups.items()):
-            # One group keeps the plain names (the usual case: every model scales alike).
-            group = "" if len(groups) == 1 else f"x{replicas}-"
+        # Deployments that scale together (the same replica count) share runner hosts: host r
+        # of a group receives each task once for all of the group's models, and the decoy
+        # joins the group of its replica count as the host's archive. Each host follows the
+        # objective and serves its group, whatever models come and go in it.
+        groups: dict[int, bool] = {}
+        for deployment in config.models:
+            if not deployment.enabled:
+                continue
+            decoy = deployment.role == common_pb2.MODEL_ROLE_DECOY
+            group = replica_group(deployment)
+            groups[group] = groups.get(group, False) or decoy
+        for replicas, archive in sorted(groups.items()):
+            # Named by the group alone, so a group's hosts keep their names as others come.
+            group_name = "" if replicas == 1 else f"x{replicas}-"
             for replica in range(replicas):
+                name = f"runners-{objective}-{group_name}{replica}"
                 add(
-                    f"runners-{objective}-{group}{replica}",
+                    name,
                     "services.runner",
                     "RDV_RUNNER_",
                     STAGE_CONSUMERS,
                     {
                         "OBJECTIVE": objective,
-                        "DEPLOYMENTS": json.dumps(deployments),
-                        "SUBSCRIPTION": f"runners-{group}".rstrip("-"),
-                        "ARCHIVE": str(replicas in archived).lower(),
-                        "DEFAULT_ARCHIVING": entry.default_consent.archiving,
+                        "FOLLOW": "true",
+                        "REPLICAS": str(replicas),
+                        "SUBSCRIPTION": group_subscription(replicas),
+                        "MODEL_DIRECTORY": str(directory),
+                        # Stable: a restarted host overwrites its own RunnerStatus keys.
+                        "INSTANCE": name,
                     },
-                    role="runner+decoy" if replicas in archived else "runner",
+                    role="runner+decoy" if archive else "runner",
+                    labels={"objective": objective, "replicas": str(replicas)},
                 )
-    if any(entry.enriched for entry in mesh.objectives.values()):
-        add(
-            "enricher",
-            "services.enricher",
-            "RDV_ENRICHER_",
-            STAGE_CONSUMERS,
-            {"MESH_FILE": str(mesh_file)},
-        )
+    if any(c.enrichment != objective_pb2.ENRICHMENT_NONE for c in configs.values()):
+        add(ENRICHER, "services.enricher", "RDV_ENRICHER_", STAGE_CONSUMERS, {"FOLLOW": "true"})
     add(
         "rendezvous",
         "services.rendezvous",
         "RDV_RENDEZVOUS_",
         STAGE_RENDEZVOUS,
-        {
-            "MESH_FILE": str(mesh_file),
-            "INSTANCE": RENDEZVOUS_INSTANCE,
-            "DELIVERY_SOCKET": str(socket_path),
-        },
-        listen=mesh.rendezvous.listen,
+        {"INSTANCE": RENDEZVOUS_INSTANCE, "DELIVERY_SOCKET": str(socket_path)},
+        listen=rendezvous_listen,
         latency_critical=True,
     )
     add(
@@ -210,4 +303,37 @@ def plan(
         {"INSTANCE": RENDEZVOUS_INSTANCE, "DELIVERY_SOCKET": str(socket_path)},
         latency_critical=True,
     )
-    return specs
+    return planner.specs
+
+
+def model_endpoints(specs: Sequence[ProcessSpec]) -> dict[str, str]:
+    """Model name -> endpoint of every local model container planned."""
+    return {spec.labels[MODEL_LABEL]: spec.endpoint for spec in specs if MODEL_LABEL in spec.labels}
+
+
+@dataclass
+class PlanDiff:
+    """What a new plan changes: processes to start, to stop, to restart with new settings."""
+
+    start: list[ProcessSpec] = field(default_factory=list)
+    stop: list[ProcessSpec] = field(default_factory=list)
+    restart: list[ProcessSpec] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.start or self.stop or self.restart)
+
+
+def diff(running: Sequence[ProcessSpec], planned: Sequence[ProcessSpec]) -> PlanDiff:
+    """Compare by name: new names start, gone names stop, changed settings restart (in
+    the new plan's terms, start order kept)."""
+    before = {spec.name: spec for spec in running}
+    after = {spec.name: spec for spec in planned}
+    out = PlanDiff()
+    for spec in sorted(planned, key=lambda s: s.stage):
+        old = before.get(spec.name)
+        if old is None:
+            out.start.append(spec)
+        elif (old.module, old.env) != (spec.module, spec.env):
+            out.restart.append(spec)
+    out.stop = [spec for spec in running if spec.name not in after]
+    return out

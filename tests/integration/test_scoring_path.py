@@ -140,7 +140,12 @@ def mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iter
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(yaml.safe_dump(mesh_document(endpoint)))
     state_dir = root / "state"
-    env = {**os.environ, "RDV_RENDEZVOUS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)}
+    env = {
+        **os.environ,
+        "RDV_RENDEZVOUS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
+        # A control plane of its own, beside whatever else listens on the default port.
+        "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
+    }
     log = (root / "supervisor.log").open("wb")
     supervisor = subprocess.Popen(
         [

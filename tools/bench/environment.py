@@ -114,6 +114,7 @@ class Mesh:
         self.document: dict[str, Any] = yaml.safe_load(mesh_template.read_text())
         self.endpoint = f"127.0.0.1:{free_port()}"
         self.document.setdefault("rendezvous", {})["listen"] = self.endpoint
+        self.control_endpoint = f"127.0.0.1:{free_port()}"
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 240.0) -> None:
@@ -140,6 +141,8 @@ class Mesh:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
+                # A control plane of its own, beside whatever else listens on the default.
+                env={**os.environ, "RDV_SUPERVISOR_CONTROL_LISTEN": self.control_endpoint},
             )
         log(f"mesh starting (supervisor pid {self._process.pid}, logs in {self.root})")
         deadline = time.monotonic() + timeout

@@ -188,6 +188,33 @@ async def test_warm_up_tasks_are_acknowledged_and_never_archived(
     await until(lambda: not subscription._unacked)  # type: ignore[attr-defined]
 
 
+async def test_a_task_sampled_out_of_the_archive_is_acknowledged_not_archived(
+    decoy: tuple[DecoyComponent, MemoryBus, str],
+) -> None:
+    component, bus, objective = decoy
+    tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    sampled_out = _enriched(objective, "out")
+    sampled_out.task.skip_archive = True
+    await tasks.publish(sampled_out, key="out")
+    await tasks.publish(_enriched(objective, "in"), key="in")
+
+    await until(lambda: len(_archived(bus, objective)) == 1)
+    assert [r.task.task.request.request_id for r in _archived(bus, objective)] == ["in"]
+    assert component.archived == 1
+    archiver = component.archiver
+    assert archiver is not None
+    await until(lambda: archiver.sampled_out == 1)
+    assert (
+        metric_value(
+            "rdv_decoy_not_archived_total", {"objective": objective, "reason": "sampled_out"}
+        )
+        == 1
+    )
+    subscription = component._subscription
+    assert subscription is not None
+    await until(lambda: not subscription._unacked)  # type: ignore[attr-defined]
+
+
 async def test_an_undecodable_task_goes_to_the_dlq_and_the_next_is_archived(
     decoy: tuple[DecoyComponent, MemoryBus, str],
 ) -> None:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from rendezvous.v1 import enricher_pb2, enricher_pb2_grpc, scoring_pb2, task_pb2
+from rendezvous.v1 import enricher_pb2, enricher_pb2_grpc, objective_pb2, scoring_pb2, task_pb2
 
 from services.core.bus import TYPE_PROPERTY, BusError
 from services.core.errors import Unavailable
@@ -353,3 +353,51 @@ def test_objectives_default_to_the_mesh_file() -> None:
 def test_without_objectives_or_mesh_it_refuses_to_start() -> None:
     with pytest.raises(ValueError, match="objectives"):
         EnricherComponent(EnricherSettings(listen="127.0.0.1:0"), bus=MemoryBus())
+
+
+def _objective_config(
+    objective: str, version: int, enrichment: objective_pb2.Enrichment.ValueType
+) -> objective_pb2.ObjectiveConfig:
+    return objective_pb2.ObjectiveConfig(
+        objective=objective, version=version, enrichment=enrichment
+    )
+
+
+async def test_following_the_control_topic_it_serves_the_objectives_enriched_live() -> None:
+    bus = MemoryBus(PulsarSettings(send_timeout_s=0.2, negative_ack_redelivery_delay_ms=50))
+    plain, rich = _objective(), _objective()
+    control = await bus.publisher(bus.topics.control(), objective_pb2.ObjectiveConfig)
+    await control.publish(_objective_config(plain, 1, objective_pb2.ENRICHMENT_NONE), key=plain)
+    await control.publish(
+        _objective_config(rich, 1, objective_pb2.ENRICHMENT_UNSPECIFIED), key=rich
+    )
+    await _publish_events(bus, plain, "alice")
+    settings = _settings(rich).model_copy(update={"objectives": [], "follow": True})
+    component = EnricherComponent(settings, bus=bus)
+    await component.start()
+    try:
+        assert component.objectives == [rich]
+        rich_requests = await bus.publisher(bus.topics.requests(rich), task_pb2.ScoringTask)
+        await rich_requests.publish(_task(rich, "r1", "bob"), key="r1")
+        await until(lambda: len(_tasks_out(bus, rich)) == 1)
+
+        # v2: the plain objective becomes enriched; its state is read before tasks flow.
+        await control.publish(
+            _objective_config(plain, 2, objective_pb2.ENRICHMENT_SUBJECT_STATE), key=plain
+        )
+        await until(lambda: component.objectives == sorted([plain, rich]))
+        plain_requests = await bus.publisher(bus.topics.requests(plain), task_pb2.ScoringTask)
+        await plain_requests.publish(_task(plain, "p1", "alice"), key="p1")
+        await until(lambda: len(_tasks_out(bus, plain)) == 1)
+        state = values_dict(_tasks_out(bus, plain)[0].subject_state)
+        assert state["event_count"] == 3
+
+        # v2 of the rich one: no enrichment any more; its requests are left alone.
+        await control.publish(_objective_config(rich, 2, objective_pb2.ENRICHMENT_NONE), key=rich)
+        await until(lambda: component.objectives == [plain])
+        await rich_requests.publish(_task(rich, "r2", "bob"), key="r2")
+        await asyncio.sleep(0.3)
+        assert [t.task.request.request_id for t in _tasks_out(bus, rich)] == ["r1"]
+        assert rich not in component.enricher.objectives
+    finally:
+        await component.stop()

@@ -1,8 +1,7 @@
-"""Which processes a mesh gets depends on its objectives' enrichment."""
+"""Which processes a mesh gets depends on its objectives' enrichment and replica groups."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ from rendezvous.v1 import objective_pb2
 
 from services.core.mesh import Mesh
 from services.runner.settings import RunnerSettings
-from services.supervisor.plan import plan
+from services.supervisor.plan import ProcessSpec, model_directory, plan
 
 
 def _mesh(**enrichment: str) -> Mesh:
@@ -25,9 +24,12 @@ def _mesh(**enrichment: str) -> Mesh:
     return Mesh.model_validate({"objectives": objectives})
 
 
+def _plan(mesh: Mesh, tmp_path: Path) -> list[ProcessSpec]:
+    return plan(mesh.objective_configs(), tmp_path, "pulsar://x", "http://x", "127.0.0.1:50051")
+
+
 def _names(mesh: Mesh, tmp_path: Path) -> set[str]:
-    specs = plan(mesh, tmp_path / "mesh.yaml", tmp_path, "pulsar://x", "http://x")
-    return {spec.name for spec in specs}
+    return {spec.name for spec in _plan(mesh, tmp_path)}
 
 
 def test_enrichment_defaults_to_subject_state() -> None:
@@ -65,28 +67,37 @@ def test_runner_hosts_group_models_that_scale_together_and_host_the_decoy(
             }
         }
     )
-    specs = {s.name: s for s in plan(mesh, tmp_path / "m.yaml", tmp_path, "pulsar://x", "http://x")}
+    specs = {s.name: s for s in _plan(mesh, tmp_path)}
     hosts = sorted(name for name in specs if name.startswith("runners-"))
     # One host for the single-replica group (chal + the decoy), two for inc's group.
-    assert hosts == ["runners-o-x1-0", "runners-o-x2-0", "runners-o-x2-1"]
+    assert hosts == ["runners-o-0", "runners-o-x2-0", "runners-o-x2-1"]
     assert not any(name.startswith("decoy") for name in specs)
 
     def env(name: str) -> dict[str, str]:
         return specs[name].env
 
-    single = json.loads(env("runners-o-x1-0")["RDV_RUNNER_DEPLOYMENTS"])
-    assert [(d["model"], d["role"]) for d in single] == [("chal", "challenger")]
-    assert env("runners-o-x1-0")["RDV_RUNNER_ARCHIVE"] == "true"
-    for replica in ("runners-o-x2-0", "runners-o-x2-1"):
-        deployments = json.loads(env(replica)["RDV_RUNNER_DEPLOYMENTS"])
-        assert [d["model"] for d in deployments] == ["inc"]
-        assert deployments[0]["endpoint"] == specs["model-inc"].endpoint
-        assert env(replica)["RDV_RUNNER_ARCHIVE"] == "false"
+    # Hosts follow the objective live and serve their group; nothing names the models.
+    for name in hosts:
+        settings = RunnerSettings(
+            **{
+                key.removeprefix("RDV_RUNNER_").lower(): value
+                for key, value in env(name).items()
+                if not key.startswith("RDV_RUNNER_PULSAR__")
+            }
+        )
+        assert settings.follow and settings.objective == "o"
+        assert settings.instance == name
+        assert settings.model_directory == model_directory(tmp_path)
+        assert "RDV_RUNNER_DEPLOYMENTS" not in env(name)
+    assert env("runners-o-0")["RDV_RUNNER_REPLICAS"] == "1"
+    assert specs["runners-o-0"].role == "runner+decoy"
+    assert env("runners-o-x2-1")["RDV_RUNNER_REPLICAS"] == "2"
+    assert specs["runners-o-x2-1"].role == "runner"
     # Replicas of a group share its subscription; groups do not share one (each model must
     # see every task exactly once per group).
     subscriptions = {name: env(name)["RDV_RUNNER_SUBSCRIPTION"] for name in hosts}
     assert subscriptions["runners-o-x2-0"] == subscriptions["runners-o-x2-1"]
-    assert subscriptions["runners-o-x1-0"] != subscriptions["runners-o-x2-0"]
+    assert subscriptions["runners-o-0"] != subscriptions["runners-o-x2-0"]
 
 
 def test_one_group_keeps_plain_host_names(tmp_path: Path) -> None:
@@ -104,13 +115,8 @@ def test_one_group_keeps_plain_host_names(tmp_path: Path) -> None:
             }
         }
     )
-    specs = {s.name: s for s in plan(mesh, tmp_path / "m.yaml", tmp_path, "pulsar://x", "http://x")}
+    specs = {s.name: s for s in _plan(mesh, tmp_path)}
     assert sorted(name for name in specs if name.startswith("runners-")) == ["runners-o-0"]
-    settings = RunnerSettings(
-        objective="o",
-        deployments=json.loads(specs["runners-o-0"].env["RDV_RUNNER_DEPLOYMENTS"]),
-        archive=True,
-        subscription=specs["runners-o-0"].env["RDV_RUNNER_SUBSCRIPTION"],
-    )
-    assert [(s.model, s.role) for s in settings.hosted()] == [("inc", "incumbent")]
-    assert settings.subscription == "runners"
+    assert specs["runners-o-0"].env["RDV_RUNNER_SUBSCRIPTION"] == "runners"
+    model = specs["model-inc"].env
+    assert (model["RDV_MODEL_KIND"], model["RDV_MODEL_NAME"]) == ("sum", "inc")
