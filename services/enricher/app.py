@@ -106,7 +106,11 @@ class EnricherComponent(Component):
         control = None
         if self.settings.follow:
             control = await follow(
-                self.bus, stack, self.watch, retry_delay_s=self.settings.retry_delay_s
+                self.bus,
+                stack,
+                self.watch,
+                retry_delay_s=self.settings.retry_delay_s,
+                objectives=self.settings.serve_only or None,
             )
             objectives = [name for name, config in control.configs.items() if enriched(config)]
         served = [await self._open_objective(objective) for objective in objectives]

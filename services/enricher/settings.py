@@ -21,6 +21,10 @@ class EnricherSettings(ServiceSettings):
     # Follow the control topic instead: serve every objective whose enrichment is not NONE,
     # live (how the supervisor runs it).
     follow: bool = False
+    # When following: serve only these objectives of the control topic (empty: every one).
+    # The local supervisor passes its mesh's, so a broker shared with other meshes (tests,
+    # a second mesh) adds no work here.
+    serve_only: list[str] = Field(default_factory=list)
     # The SHARED subscription on each request topic: enricher replicas split the load.
     subscription: str = "enricher"
     # LRU bound over (objective, subject) pairs; the least recently used subject is forgotten.

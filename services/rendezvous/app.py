@@ -255,13 +255,20 @@ class Rendezvous(Component):
         )
         stack.callback(lag.stop)
         self._opened = True
+        # A collector may have connected while the objectives were still being read: the
+        # warm-up waited for them, and starts now.
+        self._start_warmup()
 
     async def _follow(self, stack: contextlib.AsyncExitStack) -> None:
         """Follow the control topic; return once it holds an objective (bounded by
         `control_wait_s`): the control component seeds the topic before we start."""
         settings = self.settings
         follower = await follow(
-            self.bus, stack, self.watch, retry_delay_s=settings.control_retry_delay_s
+            self.bus,
+            stack,
+            self.watch,
+            retry_delay_s=settings.control_retry_delay_s,
+            objectives=settings.serve_only or None,
         )
         # Registered before the first await: no version after the catch-up is missed.
         follower.listen(self._on_config)
@@ -377,8 +384,12 @@ class Rendezvous(Component):
         if self._streams == 1:
             log.info("collector connected")
             self._health_changed()
-            if not self._warm and self._warming is None:
-                self._warming = asyncio.create_task(self._warm_up(), name="rendezvous:warmup")
+            self._start_warmup()
+
+    def _start_warmup(self) -> None:
+        """Warm up once the objectives are known (opened) and a collector is connected."""
+        if self._opened and self._streams > 0 and not self._warm and self._warming is None:
+            self._warming = asyncio.create_task(self._warm_up(), name="rendezvous:warmup")
 
     def stream_closed(self) -> None:
         self._streams -= 1

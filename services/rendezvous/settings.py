@@ -43,6 +43,10 @@ class RendezvousSettings(ServiceSettings):
     # Following the control topic (when not given static configurations): how long start-up
     # waits for the topic to hold an objective (the control component seeds it first), and
     # the pause before reading the topic, or opening a new objective's publishers, again.
+    # Serve only these objectives of the control topic (empty: every one). The local
+    # supervisor passes its mesh's: a broker shared with other meshes (tests, a second mesh)
+    # holds objectives no runner of this mesh serves, and warming those up would only wait.
+    serve_only: list[str] = Field(default_factory=list)
     control_wait_s: float = Field(default=60.0, gt=0)
     control_retry_delay_s: float = Field(default=0.5, gt=0)
     # Warm-up before SERVING (see services/rendezvous/warmup.py).

@@ -285,13 +285,23 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
                     labels={"objective": objective, "replicas": str(replicas)},
                 )
     if any(c.enrichment != objective_pb2.ENRICHMENT_NONE for c in configs.values()):
-        add(ENRICHER, "services.enricher", "RDV_ENRICHER_", STAGE_CONSUMERS, {"FOLLOW": "true"})
+        add(
+            ENRICHER,
+            "services.enricher",
+            "RDV_ENRICHER_",
+            STAGE_CONSUMERS,
+            {"FOLLOW": "true", "SERVE_ONLY": json.dumps(sorted(configs))},
+        )
     add(
         "rendezvous",
         "services.rendezvous",
         "RDV_RENDEZVOUS_",
         STAGE_RENDEZVOUS,
-        {"INSTANCE": RENDEZVOUS_INSTANCE, "DELIVERY_SOCKET": str(socket_path)},
+        {
+            "INSTANCE": RENDEZVOUS_INSTANCE,
+            "DELIVERY_SOCKET": str(socket_path),
+            "SERVE_ONLY": json.dumps(sorted(configs)),
+        },
         listen=rendezvous_listen,
         latency_critical=True,
     )

@@ -16,7 +16,7 @@ from services.core.bus import Subscription
 from services.core.mesh import Mesh
 from services.runner.host import RunnerHost
 from services.runner.live import write_model_directory
-from services.runner.settings import RunnerSettings
+from services.runner.settings import RunnerDeployment, RunnerSettings
 from tests.fakes.memory_bus import MemoryBus
 from tests.helpers import metric_value, published, until
 from tests.unit.models.model_testing import ServeModel
@@ -261,7 +261,7 @@ async def test_a_host_serves_its_replica_group_and_the_decoy_of_its_group(
 ) -> None:
     model = await serve_model("sum")
     endpoint = model.container.endpoint
-    models = [
+    models: list[dict[str, Any]] = [
         {"name": "inc", "role": "incumbent", "endpoint": endpoint, "replicas": 2},
         {"name": "chal", "role": "challenger", "endpoint": endpoint},
         {"name": "decoy", "role": "decoy"},
@@ -278,7 +278,7 @@ async def test_a_host_serves_its_replica_group_and_the_decoy_of_its_group(
     )
 
     # The decoy moves to the other group: the archive follows it.
-    moved = [*models[:2], {"name": "decoy", "role": "decoy", "replicas": 2}]
+    moved: list[dict[str, Any]] = [*models[:2], {"name": "decoy", "role": "decoy", "replicas": 2}]
     await publish_config(bus, config(objective, 2, moved))
     await until(lambda: double.archiver is not None and single.archiver is None)
     return_address, _ = await listen(bus)
@@ -305,12 +305,12 @@ async def test_the_static_mode_still_serves_its_deployments(
         RunnerSettings(
             objective=objective,
             deployments=[
-                {
-                    "objective": objective,
-                    "model": "m",
-                    "role": "incumbent",
-                    "endpoint": model.container.endpoint,
-                }
+                RunnerDeployment(
+                    objective=objective,
+                    model="m",
+                    role="incumbent",
+                    endpoint=model.container.endpoint,
+                )
             ],
             listen="127.0.0.1:0",
             start_position="earliest",

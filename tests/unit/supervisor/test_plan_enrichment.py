@@ -78,8 +78,8 @@ def test_runner_hosts_group_models_that_scale_together_and_host_the_decoy(
 
     # Hosts follow the objective live and serve their group; nothing names the models.
     for name in hosts:
-        settings = RunnerSettings(
-            **{
+        settings = RunnerSettings.model_validate(
+            {
                 key.removeprefix("RDV_RUNNER_").lower(): value
                 for key, value in env(name).items()
                 if not key.startswith("RDV_RUNNER_PULSAR__")
