@@ -45,6 +45,9 @@ from services.core.protos import set_values
 from services.core.settings import PulsarSettings
 from services.demo import diabetes_rows, quantile
 
+# How many missing request ids the report lists (with their send times and versions).
+MISSING_EXAMPLES = 10
+
 
 @dataclass
 class Answered:
@@ -114,6 +117,16 @@ class DrillReport:
             "inconsistent": self.inconsistent,
             "missing_outcomes": len(self.missing_outcomes),
             "missing_archive": len(self.missing_archive),
+            # The first few of each, with when they were sent and the version that decided them.
+            "missing_examples": [
+                {"request_id": a.request_id, "sent_s": a.sent_s, "version": a.version, "in": where}
+                for where, ids in (
+                    ("results", self.missing_outcomes),
+                    ("archive", self.missing_archive),
+                )
+                for a in self.answers
+                if a.request_id in set(ids[:MISSING_EXAMPLES])
+            ],
         }
 
 

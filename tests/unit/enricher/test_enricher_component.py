@@ -241,7 +241,7 @@ async def test_the_grpc_and_pulsar_paths_give_the_same_state(
     assert via_pulsar == via_grpc
 
 
-async def test_an_expired_task_is_skipped_and_counted(
+async def test_an_expired_task_is_forwarded_for_the_archive_and_counted(
     running: tuple[EnricherComponent, MemoryBus, str],
 ) -> None:
     _, bus, objective = running
@@ -252,9 +252,9 @@ async def test_an_expired_task_is_skipped_and_counted(
     await requests.publish(_task(objective, "old", "alice", deadline_s=-0.1), key="old")
     await requests.publish(_task(objective, "new", "alice"), key="new")
 
-    await until(lambda: len(_tasks_out(bus, objective)) == 1)
-    await asyncio.sleep(0.05)
-    assert [t.task.request.request_id for t in _tasks_out(bus, objective)] == ["new"]
+    # Runners skip the expired one; the decoy archives both.
+    await until(lambda: len(_tasks_out(bus, objective)) == 2)
+    assert [t.task.request.request_id for t in _tasks_out(bus, objective)] == ["old", "new"]
     expired = metric_value(
         "rdv_enricher_tasks_total", {"objective": objective, "outcome": "expired"}
     )
@@ -315,11 +315,11 @@ async def test_a_failed_publish_is_nacked_and_redelivered(
     assert metric_value("rdv_enricher_tasks_total", labels) == failed_before + 1
 
 
-async def test_a_publish_is_bounded_by_the_task_deadline(
+async def test_a_publish_is_bounded_by_the_send_timeout_and_redelivered_past_the_deadline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The publish ceiling is far (5 s); the task's deadline is near (0.3 s).
-    pulsar = PulsarSettings(send_timeout_s=5.0, negative_ack_redelivery_delay_ms=50)
+    # The task's deadline is near (0.1 s); the publish ceiling (0.3 s) is what bounds it.
+    pulsar = PulsarSettings(send_timeout_s=0.3, negative_ack_redelivery_delay_ms=50)
     bus = MemoryBus(pulsar)
     objective = _objective()
     component = EnricherComponent(_settings(objective, pulsar=pulsar), bus=bus)
@@ -332,13 +332,13 @@ async def test_a_publish_is_bounded_by_the_task_deadline(
         await _failing_tasks_publisher(bus, objective, monkeypatch, hang=True)
         requests = await bus.publisher(bus.topics.requests(objective), task_pb2.ScoringTask)
         started = time.monotonic()
-        await requests.publish(_task(objective, "r1", "alice", deadline_s=0.3), key="r1")
+        await requests.publish(_task(objective, "r1", "alice", deadline_s=0.1), key="r1")
 
         await until(lambda: metric_value("rdv_enricher_tasks_total", failed) > failed_before)
         assert 0.2 < time.monotonic() - started < 1.5
-        # Redelivered after its deadline: skipped, never published.
+        # Redelivered after its deadline: still published, for the archive, and counted.
         await until(lambda: metric_value("rdv_enricher_tasks_total", expired) > expired_before)
-        assert _tasks_out(bus, objective) == []
+        assert [t.task.request.request_id for t in _tasks_out(bus, objective)] == ["r1"]
     finally:
         await component.stop()
 
