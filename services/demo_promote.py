@@ -6,7 +6,7 @@ the control plane, each a new version of the objective:
 
 1. add a challenger (the supervisor starts its container, a runner host starts its runner);
 2. promote it (retried while the control plane says no runner serves it yet): it becomes the
-   incumbent and the policy's first choice;
+   incumbent, alone in the policy's first step;
 3. roll back to the version before the promotion.
 
 Every answer records the version that decided it. The drill then checks what a user and an

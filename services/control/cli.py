@@ -7,7 +7,7 @@
       diff [V1 [V2]]              what changed (default: the last change)
       apply FILE                  a mesh file (its --objective entry) or one objective entry
       promote MODEL               MODEL becomes the incumbent, the incumbent a challenger
-      split MODEL SHARE           MODEL takes SHARE of the first step's first choices
+      split MODEL SHARE           MODEL alone answers SHARE of the first step's requests
       rollback [VERSION]          publish VERSION (default: the one before) again
       add-model NAME [...]        a new deployment (its runner starts); not yet accepted
       remove-model NAME           drop a deployment and every mention in the policy

@@ -75,8 +75,9 @@ class ModelEntry(_Strict):
 class PolicyStepEntry(_Strict):
     """Accept the first of `accept` (in that order of preference) until `until_ms`.
 
-    `shares` give models of `accept` a share of the requests as first choice (an A/B split,
-    deterministic by request id; see PolicyStep.shares in objective.proto)."""
+    `shares` split the step's requests into arms (an A/B split, deterministic by request id:
+    a model's share of the requests is answered in this step by it alone; see
+    PolicyStep.shares in objective.proto)."""
 
     until_ms: float = Field(gt=0)
     accept: list[str] = Field(min_length=1)

@@ -496,8 +496,7 @@ class Rendezvous(Component):
         task = self._task(request, objective, sla_ms, time.time_ns() - behind_ns, warmup)
         policy = objective.policy
         if policy.has_shares:
-            # The request's A/B arm: the same in every step, and on every retry of it.
-            policy = policy.for_request(draw(objective.name, task.request.request_id, SHARES))
+            policy = self._arm(policy, objective, task)
         mailbox = Mailbox(
             mailbox_id=task.mailbox_id,
             request_id=task.request.request_id,
@@ -529,6 +528,20 @@ class Rendezvous(Component):
         )
         mailbox.response = response
         return response
+
+    @staticmethod
+    def _arm(policy: Policy, objective: _Objective, task: task_pb2.ScoringTask) -> Policy:
+        """The request's A/B arm: the same in every step, and on every retry of it. A subject
+        who denied experimentation races the control arm; an arm's model scores the task
+        whatever the challenger sampling said (the experiment needs its prediction)."""
+        denied = task.request.consent.experimentation == common_pb2.CONSENT_DECISION_DENIED
+        if denied and policy.control is not None:
+            return policy.control
+        variant = policy.for_request(draw(objective.name, task.request.request_id, SHARES))
+        for model in variant.armed:
+            if model not in task.scorers:
+                task.scorers.append(model)
+        return variant
 
     def _task(
         self,

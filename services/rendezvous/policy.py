@@ -11,13 +11,17 @@ A policy is a schedule over the time since the request arrived:
 mailbox calls it at every arrival and at every step boundary (`next_wakeup`).
 Nothing here reads a clock or touches I/O, so the race is property-tested.
 
-A step may give models of its `accept` list a share of the requests as its first choice
-(a live A/B split). Each request draws one number u in [0, 1) (`services.core.sampling`,
-by objective and request id, the same u in every step); the shares, in `accept` order,
-cover [0, sum of shares), and the model whose range holds u goes first, the others keeping
-`accept`'s order; outside every range the step is as written. `Policy.for_request(u)` is
-the policy one request races under: the few distinct variants are compiled once, in
-`from_config`, so a request only looks one up (and a policy without shares is itself).
+A step may give models of its `accept` list a share of its requests (a live A/B split).
+The race is first-come among the accepted models, so an order of preference alone would not
+split anything: the faster model would win either way. A share is an arm instead. Each
+request draws one number u in [0, 1) (`services.core.sampling`, by objective and request id,
+the same u in every step, so a retried request lands in the same arm); the shares, in
+`accept` order, cover [0, sum of shares). A request whose u lies in a model's range races
+that step with that model alone (its arm); every other request races it with the models that
+have no share (the control arm). A request whose subject denied experimentation races the
+control arm. `Policy.for_request(u)` is the policy one request races under: the few distinct
+variants are compiled once, in `from_config`, so a request only looks one up (and a policy
+without shares is itself).
 """
 
 from __future__ import annotations
@@ -73,14 +77,16 @@ class Step:
         return cls(until_ms, accept, description, tuple(arms))
 
     def for_draw(self, u: float) -> Step:
-        """This step as one request with draw `u` sees it: its arm's model first."""
+        """This step as one request with draw `u` sees it: its arm's model alone, or, outside
+        every arm (u >= 1: the control arm), the models without a share."""
+        if not self.arms:
+            return self
         for model, low, high in self.arms:
             if low <= u < high:
-                if self.accept[0] == model:
-                    break
-                accept = (model, *(name for name in self.accept if name != model))
-                return Step(self.until_ms, accept, f"{self.description} ({model}'s share)")
-        return self
+                return Step(self.until_ms, (model,), f"{self.description} ({model}'s arm)")
+        armed = {model for model, _, _ in self.arms}
+        control = tuple(name for name in self.accept if name not in armed)
+        return Step(self.until_ms, control, f"{self.description} (control arm)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,10 @@ class Policy:
     # [0, 1) they cut (variants[i] holds for u in [cuts[i-1], cuts[i])). Empty without.
     cuts: tuple[float, ...] = ()
     variants: tuple[Policy, ...] = ()
+    # With shares: the control arm of every step (a request outside the experiment).
+    control: Policy | None = None
+    # In a variant: the models racing alone in one of its steps (they must score the task).
+    armed: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: objective_pb2.ObjectiveConfig) -> Policy:
@@ -129,11 +139,17 @@ class Policy:
             return self
         # Each cell [cuts[i-1], cuts[i]) lies inside one arm (or none) of every step: its
         # lower end stands for all of it.
-        variants = tuple(
-            replace(self, steps=tuple(step.for_draw(low) for step in self.steps), cuts=())
-            for low in (0.0, *cuts)
+        variants = tuple(self._variant(low) for low in (0.0, *cuts))
+        return replace(self, cuts=cuts, variants=variants, control=self._variant(1.0))
+
+    def _variant(self, u: float) -> Policy:
+        steps = tuple(step.for_draw(u) for step in self.steps)
+        armed = tuple(
+            dict.fromkeys(
+                model for step in self.steps for model, low, high in step.arms if low <= u < high
+            )
         )
-        return replace(self, cuts=cuts, variants=variants)
+        return replace(self, steps=steps, cuts=(), armed=armed)
 
     def for_request(self, u: float) -> Policy:
         """The policy a request with draw `u` races under: no allocation, a lookup."""

@@ -260,11 +260,12 @@ class PolicyStep(_message.Message):
 
     @_builtins.property
     def shares(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """shares give models of `accept` a share of the requests as the step's first choice: a
-        live A/B split. Each request draws one number in [0, 1) from a hash of its objective and
-        request id (so a retried request lands in the same arm, in every step); the models'
-        shares, in `accept` order, cover [0, sum) and the rest keeps `accept`'s own order. Each
-        share is in [0, 1] and they sum to at most 1.
+        """shares split the step's requests into arms: a live A/B split. Each request draws one
+        number in [0, 1) from a hash of its objective and request id (so a retried request lands
+        in the same arm, in every step); the models' shares, in `accept` order, cover [0, sum).
+        A request in a model's range races this step with that model alone; every other request
+        races it with the models that have no share (the control arm), as does a request whose
+        subject denied experimentation. Each share is in [0, 1] and they sum to at most 1.
         """
 
     def __init__(

@@ -43,11 +43,13 @@ def test_promote_swaps_roles_and_the_policy_and_leaves_the_input_alone() -> None
     assert validate(after) == []
 
 
-def test_promote_a_model_the_policy_did_not_accept_makes_it_first_and_drops_its_share() -> None:
+def test_promote_after_a_split_gives_the_model_the_first_step_alone() -> None:
     shared = split(config(), "flaky", 0.3)
     assert accepts(shared)[0] == ["ridge", "flaky"]
     after = promote(shared, "flaky")
-    assert accepts(after) == [["flaky", "ridge"], ["flaky", "sum", "canary"]]
+    # First come, first served: the old incumbent left in the first step would go on
+    # answering whenever it is the faster; the incumbent's window is the model's alone.
+    assert accepts(after) == [["flaky"], ["flaky", "sum", "canary"]]
     assert dict(after.policy.steps[0].shares) == {}
     assert validate(after) == []
 
@@ -72,7 +74,8 @@ def test_split_sets_adds_and_ends_a_share() -> None:
     assert validate(half) == []
     ended = split(half, "sum", 0)
     assert dict(ended.policy.steps[0].shares) == {}
-    assert accepts(ended)[0] == ["ridge", "sum"]
+    # Out of the first step again: left in, it would race the incumbent for every request.
+    assert accepts(ended)[0] == ["ridge"]
     with pytest.raises(EditError):
         split(config(), "decoy", 0.1)
 

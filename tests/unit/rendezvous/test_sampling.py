@@ -146,3 +146,40 @@ async def test_a_retried_request_is_sampled_and_armed_the_same(tmp_path: Path) -
         assert models == {expected}
         assert len(archive_flags[request_id]) == 1
     assert {m for models in answered.values() for m in models} == {"incumbent", "challenger"}
+
+
+async def test_an_arm_scores_whatever_the_sampling_and_denied_consent_races_the_control(
+    tmp_path: Path,
+) -> None:
+    # The challenger takes half the first step's requests, but challengers are sampled out
+    # of every request: its arm still needs its prediction.
+    split = sampled_config(
+        policy=[
+            {"until_ms": 20, "accept": ["incumbent", "challenger"], "shares": {"challenger": 0.5}},
+            {"until_ms": 35, "accept": ["incumbent", "canary"]},
+        ],
+        sampling={"challenger_fraction": 0.0, "archive_fraction": 1.0},
+    )
+    denied = common_pb2.CONSENT_DECISION_DENIED
+    async with running_mesh(tmp_path, {"demo": split}) as mesh:
+        # The challenger is the faster: only its arm explains who answers.
+        mesh.script.plan = {"incumbent": (4, 1.0), "challenger": (1, 2.0)}
+        answered = {}
+        for n in range(16):
+            response = await mesh.stub.Score(request(f"arm-{n}"))
+            answered[f"arm-{n}"] = (response.decision.model, response.decision.rule)
+        refused = [(await mesh.stub.Score(request(f"no-{n}", denied))) for n in range(6)]
+        published_tasks = tasks(mesh)
+    for request_id, (model, rule) in answered.items():
+        in_arm = draw("demo", request_id, SHARES) < 0.5
+        assert model == ("challenger" if in_arm else "incumbent")
+        assert rule.endswith("(challenger's arm)" if in_arm else "(control arm)")
+        scorers = list(published_tasks[request_id].scorers)
+        assert ("challenger" in scorers) == in_arm
+    assert {model for model, _ in answered.values()} == {"incumbent", "challenger"}
+    # A subject who denied experimentation is in no arm: the incumbent, by the control arm.
+    for response in refused:
+        assert response.decision.model == "incumbent"
+        assert response.decision.rule.endswith("(control arm)")
+    for n in range(6):
+        assert "challenger" not in published_tasks[f"no-{n}"].scorers

@@ -1,9 +1,10 @@
 """The per-request draw and the policy's A/B shares.
 
 `draw` is a pure function of (objective, request id, purpose), in [0, 1), uniform over
-request ids and independent between purposes. A step with shares puts the model whose range
-holds the request's draw first (ranges in `accept` order cover [0, sum)); outside, and in a
-step without shares, the step is as written. The same draw holds in every step.
+request ids and independent between purposes. In a step with shares, a request whose draw
+lies in a model's range (ranges in `accept` order cover [0, sum)) races that step with the
+model alone (its arm); any other request races it with the models that have no share (the
+control arm). A step without shares is as written. The same draw holds in every step.
 """
 
 from __future__ import annotations
@@ -94,33 +95,42 @@ def test_a_policy_without_shares_is_its_own_variant() -> None:
         assert plain.for_request(u) is plain
 
 
-def test_the_model_whose_range_holds_the_draw_goes_first() -> None:
+def test_a_request_in_a_models_range_races_that_model_alone() -> None:
     assert SPLIT.has_shares
-    # [0, 0.3): challenger-a; [0.3, 0.5): challenger-b; [0.5, 1): as written.
-    assert accepts(SPLIT.for_request(0.0))[0] == ("challenger-a", "incumbent", "challenger-b")
-    assert accepts(SPLIT.for_request(0.299))[0] == ("challenger-a", "incumbent", "challenger-b")
-    assert accepts(SPLIT.for_request(0.3))[0] == ("challenger-b", "incumbent", "challenger-a")
-    assert accepts(SPLIT.for_request(0.5))[0] == ("incumbent", "challenger-a", "challenger-b")
-    assert accepts(SPLIT.for_request(0.99))[0] == ("incumbent", "challenger-a", "challenger-b")
+    # [0, 0.3): challenger-a; [0.3, 0.5): challenger-b; [0.5, 1): the control arm.
+    assert accepts(SPLIT.for_request(0.0))[0] == ("challenger-a",)
+    assert accepts(SPLIT.for_request(0.299))[0] == ("challenger-a",)
+    assert accepts(SPLIT.for_request(0.3))[0] == ("challenger-b",)
+    assert accepts(SPLIT.for_request(0.5))[0] == ("incumbent",)
+    assert accepts(SPLIT.for_request(0.99))[0] == ("incumbent",)
 
 
 def test_one_draw_holds_in_every_step_and_a_step_without_shares_is_unchanged() -> None:
     low, middle, high = (SPLIT.for_request(u) for u in (0.1, 0.4, 0.7))
-    assert accepts(low) == [
-        ("challenger-a", "incumbent", "challenger-b"),
-        ("incumbent", "canary"),
-        ("challenger-a", "incumbent", "canary"),
-    ]
+    assert accepts(low) == [("challenger-a",), ("incumbent", "canary"), ("challenger-a",)]
     assert accepts(middle) == [
-        ("challenger-b", "incumbent", "challenger-a"),
+        ("challenger-b",),
         ("incumbent", "canary"),
-        # Step 2 gives only challenger-a a share, [0, 0.3): 0.4 is outside it.
-        ("incumbent", "challenger-a", "canary"),
+        # Step 2 gives only challenger-a a share, [0, 0.3): 0.4 is in its control arm.
+        ("incumbent", "canary"),
     ]
-    assert accepts(high) == [step.accept for step in SPLIT.steps]
-    # Only the reordered steps say so in the rule echoed in answers.
-    assert low.steps[0].description.endswith("(challenger-a's share)")
+    assert accepts(high) == [("incumbent",), ("incumbent", "canary"), ("incumbent", "canary")]
+    # The rule echoed in answers names the arm.
+    assert low.steps[0].description.endswith("(challenger-a's arm)")
+    assert high.steps[0].description.endswith("(control arm)")
     assert low.steps[1] is SPLIT.steps[1]
+    # The models racing alone somewhere must score the task.
+    assert (low.armed, middle.armed, high.armed) == (("challenger-a",), ("challenger-b",), ())
+
+
+def test_the_control_arm_is_every_steps_models_without_a_share() -> None:
+    assert SPLIT.control is not None
+    assert accepts(SPLIT.control) == [
+        ("incumbent",),
+        ("incumbent", "canary"),
+        ("incumbent", "canary"),
+    ]
+    assert SPLIT.control.armed == ()
 
 
 def test_variants_are_compiled_once_and_looked_up() -> None:
@@ -131,7 +141,9 @@ def test_variants_are_compiled_once_and_looked_up() -> None:
     assert SPLIT.for_request(0.1) is SPLIT.for_request(0.2)
 
 
-def test_the_armed_model_wins_the_race_in_its_share() -> None:
+def test_each_arm_is_answered_by_its_own_model_whoever_is_faster() -> None:
+    # challenger-b is the fastest, the incumbent the slowest: in a first-come step the
+    # order of preference alone would give every request to challenger-b.
     arrived = {"incumbent": 5.0, "challenger-a": 4.0, "challenger-b": 3.0}
     winners = {}
     for u in (0.1, 0.4, 0.8):
@@ -139,6 +151,8 @@ def test_the_armed_model_wins_the_race_in_its_share() -> None:
         assert verdict is not None and verdict.reason is Reason.ACCEPTED
         winners[u] = verdict.model
     assert winners == {0.1: "challenger-a", 0.4: "challenger-b", 0.8: "incumbent"}
+    # Before its own model arrives, an arm does not take another's prediction.
+    assert decide(SPLIT.for_request(0.1), {"challenger-b": 3.0, "incumbent": 3.5}, 3.9) is None
 
 
 def test_observed_shares_over_many_request_ids() -> None:
@@ -164,14 +178,15 @@ def test_a_request_id_always_gets_the_same_arm() -> None:
 
 def expected_order(accept: tuple[str, ...], shares: dict[str, float], u: float) -> tuple[str, ...]:
     """PolicyStep.shares in words: ranges in `accept` order from 0; the model whose range
-    holds u first, the rest in `accept` order; outside every range, `accept` as it is."""
+    holds u alone; outside every range, `accept` without the models that have a share; a
+    step without a positive share, `accept` as it is."""
     low = 0.0
     for model in accept:
         share = shares.get(model, 0.0)
         if low <= u < low + share:
-            return (model, *(m for m in accept if m != model))
+            return (model,)
         low += share
-    return accept
+    return tuple(m for m in accept if shares.get(m, 0.0) <= 0.0)
 
 
 @st.composite
