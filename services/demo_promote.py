@@ -326,11 +326,9 @@ def measure_switches(
         expected = {"promote": promoted, "rollback": incumbent}.get(change.action)
         if expected is None:
             continue
-        firsts = [
-            a.received_s
-            for a in ok
-            if a.version >= change.version and a.model == expected and a.rule_index == 0
-        ]
+        # Decided by the new version, so it answers as that version's incumbent (the
+        # consistency check holds each answer to its version's roles and steps).
+        firsts = [a.received_s for a in ok if a.version >= change.version and a.model == expected]
         change.first_new_answer_s = min(firsts) - change.sent_s if firsts else None
 
 
