@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Collection
 
 from rendezvous.v1 import objective_pb2
 
-from services.core.bus import Bus, Reader
+from services.core.bus import Bus, Envelope
+from services.core.topic_follower import TopicFollower
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ ObjectiveConfig = objective_pb2.ObjectiveConfig
 Listener = Callable[[ObjectiveConfig | None, ObjectiveConfig], Awaitable[None] | None]
 
 
-class ControlFollower:
+class ControlFollower(TopicFollower[ObjectiveConfig]):
     """Holds the current configuration of every (or the named) objective, live."""
 
     def __init__(
@@ -41,51 +42,29 @@ class ControlFollower:
         retry_delay_s: float = 0.5,
         objectives: Collection[str] | None = None,
     ) -> None:
-        self.bus = bus
-        self.topic = bus.topics.control()
+        super().__init__(
+            bus,
+            bus.topics.control(),
+            ObjectiveConfig,
+            compacted=True,
+            retry_delay_s=retry_delay_s,
+        )
         self.configs: dict[str, ObjectiveConfig] = {}
-        self.caught_up = asyncio.Event()
         self._only = frozenset(objectives) if objectives is not None else None
-        self._retry_delay_s = retry_delay_s
         self._listeners: list[Listener] = []
-        self._reader: Reader[ObjectiveConfig] | None = None
-        self._changed = asyncio.Condition()
 
     def listen(self, listener: Listener) -> None:
         """Call `listener` for every version that arrives once caught up."""
         self._listeners.append(listener)
 
-    async def open(self) -> None:
-        self._reader = await self.bus.reader(
-            self.topic, ObjectiveConfig, start="earliest", compacted=True
+    def on_caught_up(self) -> None:
+        log.info(
+            "caught up with the control topic",
+            extra={"objectives": ",".join(sorted(self.configs))},
         )
 
-    async def run(self) -> None:
-        """Read until cancelled; `caught_up` is set once no older message is waiting."""
-        if self._reader is None:
-            await self.open()
-        reader = self._reader
-        assert reader is not None
-        while True:
-            try:
-                if not self.caught_up.is_set() and not await reader.has_message_available():
-                    self.caught_up.set()
-                    log.info(
-                        "caught up with the control topic",
-                        extra={"objectives": ",".join(sorted(self.configs))},
-                    )
-                    continue
-                envelope = await reader.read_next()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The client reconnects by itself; keep what we hold and try again.
-                log.exception("reading the control topic failed")
-                await asyncio.sleep(self._retry_delay_s)
-                continue
-            await self._take(envelope.message)
-
-    async def _take(self, config: ObjectiveConfig) -> None:
+    async def take(self, envelope: Envelope[ObjectiveConfig]) -> None:
+        config = envelope.message
         name = config.objective
         if self._only is not None and name not in self._only:
             return
@@ -93,38 +72,31 @@ class ControlFollower:
         if held is not None and config.version <= held.version:
             return
         self.configs[name] = config
-        if self.caught_up.is_set():
-            log.info(
-                "objective configuration changed",
-                extra={"objective": name, "version": config.version},
-            )
-            for listener in self._listeners:
-                try:
-                    result = listener(held, config)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    # One listener's failure must not stop the others, nor the follower.
-                    log.exception(
-                        "applying a configuration failed",
-                        extra={"objective": name, "version": config.version},
-                    )
-        async with self._changed:
-            self._changed.notify_all()
+        if not self.caught_up.is_set():
+            return
+        log.info(
+            "objective configuration changed",
+            extra={"objective": name, "version": config.version},
+        )
+        for listener in self._listeners:
+            try:
+                result = listener(held, config)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                # One listener's failure must not stop the others, nor the follower.
+                log.exception(
+                    "applying a configuration failed",
+                    extra={"objective": name, "version": config.version},
+                )
 
     async def wait_for(self, objective: str, min_version: int = 1) -> ObjectiveConfig:
         """The objective's configuration once it is at least `min_version` (callers bound
         the wait with their own timeout)."""
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: self.configs.get(objective, ObjectiveConfig()).version >= min_version
-            )
+        await self.wait_until(
+            lambda: self.configs.get(objective, ObjectiveConfig()).version >= min_version
+        )
         return self.configs[objective]
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                await self._reader.close()
 
 
 async def follow(

@@ -13,64 +13,32 @@ nothing, as the state lives in memory anyway.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from rendezvous.v1 import task_pb2
 
-from services.core.bus import Bus, Reader
+from services.core.bus import Bus, Envelope
+from services.core.topic_follower import TopicFollower
 from services.enricher.enrich import Enricher
 
 log = logging.getLogger(__name__)
 
-# A long catch-up must not starve the gRPC server and health checks of the loop.
-_YIELD_EVERY = 1000
 
-
-class EventFollower:
+class EventFollower(TopicFollower[task_pb2.SubjectEvent]):
     """Reads one objective's events topic, from the earliest message, forever."""
 
     def __init__(self, bus: Bus, objective: str, enricher: Enricher, retry_delay_s: float) -> None:
-        self.bus = bus
+        super().__init__(
+            bus, bus.topics.events(objective), task_pb2.SubjectEvent, retry_delay_s=retry_delay_s
+        )
         self.objective = objective
-        self.topic = bus.topics.events(objective)
         self._enricher = enricher
-        self._retry_delay_s = retry_delay_s
-        self._reader: Reader[task_pb2.SubjectEvent] | None = None
-        self.caught_up = asyncio.Event()
-        self.read = 0
 
-    async def open(self) -> None:
-        self._reader = await self.bus.reader(self.topic, task_pb2.SubjectEvent, start="earliest")
+    async def take(self, envelope: Envelope[task_pb2.SubjectEvent]) -> None:
+        self._enricher.record_event(self.objective, envelope.message, envelope.publish_time_ms)
 
-    async def run(self) -> None:
-        """Read until cancelled; `caught_up` is set once no older message is waiting."""
-        if self._reader is None:
-            await self.open()
-        reader = self._reader
-        assert reader is not None
-        while True:
-            try:
-                if not self.caught_up.is_set() and not await reader.has_message_available():
-                    self.caught_up.set()
-                    log.info(
-                        "subject state caught up with the events topic",
-                        extra={"topic": self.topic, "events": self.read},
-                    )
-                    continue
-                envelope = await reader.read_next()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The client reconnects by itself; keep the state we have and try again.
-                log.exception("reading the events topic failed", extra={"topic": self.topic})
-                await asyncio.sleep(self._retry_delay_s)
-                continue
-            self._enricher.record_event(self.objective, envelope.message, envelope.publish_time_ms)
-            self.read += 1
-            if self.read % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            await self._reader.close()
+    def on_caught_up(self) -> None:
+        log.info(
+            "subject state caught up with the events topic",
+            extra={"topic": self.topic, "events": self.read},
+        )

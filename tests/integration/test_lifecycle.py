@@ -12,24 +12,16 @@ has its outcome on the results topic and its record in the archive.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from services.demo_promote import print_report, run_drill
 from services.supervisor.plan import free_port
-from tests.conftest import REPO, PulsarBroker
+from tests.conftest import PulsarBroker
+from tests.integration.supervised import RunningMesh, supervised_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -72,80 +64,25 @@ def mesh_document(objective: str, listen: str) -> dict[str, Any]:
     }
 
 
-@dataclass
-class LiveMesh:
-    objective: str
-    endpoint: str
-    state_dir: Path
-
-    def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
-        return data
-
-
 @pytest.fixture(scope="module")
-def live_mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
-    root = tmp_path_factory.mktemp("lifecycle")
+def live_mesh(
+    pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, RunningMesh]]:
     objective = f"life{uuid.uuid4().hex[:6]}"
-    endpoint = f"127.0.0.1:{free_port()}"
-    mesh_file = root / "mesh.yaml"
-    mesh_file.write_text(yaml.safe_dump(mesh_document(objective, endpoint)))
-    state_dir = root / "state"
-    log = (root / "supervisor.log").open("wb")
-    supervisor = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "--state-dir",
-            str(state_dir),
-            "supervise",
-            "--mesh",
-            str(mesh_file),
-            "--pulsar-url",
-            pulsar.service_url,
-            "--pulsar-admin-url",
-            pulsar.admin_url,
-        ],
-        cwd=REPO,
-        # A control port of its own, beside any mesh on the default one.
-        env={**os.environ, "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}"},
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-    )
-    running = LiveMesh(objective, endpoint, state_dir)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if supervisor.poll() is not None:
-                pytest.fail(f"the supervisor exited; see {root}")
-            if (state_dir / "state.json").exists() and running.state()["phase"] in (
-                "ready",
-                "failed",
-            ):
-                break
-            time.sleep(0.5)
-        assert running.state()["phase"] == "ready", f"mesh not ready; logs in {state_dir}/logs"
-        yield running
-    finally:
-        supervisor.send_signal(signal.SIGTERM)
-        try:
-            supervisor.wait(60)
-        except subprocess.TimeoutExpired:
-            supervisor.kill()
-        log.close()
+    document = mesh_document(objective, f"127.0.0.1:{free_port()}")
+    with supervised_mesh(pulsar, tmp_path_factory.mktemp("lifecycle"), document) as running:
+        yield objective, running
 
 
 def test_add_promote_rollback_under_load_loses_nothing(
-    live_mesh: LiveMesh, pulsar: PulsarBroker
+    live_mesh: tuple[str, RunningMesh], pulsar: PulsarBroker
 ) -> None:
-    control = live_mesh.state()["control_endpoint"]
+    objective, mesh = live_mesh
     report = asyncio.run(
         run_drill(
-            target=live_mesh.endpoint,
-            control_target=control,
-            objective=live_mesh.objective,
+            target=mesh.endpoint,
+            control_target=mesh.control_endpoint,
+            objective=objective,
             pulsar_url=pulsar.service_url,
             rate=RATE,
             hold_s=HOLD_S,

@@ -18,18 +18,13 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
-import yaml
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -40,6 +35,7 @@ from services.core.protos import duration_ms, from_value, now_timestamp
 from services.rendezvous.settings import RendezvousSettings
 from services.supervisor.plan import free_port
 from tests.conftest import REPO, PulsarBroker
+from tests.integration.supervised import RunningMesh, supervised_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -119,74 +115,12 @@ def mesh_document(listen: str) -> dict[str, Any]:
     }
 
 
-@dataclass
-class RunningMesh:
-    endpoint: str
-    state_dir: Path
-    broker: PulsarBroker
-
-    def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
-        return data
-
-    def process(self, name: str) -> dict[str, Any]:
-        return next(p for p in self.state()["processes"] if p["name"] == name)
-
-
 @pytest.fixture(scope="module")
 def mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
-    root = tmp_path_factory.mktemp("mesh")
-    endpoint = f"127.0.0.1:{free_port()}"
-    mesh_file = root / "mesh.yaml"
-    mesh_file.write_text(yaml.safe_dump(mesh_document(endpoint)))
-    state_dir = root / "state"
-    env = {
-        **os.environ,
-        "RDV_RENDEZVOUS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
-        # A control plane of its own, beside whatever else listens on the default port.
-        "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
-    }
-    log = (root / "supervisor.log").open("wb")
-    supervisor = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "--state-dir",
-            str(state_dir),
-            "supervise",
-            "--mesh",
-            str(mesh_file),
-            "--pulsar-url",
-            pulsar.service_url,
-            "--pulsar-admin-url",
-            pulsar.admin_url,
-        ],
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-    )
-    running = RunningMesh(endpoint, state_dir, pulsar)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if supervisor.poll() is not None:
-                pytest.fail(f"the supervisor exited; see {root}")
-            state_file = state_dir / "state.json"
-            if state_file.exists() and running.state()["phase"] in ("ready", "failed"):
-                break
-            time.sleep(0.5)
-        assert running.state()["phase"] == "ready", f"mesh not ready; logs in {state_dir}/logs"
+    document = mesh_document(f"127.0.0.1:{free_port()}")
+    env = {"RDV_RENDEZVOUS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)}
+    with supervised_mesh(pulsar, tmp_path_factory.mktemp("mesh"), document, env) as running:
         yield running
-    finally:
-        supervisor.send_signal(signal.SIGTERM)
-        try:
-            supervisor.wait(60)
-        except subprocess.TimeoutExpired:
-            supervisor.kill()
-        log.close()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,0 +1,110 @@
+"""A whole mesh under the real supervisor, for integration tests: `supervised_mesh`.
+
+The supervisor runs as `rendezvous supervise` would run it for `rendezvous up`, on the test
+session's broker, with a control plane on a port of its own (beside whatever listens on the
+default one), and is stopped (SIGTERM, then SIGKILL) when the block ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.supervisor.plan import free_port
+from tests.conftest import REPO, PulsarBroker
+
+READY_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class RunningMesh:
+    """Where a supervised mesh answers, and its supervisor's view of it."""
+
+    endpoint: str
+    state_dir: Path
+    broker: PulsarBroker
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
+        return data
+
+    def process(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.state()["processes"] if p["name"] == name)
+
+    @property
+    def control_endpoint(self) -> str:
+        return str(self.state()["control_endpoint"])
+
+
+@contextmanager
+def supervised_mesh(
+    pulsar: PulsarBroker,
+    root: Path,
+    document: dict[str, Any],
+    env: dict[str, str] | None = None,
+) -> Iterator[RunningMesh]:
+    """Run the mesh `document` (a mesh file's content; `rendezvous.listen` is where it
+    answers) until the block ends; yields once the supervisor says it is ready."""
+    mesh_file = root / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump(document))
+    state_dir = root / "state"
+    log = (root / "supervisor.log").open("wb")
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "--state-dir",
+            str(state_dir),
+            "supervise",
+            "--mesh",
+            str(mesh_file),
+            "--pulsar-url",
+            pulsar.service_url,
+            "--pulsar-admin-url",
+            pulsar.admin_url,
+        ],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
+            **(env or {}),
+        },
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
+    running = RunningMesh(document["rendezvous"]["listen"], state_dir, pulsar)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if supervisor.poll() is not None:
+                pytest.fail(f"the supervisor exited; see {root}")
+            if (state_dir / "state.json").exists() and running.state()["phase"] in (
+                "ready",
+                "failed",
+            ):
+                break
+            time.sleep(0.5)
+        assert running.state()["phase"] == "ready", f"mesh not ready; logs in {state_dir}/logs"
+        yield running
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+        log.close()
