@@ -343,10 +343,12 @@ async def test_a_publish_is_bounded_by_the_send_timeout_and_redelivered_past_the
         await component.stop()
 
 
+DEMO_MESH = Path(__file__).resolve().parents[3] / "deploy" / "mesh" / "demo.yaml"
+
+
 async def test_objectives_default_to_the_mesh_file() -> None:
     # Async: a component builds its grpc.aio server, which needs the running loop.
-    mesh = Path(__file__).resolve().parents[3] / "deploy" / "mesh" / "demo.yaml"
-    settings = EnricherSettings(mesh_file=mesh, listen="127.0.0.1:0")
+    settings = EnricherSettings(mesh_file=DEMO_MESH, listen="127.0.0.1:0")
     component = EnricherComponent(settings, bus=MemoryBus())
     assert component.objectives == ["demo"]
 
