@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -419,13 +420,25 @@ async def test_every_answer_leaves_within_the_sla_at_50_requests_per_second(
             await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
             calls.append(asyncio.ensure_future(stub.Score(request("hops"), timeout=5.0)))
         responses = await asyncio.gather(*calls)
-    elapsed = sorted(duration_ms(r.elapsed) for r in responses)
+    slowest = sorted(responses, key=lambda r: duration_ms(r.elapsed))[-5:]
     assert len(responses) == rate * seconds
-    assert elapsed[-1] <= sla_ms + 5.0, f"slowest answers (ms): {elapsed[-5:]}"
+    # On failure, what the answers were and how far behind the rendezvous' loop ran.
+    assert duration_ms(slowest[-1].elapsed) <= sla_ms + 5.0, (
+        [(duration_ms(r.elapsed), r.decision.model or "default") for r in slowest],
+        _loop_lag(mesh),
+    )
     # The path works (CI runs this beside a core of unrelated load, where later models mean
     # more defaults: the designed answer, not a failure).
     by_model = sum(r.decision.source == scoring_pb2.ANSWER_SOURCE_MODEL for r in responses)
     assert by_model >= 0.9 * len(responses), f"{by_model} of {len(responses)} by a model"
+
+
+def _loop_lag(mesh: RunningMesh) -> list[str]:
+    """The rendezvous' event-loop lag histogram, from its metrics endpoint."""
+    url = f"http://{mesh.process('rendezvous')['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=5.0) as reply:
+        text: str = reply.read().decode()
+    return [line for line in text.splitlines() if line.startswith("rdv_event_loop_lag")]
 
 
 async def test_overload_is_shed_with_resource_exhausted(mesh: RunningMesh) -> None:
