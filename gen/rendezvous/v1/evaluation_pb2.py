@@ -27,19 +27,33 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rendezvous.v1 import common_pb2 as rendezvous_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erendezvous/v1/evaluation.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\"\x8d\x01\n\x1aGetEvaluationReportRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbe\x02\n\x0fModelEvaluation\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12\x13\n\x0bpredictions\x18\x03 \x01(\x03\x12\x0f\n\x07\x61nswers\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12\x0c\n\x04late\x18\x06 \x01(\x03\x12.\n\x0blatency_p50\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p90\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p99\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x18\x61greement_with_incumbent\x18\n \x01(\x01\"\x8b\x01\n\x1bGetEvaluationReportResponse\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_answers\x18\x03 \x01(\x03\x12.\n\x06models\x18\x04 \x03(\x0b\x32\x1e.rendezvous.v1.ModelEvaluation2\x81\x01\n\x11\x45valuationService\x12l\n\x13GetEvaluationReport\x12).rendezvous.v1.GetEvaluationReportRequest\x1a*.rendezvous.v1.GetEvaluationReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erendezvous/v1/evaluation.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\"\x8d\x01\n\x1aGetEvaluationReportRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xeb\x04\n\x0fModelEvaluation\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12\x13\n\x0bpredictions\x18\x03 \x01(\x03\x12\x0f\n\x07\x61nswers\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12\x0c\n\x04late\x18\x06 \x01(\x03\x12.\n\x0blatency_p50\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p90\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p99\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x18\x61greement_with_incumbent\x18\n \x01(\x01\x12/\n\x0clatency_p999\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\twin_share\x18\x0c \x01(\x01\x12\x12\n\nlate_share\x18\r \x01(\x01\x12\x17\n\x0fincumbent_pairs\x18\x0e \x01(\x03\x12\'\n\x1frank_correlation_with_incumbent\x18\x0f \x01(\x01\x12*\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x1b.rendezvous.v1.ErrorMetrics\x12\x39\n\x10versus_incumbent\x18\x11 \x01(\x0b\x32\x1f.rendezvous.v1.PairedComparison\x12\x13\n\x0b\x65rror_share\x18\x12 \x01(\x01\x12\x15\n\rmodel_version\x18\x13 \x01(\t\"\x9f\x01\n\x0c\x45rrorMetrics\x12\x10\n\x08labelled\x18\x01 \x01(\x03\x12\x34\n\nregression\x18\x02 \x01(\x0b\x32\x1e.rendezvous.v1.RegressionErrorH\x00\x12<\n\x0e\x63lassification\x18\x03 \x01(\x0b\x32\".rendezvous.v1.ClassificationErrorH\x00\x42\t\n\x07metrics\",\n\x0fRegressionError\x12\x0b\n\x03mae\x18\x01 \x01(\x01\x12\x0c\n\x04rmse\x18\x02 \x01(\x01\"9\n\x13\x43lassificationError\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\x10\n\x08log_loss\x18\x02 \x01(\x01\"\xe1\x01\n\x10PairedComparison\x12\x16\n\x0e\x62\x61seline_model\x18\x01 \x01(\t\x12\r\n\x05pairs\x18\x02 \x01(\x03\x12\x15\n\rerror_measure\x18\x03 \x01(\t\x12\x17\n\x0fmean_difference\x18\x04 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x05 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x06 \x01(\x01\x12\x12\n\nconfidence\x18\x07 \x01(\x01\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x31\n\x07verdict\x18\t \x01(\x0e\x32 .rendezvous.v1.ComparisonVerdict\"\xe2\x02\n\x0b\x43\x61naryDrift\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0estatistic_name\x18\x02 \x01(\t\x12\x11\n\tstatistic\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\r\n\x05\x61larm\x18\x05 \x01(\x08\x12\x17\n\x0freference_count\x18\x06 \x01(\x03\x12\x14\n\x0crecent_count\x18\x07 \x01(\x03\x12\x33\n\x0freference_start\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rreference_end\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0crecent_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrecent_end\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb2\x03\n\x1bGetEvaluationReportResponse\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_answers\x18\x03 \x01(\x03\x12.\n\x06models\x18\x04 \x03(\x0b\x32\x1e.rendezvous.v1.ModelEvaluation\x12\x15\n\rdefault_share\x18\x05 \x01(\x01\x12.\n\x0btarget_kind\x18\x06 \x01(\x0e\x32\x19.rendezvous.v1.TargetKind\x12\x19\n\x11labelled_requests\x18\x07 \x01(\x03\x12\x33\n\x0e\x61nswered_error\x18\x08 \x01(\x0b\x32\x1b.rendezvous.v1.ErrorMetrics\x12\x30\n\x0c\x63\x61nary_drift\x18\t \x01(\x0b\x32\x1a.rendezvous.v1.CanaryDrift\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*e\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TARGET_KIND_REGRESSION\x10\x01\x12\x1e\n\x1aTARGET_KIND_CLASSIFICATION\x10\x02*\x99\x01\n\x11\x43omparisonVerdict\x12\"\n\x1e\x43OMPARISON_VERDICT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43OMPARISON_VERDICT_BETTER\x10\x01\x12\x1c\n\x18\x43OMPARISON_VERDICT_WORSE\x10\x02\x12#\n\x1f\x43OMPARISON_VERDICT_INCONCLUSIVE\x10\x03\x32\x81\x01\n\x11\x45valuationService\x12l\n\x13GetEvaluationReport\x12).rendezvous.v1.GetEvaluationReportRequest\x1a*.rendezvous.v1.GetEvaluationReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rendezvous.v1.evaluation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TARGETKIND']._serialized_start=2197
+  _globals['_TARGETKIND']._serialized_end=2298
+  _globals['_COMPARISONVERDICT']._serialized_start=2301
+  _globals['_COMPARISONVERDICT']._serialized_end=2454
   _globals['_GETEVALUATIONREPORTREQUEST']._serialized_start=143
   _globals['_GETEVALUATIONREPORTREQUEST']._serialized_end=284
   _globals['_MODELEVALUATION']._serialized_start=287
-  _globals['_MODELEVALUATION']._serialized_end=605
-  _globals['_GETEVALUATIONREPORTRESPONSE']._serialized_start=608
-  _globals['_GETEVALUATIONREPORTRESPONSE']._serialized_end=747
-  _globals['_EVALUATIONSERVICE']._serialized_start=750
-  _globals['_EVALUATIONSERVICE']._serialized_end=879
+  _globals['_MODELEVALUATION']._serialized_end=906
+  _globals['_ERRORMETRICS']._serialized_start=909
+  _globals['_ERRORMETRICS']._serialized_end=1068
+  _globals['_REGRESSIONERROR']._serialized_start=1070
+  _globals['_REGRESSIONERROR']._serialized_end=1114
+  _globals['_CLASSIFICATIONERROR']._serialized_start=1116
+  _globals['_CLASSIFICATIONERROR']._serialized_end=1173
+  _globals['_PAIREDCOMPARISON']._serialized_start=1176
+  _globals['_PAIREDCOMPARISON']._serialized_end=1401
+  _globals['_CANARYDRIFT']._serialized_start=1404
+  _globals['_CANARYDRIFT']._serialized_end=1758
+  _globals['_GETEVALUATIONREPORTRESPONSE']._serialized_start=1761
+  _globals['_GETEVALUATIONREPORTRESPONSE']._serialized_end=2195
+  _globals['_EVALUATIONSERVICE']._serialized_start=2457
+  _globals['_EVALUATIONSERVICE']._serialized_end=2586
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rendezvous.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,62 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TargetKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TargetKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TargetKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TARGET_KIND_UNSPECIFIED: _TargetKind.ValueType  # 0
+    """TARGET_KIND_UNSPECIFIED means no ground truth was seen yet."""
+    TARGET_KIND_REGRESSION: _TargetKind.ValueType  # 1
+    """TARGET_KIND_REGRESSION: the score estimates a number (MAE, RMSE)."""
+    TARGET_KIND_CLASSIFICATION: _TargetKind.ValueType  # 2
+    """TARGET_KIND_CLASSIFICATION: the score is the probability of the positive class of
+    a binary label (accuracy at 0.5, log loss).
+    """
+
+class TargetKind(_TargetKind, metaclass=_TargetKindEnumTypeWrapper):
+    """TargetKind is what the objective predicts, which decides the error measures."""
+
+TARGET_KIND_UNSPECIFIED: TargetKind.ValueType  # 0
+"""TARGET_KIND_UNSPECIFIED means no ground truth was seen yet."""
+TARGET_KIND_REGRESSION: TargetKind.ValueType  # 1
+"""TARGET_KIND_REGRESSION: the score estimates a number (MAE, RMSE)."""
+TARGET_KIND_CLASSIFICATION: TargetKind.ValueType  # 2
+"""TARGET_KIND_CLASSIFICATION: the score is the probability of the positive class of
+a binary label (accuracy at 0.5, log loss).
+"""
+Global___TargetKind: _TypeAlias = TargetKind  # noqa: Y015
+
+class _ComparisonVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComparisonVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComparisonVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPARISON_VERDICT_UNSPECIFIED: _ComparisonVerdict.ValueType  # 0
+    """COMPARISON_VERDICT_UNSPECIFIED means too few pairs to say."""
+    COMPARISON_VERDICT_BETTER: _ComparisonVerdict.ValueType  # 1
+    """COMPARISON_VERDICT_BETTER: the interval lies wholly below zero (lower error)."""
+    COMPARISON_VERDICT_WORSE: _ComparisonVerdict.ValueType  # 2
+    """COMPARISON_VERDICT_WORSE: the interval lies wholly above zero (higher error)."""
+    COMPARISON_VERDICT_INCONCLUSIVE: _ComparisonVerdict.ValueType  # 3
+    """COMPARISON_VERDICT_INCONCLUSIVE: the interval contains zero."""
+
+class ComparisonVerdict(_ComparisonVerdict, metaclass=_ComparisonVerdictEnumTypeWrapper):
+    """ComparisonVerdict sums a paired comparison up."""
+
+COMPARISON_VERDICT_UNSPECIFIED: ComparisonVerdict.ValueType  # 0
+"""COMPARISON_VERDICT_UNSPECIFIED means too few pairs to say."""
+COMPARISON_VERDICT_BETTER: ComparisonVerdict.ValueType  # 1
+"""COMPARISON_VERDICT_BETTER: the interval lies wholly below zero (lower error)."""
+COMPARISON_VERDICT_WORSE: ComparisonVerdict.ValueType  # 2
+"""COMPARISON_VERDICT_WORSE: the interval lies wholly above zero (higher error)."""
+COMPARISON_VERDICT_INCONCLUSIVE: ComparisonVerdict.ValueType  # 3
+"""COMPARISON_VERDICT_INCONCLUSIVE: the interval contains zero."""
+Global___ComparisonVerdict: _TypeAlias = ComparisonVerdict  # noqa: Y015
 
 @_typing.final
 class GetEvaluationReportRequest(_message.Message):
@@ -71,6 +128,15 @@ class ModelEvaluation(_message.Message):
     LATENCY_P90_FIELD_NUMBER: _builtins.int
     LATENCY_P99_FIELD_NUMBER: _builtins.int
     AGREEMENT_WITH_INCUMBENT_FIELD_NUMBER: _builtins.int
+    LATENCY_P999_FIELD_NUMBER: _builtins.int
+    WIN_SHARE_FIELD_NUMBER: _builtins.int
+    LATE_SHARE_FIELD_NUMBER: _builtins.int
+    INCUMBENT_PAIRS_FIELD_NUMBER: _builtins.int
+    RANK_CORRELATION_WITH_INCUMBENT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    VERSUS_INCUMBENT_FIELD_NUMBER: _builtins.int
+    ERROR_SHARE_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model deployment's name."""
     role: _common_pb2.ModelRole.ValueType
@@ -85,6 +151,22 @@ class ModelEvaluation(_message.Message):
     """late counts its predictions that came after the answer."""
     agreement_with_incumbent: _builtins.float
     """agreement_with_incumbent is the mean absolute score difference to the incumbent."""
+    win_share: _builtins.float
+    """win_share is answers divided by the requests in the window (0..1)."""
+    late_share: _builtins.float
+    """late_share is late divided by predictions (0..1)."""
+    incumbent_pairs: _builtins.int
+    """incumbent_pairs counts the requests both this model and the incumbent scored; the
+    agreement figures are over these requests only.
+    """
+    rank_correlation_with_incumbent: _builtins.float
+    """rank_correlation_with_incumbent is Spearman's rank correlation of this model's scores
+    with the incumbent's on the same requests (-1..1; ties take their mean rank).
+    """
+    error_share: _builtins.float
+    """error_share is errors divided by the requests the model was asked to score (0..1)."""
+    model_version: _builtins.str
+    """model_version is the version seen last in the window."""
     @_builtins.property
     def latency_p50(self) -> _duration_pb2.Duration:
         """latency_p50 is the median arrival time after the request's arrival."""
@@ -96,6 +178,20 @@ class ModelEvaluation(_message.Message):
     @_builtins.property
     def latency_p99(self) -> _duration_pb2.Duration:
         """latency_p99 is the 99th percentile of the arrival time."""
+
+    @_builtins.property
+    def latency_p999(self) -> _duration_pb2.Duration:
+        """latency_p999 is the 99.9th percentile of the arrival time."""
+
+    @_builtins.property
+    def error(self) -> Global___ErrorMetrics:
+        """error is this model's error against the ground truth on its labelled requests."""
+
+    @_builtins.property
+    def versus_incumbent(self) -> Global___PairedComparison:
+        """versus_incumbent compares this model's per-request error with the incumbent's on the
+        same labelled requests; unset for the incumbent itself and before any pair.
+        """
 
     def __init__(
         self,
@@ -110,14 +206,241 @@ class ModelEvaluation(_message.Message):
         latency_p90: _duration_pb2.Duration | None = ...,
         latency_p99: _duration_pb2.Duration | None = ...,
         agreement_with_incumbent: _builtins.float = ...,
+        latency_p999: _duration_pb2.Duration | None = ...,
+        win_share: _builtins.float = ...,
+        late_share: _builtins.float = ...,
+        incumbent_pairs: _builtins.int = ...,
+        rank_correlation_with_incumbent: _builtins.float = ...,
+        error: Global___ErrorMetrics | None = ...,
+        versus_incumbent: Global___PairedComparison | None = ...,
+        error_share: _builtins.float = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "latency_p999", b"latency_p999", "versus_incumbent", b"versus_incumbent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_with_incumbent", b"agreement_with_incumbent", "answers", b"answers", "errors", b"errors", "late", b"late", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "model", b"model", "predictions", b"predictions", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement_with_incumbent", b"agreement_with_incumbent", "answers", b"answers", "error", b"error", "error_share", b"error_share", "errors", b"errors", "incumbent_pairs", b"incumbent_pairs", "late", b"late", "late_share", b"late_share", "latency_p50", b"latency_p50", "latency_p90", b"latency_p90", "latency_p99", b"latency_p99", "latency_p999", b"latency_p999", "model", b"model", "model_version", b"model_version", "predictions", b"predictions", "rank_correlation_with_incumbent", b"rank_correlation_with_incumbent", "role", b"role", "versus_incumbent", b"versus_incumbent", "win_share", b"win_share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelEvaluation: _TypeAlias = ModelEvaluation  # noqa: Y015
+
+@_typing.final
+class ErrorMetrics(_message.Message):
+    """ErrorMetrics is a set of predictions' error against the observed ground truth."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELLED_FIELD_NUMBER: _builtins.int
+    REGRESSION_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    labelled: _builtins.int
+    """labelled counts the requests with both a prediction and an observed value."""
+    @_builtins.property
+    def regression(self) -> Global___RegressionError:
+        """regression is set for a numeric target."""
+
+    @_builtins.property
+    def classification(self) -> Global___ClassificationError:
+        """classification is set for a binary label."""
+
+    def __init__(
+        self,
+        *,
+        labelled: _builtins.int = ...,
+        regression: Global___RegressionError | None = ...,
+        classification: Global___ClassificationError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "metrics", b"metrics", "regression", b"regression"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "labelled", b"labelled", "metrics", b"metrics", "regression", b"regression"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_metrics: _TypeAlias = _typing.Literal["regression", "classification"]  # noqa: Y015
+    _WhichOneofArgType_metrics: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_metrics) -> _WhichOneofReturnType_metrics | None: ...
+
+Global___ErrorMetrics: _TypeAlias = ErrorMetrics  # noqa: Y015
+
+@_typing.final
+class RegressionError(_message.Message):
+    """RegressionError is the error of numeric predictions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAE_FIELD_NUMBER: _builtins.int
+    RMSE_FIELD_NUMBER: _builtins.int
+    mae: _builtins.float
+    """mae is the mean absolute error."""
+    rmse: _builtins.float
+    """rmse is the root mean squared error."""
+    def __init__(
+        self,
+        *,
+        mae: _builtins.float = ...,
+        rmse: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mae", b"mae", "rmse", b"rmse"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegressionError: _TypeAlias = RegressionError  # noqa: Y015
+
+@_typing.final
+class ClassificationError(_message.Message):
+    """ClassificationError is the error of probability predictions of a binary label."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    LOG_LOSS_FIELD_NUMBER: _builtins.int
+    accuracy: _builtins.float
+    """accuracy is the share of requests where score >= 0.5 matched the label (0..1)."""
+    log_loss: _builtins.float
+    """log_loss is the mean negative log-likelihood of the label, the score clipped
+    to [1e-15, 1 - 1e-15].
+    """
+    def __init__(
+        self,
+        *,
+        accuracy: _builtins.float = ...,
+        log_loss: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "log_loss", b"log_loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassificationError: _TypeAlias = ClassificationError  # noqa: Y015
+
+@_typing.final
+class PairedComparison(_message.Message):
+    """PairedComparison compares two models' errors on the same requests: per request
+    d = error(model) - error(baseline), so a negative mean means the model is better.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_MODEL_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    ERROR_MEASURE_FIELD_NUMBER: _builtins.int
+    MEAN_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    CI_LOW_FIELD_NUMBER: _builtins.int
+    CI_HIGH_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    baseline_model: _builtins.str
+    """baseline_model names the model compared with (the incumbent)."""
+    pairs: _builtins.int
+    """pairs counts the labelled requests both models scored."""
+    error_measure: _builtins.str
+    """error_measure names the per-request error, e.g. "absolute_error" or "log_loss"."""
+    mean_difference: _builtins.float
+    """mean_difference is the mean of d."""
+    ci_low: _builtins.float
+    """ci_low is the lower end of the confidence interval of the mean of d."""
+    ci_high: _builtins.float
+    """ci_high is the upper end of the confidence interval of the mean of d."""
+    confidence: _builtins.float
+    """confidence is the interval's confidence level, e.g. 0.95."""
+    method: _builtins.str
+    """method names how the interval was computed, e.g. "paired percentile bootstrap"."""
+    verdict: Global___ComparisonVerdict.ValueType
+    """verdict says better, worse or inconclusive from the interval."""
+    def __init__(
+        self,
+        *,
+        baseline_model: _builtins.str = ...,
+        pairs: _builtins.int = ...,
+        error_measure: _builtins.str = ...,
+        mean_difference: _builtins.float = ...,
+        ci_low: _builtins.float = ...,
+        ci_high: _builtins.float = ...,
+        confidence: _builtins.float = ...,
+        method: _builtins.str = ...,
+        verdict: Global___ComparisonVerdict.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "ci_high", b"ci_high", "ci_low", b"ci_low", "confidence", b"confidence", "error_measure", b"error_measure", "mean_difference", b"mean_difference", "method", b"method", "pairs", b"pairs", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairedComparison: _TypeAlias = PairedComparison  # noqa: Y015
+
+@_typing.final
+class CanaryDrift(_message.Message):
+    """CanaryDrift compares the canary's recent score distribution with a reference window.
+    The canary is a stable model, so a shift in its scores is a shift in the inputs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATISTIC_NAME_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    ALARM_FIELD_NUMBER: _builtins.int
+    REFERENCE_COUNT_FIELD_NUMBER: _builtins.int
+    RECENT_COUNT_FIELD_NUMBER: _builtins.int
+    REFERENCE_START_FIELD_NUMBER: _builtins.int
+    REFERENCE_END_FIELD_NUMBER: _builtins.int
+    RECENT_START_FIELD_NUMBER: _builtins.int
+    RECENT_END_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model names the canary deployment."""
+    statistic_name: _builtins.str
+    """statistic_name names the statistic, e.g. "psi" (population stability index)."""
+    statistic: _builtins.float
+    """statistic is its value over the windows below."""
+    threshold: _builtins.float
+    """threshold is the value above which the alarm is raised."""
+    alarm: _builtins.bool
+    """alarm is statistic > threshold."""
+    reference_count: _builtins.int
+    """reference_count counts the canary scores in the reference window."""
+    recent_count: _builtins.int
+    """recent_count counts the canary scores in the recent window."""
+    @_builtins.property
+    def reference_start(self) -> _timestamp_pb2.Timestamp:
+        """reference_start is the reference window's start."""
+
+    @_builtins.property
+    def reference_end(self) -> _timestamp_pb2.Timestamp:
+        """reference_end is the reference window's end."""
+
+    @_builtins.property
+    def recent_start(self) -> _timestamp_pb2.Timestamp:
+        """recent_start is the recent window's start."""
+
+    @_builtins.property
+    def recent_end(self) -> _timestamp_pb2.Timestamp:
+        """recent_end is the recent window's end."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        statistic_name: _builtins.str = ...,
+        statistic: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        alarm: _builtins.bool = ...,
+        reference_count: _builtins.int = ...,
+        recent_count: _builtins.int = ...,
+        reference_start: _timestamp_pb2.Timestamp | None = ...,
+        reference_end: _timestamp_pb2.Timestamp | None = ...,
+        recent_start: _timestamp_pb2.Timestamp | None = ...,
+        recent_end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recent_end", b"recent_end", "recent_start", b"recent_start", "reference_end", b"reference_end", "reference_start", b"reference_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alarm", b"alarm", "model", b"model", "recent_count", b"recent_count", "recent_end", b"recent_end", "recent_start", b"recent_start", "reference_count", b"reference_count", "reference_end", b"reference_end", "reference_start", b"reference_start", "statistic", b"statistic", "statistic_name", b"statistic_name", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryDrift: _TypeAlias = CanaryDrift  # noqa: Y015
 
 @_typing.final
 class GetEvaluationReportResponse(_message.Message):
@@ -129,15 +452,46 @@ class GetEvaluationReportResponse(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     DEFAULT_ANSWERS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_SHARE_FIELD_NUMBER: _builtins.int
+    TARGET_KIND_FIELD_NUMBER: _builtins.int
+    LABELLED_REQUESTS_FIELD_NUMBER: _builtins.int
+    ANSWERED_ERROR_FIELD_NUMBER: _builtins.int
+    CANARY_DRIFT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     objective: _builtins.str
     """objective names the objective."""
     requests: _builtins.int
     """requests counts the outcomes in the window."""
     default_answers: _builtins.int
     """default_answers counts requests answered by the default."""
+    default_share: _builtins.float
+    """default_share is default_answers divided by requests (0..1)."""
+    target_kind: Global___TargetKind.ValueType
+    """target_kind is the kind of ground truth the window's feedback carried."""
+    labelled_requests: _builtins.int
+    """labelled_requests counts the requests in the window with an observed value."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelEvaluation]:
         """models are the per-model statistics."""
+
+    @_builtins.property
+    def answered_error(self) -> Global___ErrorMetrics:
+        """answered_error is the error of the answers clients actually got (the policy's
+        choice, defaults included) on the labelled requests.
+        """
+
+    @_builtins.property
+    def canary_drift(self) -> Global___CanaryDrift:
+        """canary_drift is the canary's drift; unset when the objective has no canary."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """start_time is the window's start as applied."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """end_time is the window's end as applied."""
 
     def __init__(
         self,
@@ -146,10 +500,17 @@ class GetEvaluationReportResponse(_message.Message):
         requests: _builtins.int = ...,
         default_answers: _builtins.int = ...,
         models: _abc.Iterable[Global___ModelEvaluation] | None = ...,
+        default_share: _builtins.float = ...,
+        target_kind: Global___TargetKind.ValueType = ...,
+        labelled_requests: _builtins.int = ...,
+        answered_error: Global___ErrorMetrics | None = ...,
+        canary_drift: Global___CanaryDrift | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_answers", b"default_answers", "models", b"models", "objective", b"objective", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "default_answers", b"default_answers", "default_share", b"default_share", "end_time", b"end_time", "labelled_requests", b"labelled_requests", "models", b"models", "objective", b"objective", "requests", b"requests", "start_time", b"start_time", "target_kind", b"target_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
