@@ -1,0 +1,1 @@
+"""Unit tests of the evaluator's statistics and outcome/feedback join."""
