@@ -5,6 +5,7 @@ rdv.<objective>.tasks        enriched tasks: the modelling objective's topic
 rdv.<objective>.results      outcomes: the answer and every candidate
 rdv.<objective>.archive      the decoy's redacted copy of every task
 rdv.<objective>.events       subject events the enricher keeps state from
+rdv.<objective>.feedback     ground truth: the observed value of past requests (FeedbackService)
 rdv.predictions.<instance>   a rendezvous instance's return address
 rdv.control.objectives       objective configurations (compacted, keyed by objective; the
                              retained history is the audit trail of every version)
@@ -42,6 +43,9 @@ class Topics:
 
     def events(self, objective: str) -> str:
         return self._full(f"{PREFIX}.{objective}.events")
+
+    def feedback(self, objective: str) -> str:
+        return self._full(f"{PREFIX}.{objective}.feedback")
 
     def predictions(self, instance: str) -> str:
         return self._full(f"{PREFIX}.predictions.{instance}")

@@ -87,8 +87,14 @@ class GetEvaluationReportRequest(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    INCLUDE_CHARTS_FIELD_NUMBER: _builtins.int
+    BUCKET_WIDTH_FIELD_NUMBER: _builtins.int
     objective: _builtins.str
     """objective names the objective."""
+    include_charts: _builtins.bool
+    """include_charts asks for the timeline, the per-model distributions and the drift
+    timeline as well (what the report page draws).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """start_time is the window's start; unset means the oldest outcome kept."""
@@ -97,16 +103,24 @@ class GetEvaluationReportRequest(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """end_time is the window's end; unset means now."""
 
+    @_builtins.property
+    def bucket_width(self) -> _duration_pb2.Duration:
+        """bucket_width is the timeline's resolution; unset lets the evaluator pick one that gives
+        at most about 60 points. It is rounded up to the evaluator's own bucket width.
+        """
+
     def __init__(
         self,
         *,
         objective: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        include_charts: _builtins.bool = ...,
+        bucket_width: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_width", b"bucket_width", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "objective", b"objective", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_width", b"bucket_width", "end_time", b"end_time", "include_charts", b"include_charts", "objective", b"objective", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -150,7 +164,9 @@ class ModelEvaluation(_message.Message):
     late: _builtins.int
     """late counts its predictions that came after the answer."""
     agreement_with_incumbent: _builtins.float
-    """agreement_with_incumbent is the mean absolute score difference to the incumbent."""
+    """agreement_with_incumbent is the mean absolute score difference to the incumbent on the
+    same requests (0 for the incumbent itself; NaN when incumbent_pairs is 0).
+    """
     win_share: _builtins.float
     """win_share is answers divided by the requests in the window (0..1)."""
     late_share: _builtins.float
@@ -161,7 +177,8 @@ class ModelEvaluation(_message.Message):
     """
     rank_correlation_with_incumbent: _builtins.float
     """rank_correlation_with_incumbent is Spearman's rank correlation of this model's scores
-    with the incumbent's on the same requests (-1..1; ties take their mean rank).
+    with the incumbent's on the same requests (-1..1; ties take their mean rank; NaN with
+    fewer than two pairs or when either side is constant).
     """
     error_share: _builtins.float
     """error_share is errors divided by the requests the model was asked to score (0..1)."""
@@ -459,6 +476,11 @@ class GetEvaluationReportResponse(_message.Message):
     CANARY_DRIFT_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    DISTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    SCORE_BIN_EDGES_FIELD_NUMBER: _builtins.int
+    DRIFT_TIMELINE_FIELD_NUMBER: _builtins.int
+    PENDING_FEEDBACK_FIELD_NUMBER: _builtins.int
     objective: _builtins.str
     """objective names the objective."""
     requests: _builtins.int
@@ -471,6 +493,10 @@ class GetEvaluationReportResponse(_message.Message):
     """target_kind is the kind of ground truth the window's feedback carried."""
     labelled_requests: _builtins.int
     """labelled_requests counts the requests in the window with an observed value."""
+    pending_feedback: _builtins.int
+    """pending_feedback counts observations whose outcome the evaluator has not seen (yet):
+    feedback for requests outside the retained history, or for unknown request ids.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelEvaluation]:
         """models are the per-model statistics."""
@@ -493,6 +519,26 @@ class GetEvaluationReportResponse(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """end_time is the window's end as applied."""
 
+    @_builtins.property
+    def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportBucket]:
+        """timeline is the window cut in buckets of equal width, oldest first (include_charts)."""
+
+    @_builtins.property
+    def distributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelDistribution]:
+        """distributions are each model's latency and score distributions (include_charts)."""
+
+    @_builtins.property
+    def score_bin_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """score_bin_edges are the edges of the score histograms in `distributions`: bin i counts
+        scores in [edges[i], edges[i+1]), the last bin includes its upper edge.
+        """
+
+    @_builtins.property
+    def drift_timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftPoint]:
+        """drift_timeline is the canary's drift statistic over time, each point comparing the
+        recent window ending there with the reference window (include_charts).
+        """
+
     def __init__(
         self,
         *,
@@ -507,11 +553,208 @@ class GetEvaluationReportResponse(_message.Message):
         canary_drift: Global___CanaryDrift | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        timeline: _abc.Iterable[Global___ReportBucket] | None = ...,
+        distributions: _abc.Iterable[Global___ModelDistribution] | None = ...,
+        score_bin_edges: _abc.Iterable[_builtins.float] | None = ...,
+        drift_timeline: _abc.Iterable[Global___DriftPoint] | None = ...,
+        pending_feedback: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "default_answers", b"default_answers", "default_share", b"default_share", "end_time", b"end_time", "labelled_requests", b"labelled_requests", "models", b"models", "objective", b"objective", "requests", b"requests", "start_time", b"start_time", "target_kind", b"target_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "default_answers", b"default_answers", "default_share", b"default_share", "distributions", b"distributions", "drift_timeline", b"drift_timeline", "end_time", b"end_time", "labelled_requests", b"labelled_requests", "models", b"models", "objective", b"objective", "pending_feedback", b"pending_feedback", "requests", b"requests", "score_bin_edges", b"score_bin_edges", "start_time", b"start_time", "target_kind", b"target_kind", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEvaluationReportResponse: _TypeAlias = GetEvaluationReportResponse  # noqa: Y015
+
+@_typing.final
+class ReportBucket(_message.Message):
+    """ReportBucket is one slice of the window's timeline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    DEFAULT_ANSWERS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """requests counts the outcomes received in the bucket."""
+    default_answers: _builtins.int
+    """default_answers counts those answered by the default."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """start is the bucket's start."""
+
+    @_builtins.property
+    def width(self) -> _duration_pb2.Duration:
+        """width is the bucket's width."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelBucket]:
+        """models are the per-model figures in the bucket."""
+
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        width: _duration_pb2.Duration | None = ...,
+        requests: _builtins.int = ...,
+        default_answers: _builtins.int = ...,
+        models: _abc.Iterable[Global___ModelBucket] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start", "width", b"width"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_answers", b"default_answers", "models", b"models", "requests", b"requests", "start", b"start", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportBucket: _TypeAlias = ReportBucket  # noqa: Y015
+
+@_typing.final
+class ModelBucket(_message.Message):
+    """ModelBucket is one model's figures in one bucket."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    WIN_SHARE_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
+    MEAN_ERROR_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model deployment's name."""
+    predictions: _builtins.int
+    """predictions counts the predictions it produced."""
+    answers: _builtins.int
+    """answers counts the requests it answered."""
+    win_share: _builtins.float
+    """win_share is answers divided by the bucket's requests (0..1)."""
+    labelled: _builtins.int
+    """labelled counts its predictions with an observed value."""
+    mean_error: _builtins.float
+    """mean_error is its mean per-request error on them (absolute error or log loss, as in
+    PairedComparison.error_measure); NaN when labelled is 0.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        predictions: _builtins.int = ...,
+        answers: _builtins.int = ...,
+        win_share: _builtins.float = ...,
+        labelled: _builtins.int = ...,
+        mean_error: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "labelled", b"labelled", "mean_error", b"mean_error", "model", b"model", "predictions", b"predictions", "win_share", b"win_share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelBucket: _TypeAlias = ModelBucket  # noqa: Y015
+
+@_typing.final
+class LatencyQuantile(_message.Message):
+    """LatencyQuantile is one point of a latency distribution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUANTILE_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    quantile: _builtins.float
+    """quantile is the level, 0..1."""
+    @_builtins.property
+    def latency(self) -> _duration_pb2.Duration:
+        """latency is the arrival time at that level."""
+
+    def __init__(
+        self,
+        *,
+        quantile: _builtins.float = ...,
+        latency: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "quantile", b"quantile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencyQuantile: _TypeAlias = LatencyQuantile  # noqa: Y015
+
+@_typing.final
+class ModelDistribution(_message.Message):
+    """ModelDistribution is one model's distributions over the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    SCORE_COUNTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the model deployment's name."""
+    role: _common_pb2.ModelRole.ValueType
+    """role is its role."""
+    @_builtins.property
+    def latency(self) -> _containers.RepeatedCompositeFieldContainer[Global___LatencyQuantile]:
+        """latency are quantiles of its arrival time, ascending (a CDF), from the sketch."""
+
+    @_builtins.property
+    def score_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """score_counts is the histogram of its scores over GetEvaluationReportResponse's
+        score_bin_edges (one count per bin).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        role: _common_pb2.ModelRole.ValueType = ...,
+        latency: _abc.Iterable[Global___LatencyQuantile] | None = ...,
+        score_counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "model", b"model", "role", b"role", "score_counts", b"score_counts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelDistribution: _TypeAlias = ModelDistribution  # noqa: Y015
+
+@_typing.final
+class DriftPoint(_message.Message):
+    """DriftPoint is the canary's drift statistic at one time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    END_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    ALARM_FIELD_NUMBER: _builtins.int
+    RECENT_COUNT_FIELD_NUMBER: _builtins.int
+    statistic: _builtins.float
+    """statistic is the drift statistic (CanaryDrift.statistic_name)."""
+    alarm: _builtins.bool
+    """alarm is statistic > threshold."""
+    recent_count: _builtins.int
+    """recent_count counts the canary scores in the recent window."""
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp:
+        """end is the end of the recent window compared."""
+
+    def __init__(
+        self,
+        *,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        statistic: _builtins.float = ...,
+        alarm: _builtins.bool = ...,
+        recent_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alarm", b"alarm", "end", b"end", "recent_count", b"recent_count", "statistic", b"statistic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftPoint: _TypeAlias = DriftPoint  # noqa: Y015
