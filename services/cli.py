@@ -218,7 +218,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from services.core.telemetry import configure_logging
     from services.supervisor.app import Supervisor, SupervisorSettings
     from services.supervisor.live import LiveMesh
-    from services.supervisor.plan import Ports, plan_control
+    from services.supervisor.plan import EvaluatorAddress, Ports, plan_control
 
     configure_logging("supervisor")
     # Read here only to fail early on a bad file; the control component seeds the topic
@@ -234,6 +234,11 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         settings.control_listen,
         ports,
     )
+    evaluator = (
+        EvaluatorAddress(settings.evaluator_listen, settings.dashboard_listen)
+        if settings.evaluator_listen
+        else None
+    )
     live = LiveMesh(
         args.pulsar_url,
         args.pulsar_admin_url,
@@ -241,6 +246,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         mesh.rendezvous.listen,
         ports,
         objectives=mesh.objectives,
+        evaluator=evaluator,
     )
     supervisor = Supervisor(
         [control],
@@ -248,6 +254,12 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         facts={
             "endpoint": mesh.rendezvous.listen,
             "control_endpoint": control.endpoint,
+            "evaluator_endpoint": evaluator.listen if evaluator else None,
+            "dashboard_url": (
+                f"http://{evaluator.dashboard_listen}/"
+                if evaluator and evaluator.dashboard_listen
+                else None
+            ),
             "mesh": str(args.mesh),
             "pulsar_url": args.pulsar_url,
             "pulsar_admin_url": args.pulsar_admin_url,

@@ -13,9 +13,10 @@ import math
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 
 import grpc
-from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc, task_pb2
+from rendezvous.v1 import feedback_pb2, feedback_pb2_grpc, scoring_pb2, scoring_pb2_grpc, task_pb2
 
 from services.core.bus import PulsarBus
 from services.core.protos import duration_ms, set_values
@@ -29,12 +30,46 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def diabetes_rows() -> list[dict[str, float]]:
+def diabetes_dataset() -> tuple[list[dict[str, float]], list[float]]:
+    """The diabetes dataset's rows (scaled features by name) and their real targets (disease
+    progression one year later): the targets are the ground truth the demo records."""
     from sklearn.datasets import load_diabetes
 
     data = load_diabetes()
     names = list(data.feature_names)
-    return [dict(zip(names, map(float, row), strict=True)) for row in data.data]
+    rows = [dict(zip(names, map(float, row), strict=True)) for row in data.data]
+    return rows, [float(t) for t in data.target]
+
+
+def diabetes_rows() -> list[dict[str, float]]:
+    return diabetes_dataset()[0]
+
+
+async def record_feedback(
+    target: str, objective: str, observed: Sequence[tuple[str, float]], concurrency: int = 16
+) -> Counter[str]:
+    """Record each (request id, observed value) with FeedbackService at `target`; the count of
+    each outcome ("OK" or a status code name)."""
+    outcomes: Counter[str] = Counter()
+    gate = asyncio.Semaphore(concurrency)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+
+        async def one(request_id: str, value: float) -> None:
+            async with gate:
+                try:
+                    await stub.Record(
+                        feedback_pb2.RecordRequest(
+                            objective=objective, request_id=request_id, value=value
+                        ),
+                        timeout=10.0,
+                    )
+                    outcomes["OK"] += 1
+                except grpc.aio.AioRpcError as error:
+                    outcomes[error.code().name] += 1
+
+        await asyncio.gather(*(one(rid, value) for rid, value in observed))
+    return outcomes
 
 
 async def _send_all(

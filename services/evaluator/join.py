@@ -57,7 +57,7 @@ class JoinSettings:
 
 
 @dataclass(frozen=True)
-class _OutcomeFacts:
+class OutcomeFacts:
     """What the join keeps of an outcome: the scores, not the whole record."""
 
     received_ns: int
@@ -70,7 +70,7 @@ class _OutcomeFacts:
 
 
 @dataclass(frozen=True)
-class _Observation:
+class Observation:
     """What the join keeps of a feedback."""
 
     kind: stats.TargetKind
@@ -151,8 +151,8 @@ class FeedbackJoin:
 
     settings: JoinSettings = field(default_factory=JoinSettings)
     counters: JoinCounters = field(default_factory=JoinCounters)
-    _outcomes: OrderedDict[_Key, _Pending[_OutcomeFacts]] = field(default_factory=OrderedDict)
-    _feedback: OrderedDict[_Key, _Pending[_Observation]] = field(default_factory=OrderedDict)
+    _outcomes: OrderedDict[_Key, _Pending[OutcomeFacts]] = field(default_factory=OrderedDict)
+    _feedback: OrderedDict[_Key, _Pending[Observation]] = field(default_factory=OrderedDict)
     _joined: OrderedDict[_Key, None] = field(default_factory=OrderedDict)
 
     @property
@@ -172,7 +172,7 @@ class FeedbackJoin:
         if key in self._joined or key in self._outcomes:
             self.counters.duplicate_outcomes += 1
             return None
-        facts = _outcome_facts(outcome)
+        facts = outcome_facts(outcome)
         waiting = self._feedback.pop(key, None)
         if waiting is not None:
             return self._join(key, facts, waiting.item)
@@ -185,8 +185,8 @@ class FeedbackJoin:
     def add_feedback(self, feedback: feedback_pb2.Feedback, now: float) -> JoinedRequest | None:
         """Take a feedback; the joined request if its outcome was waiting, else None."""
         self.expire(now)
-        observation = _observation(feedback)
-        if observation is None:
+        seen = observation(feedback)
+        if seen is None:
             self.counters.feedback_without_value += 1
             return None
         key = (feedback.objective, feedback.request_id)
@@ -195,10 +195,10 @@ class FeedbackJoin:
             return None
         waiting = self._outcomes.pop(key, None)
         if waiting is not None:
-            return self._join(key, waiting.item, observation)
+            return self._join(key, waiting.item, seen)
         if self._feedback.pop(key, None) is not None:
             self.counters.feedback_replaced += 1
-        self._feedback[key] = _Pending(now, observation)
+        self._feedback[key] = _Pending(now, seen)
         if len(self._feedback) > self.settings.max_pending:
             self._feedback.popitem(last=False)
             self.counters.evicted_feedback += 1
@@ -218,7 +218,7 @@ class FeedbackJoin:
             evicted += 1
         return evicted
 
-    def _join(self, key: _Key, facts: _OutcomeFacts, observation: _Observation) -> JoinedRequest:
+    def _join(self, key: _Key, facts: OutcomeFacts, observation: Observation) -> JoinedRequest:
         self._joined[key] = None
         if len(self._joined) > self.settings.max_pending:
             self._joined.popitem(last=False)
@@ -239,7 +239,7 @@ class FeedbackJoin:
         )
 
 
-def _outcome_facts(outcome: task_pb2.Outcome) -> _OutcomeFacts:
+def outcome_facts(outcome: task_pb2.Outcome) -> OutcomeFacts:
     scores: dict[str, float] = {}
     roles: dict[str, int] = {}
     incumbent: str | None = None
@@ -254,7 +254,7 @@ def _outcome_facts(outcome: task_pb2.Outcome) -> _OutcomeFacts:
         if incumbent is None and event.role == common_pb2.MODEL_ROLE_INCUMBENT:
             incumbent = event.model
     decision = outcome.response.decision
-    return _OutcomeFacts(
+    return OutcomeFacts(
         received_ns=outcome.received_time.ToNanoseconds(),
         answered_score=outcome.response.score,
         answered_model=decision.model,
@@ -265,13 +265,13 @@ def _outcome_facts(outcome: task_pb2.Outcome) -> _OutcomeFacts:
     )
 
 
-def _observation(feedback: feedback_pb2.Feedback) -> _Observation | None:
+def observation(feedback: feedback_pb2.Feedback) -> Observation | None:
     which = feedback.WhichOneof("observed")
     observed_ns = feedback.observed_time.ToNanoseconds()
     if which == "value":
-        return _Observation("regression", feedback.value, observed_ns)
+        return Observation("regression", feedback.value, observed_ns)
     if which == "label":
-        return _Observation("classification", 1.0 if feedback.label else 0.0, observed_ns)
+        return Observation("classification", 1.0 if feedback.label else 0.0, observed_ns)
     return None
 
 

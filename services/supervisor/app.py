@@ -63,6 +63,10 @@ class SupervisorSettings(BaseSettings):
     latency_critical_rt_priority: int = Field(default=1, ge=0, le=99)
     # Where the control component (ControlPlaneService) listens.
     control_listen: str = "127.0.0.1:50052"
+    # Where the evaluator serves EvaluationService and FeedbackService ("" runs none), and
+    # its live dashboard (HTTP; "" serves none).
+    evaluator_listen: str = "127.0.0.1:50053"
+    dashboard_listen: str = "127.0.0.1:8053"
     # How long a removed model's container keeps running after the change: the runner hosts
     # drain it first (RunnerSettings.drain_timeout_s, 5 s by default).
     model_stop_grace_s: float = Field(default=10.0, ge=0)

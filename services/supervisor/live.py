@@ -23,7 +23,14 @@ from services.core.control_topic import ControlFollower
 from services.core.control_topic import ObjectiveConfig as ControlConfig
 from services.core.settings import PulsarSettings
 from services.runner.live import write_model_directory
-from services.supervisor.plan import Ports, ProcessSpec, model_directory, model_endpoints, plan
+from services.supervisor.plan import (
+    EvaluatorAddress,
+    Ports,
+    ProcessSpec,
+    model_directory,
+    model_endpoints,
+    plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ class LiveMesh:
         ports: Ports,
         objectives: Iterable[str] = (),
         retry_delay_s: float = 0.5,
+        evaluator: EvaluatorAddress | None = None,
     ) -> None:
         self.pulsar = PulsarSettings(service_url=pulsar_url, admin_url=pulsar_admin_url)
         self.state_dir = state_dir
@@ -51,6 +59,7 @@ class LiveMesh:
         # it, and only these are planned.
         self.objectives = list(objectives)
         self.retry_delay_s = retry_delay_s
+        self.evaluator = evaluator
         self.directory = model_directory(state_dir)
         self._bus: Bus | None = None
         self._follower: ControlFollower | None = None
@@ -104,6 +113,7 @@ class LiveMesh:
             self.pulsar.admin_url,
             self.rendezvous_listen,
             self.ports,
+            evaluator=self.evaluator,
         )
 
     def write_directory(self, specs: list[ProcessSpec]) -> None:

@@ -44,6 +44,7 @@ STAGE_COLLECTOR = STAGE_RENDEZVOUS
 RENDEZVOUS_INSTANCE = "rdv-0"
 CONTROL = "control"
 ENRICHER = "enricher"
+EVALUATOR = "evaluator"
 # ProcessSpec.labels: which model a container serves.
 MODEL_LABEL = "model"
 
@@ -116,6 +117,15 @@ class Ports:
         if name not in self.metrics:
             self.metrics[name] = free_port()
         return self.metrics[name]
+
+
+@dataclass(frozen=True)
+class EvaluatorAddress:
+    """Where the evaluator serves gRPC (EvaluationService, FeedbackService) and its
+    dashboard (HTTP; "" for none)."""
+
+    listen: str
+    dashboard_listen: str
 
 
 def model_directory(state_dir: Path) -> Path:
@@ -217,9 +227,11 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
     pulsar_admin_url: str,
     rendezvous_listen: str,
     ports: Ports | None = None,
+    evaluator: EvaluatorAddress | None = None,
 ) -> list[ProcessSpec]:
     """Every process serving `configs` (the control component aside), models first, the
-    collector last. `ports` keeps addresses across plans (a fresh one when not given)."""
+    collector last. `ports` keeps addresses across plans (a fresh one when not given).
+    `evaluator` adds the evaluator (off the answer path; it reads the results topics)."""
     planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports or Ports())
     add = planner.add
     socket_path = state_dir / RENDEZVOUS_INSTANCE / "delivery.sock"
@@ -313,6 +325,21 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
         {"INSTANCE": RENDEZVOUS_INSTANCE, "DELIVERY_SOCKET": str(socket_path)},
         latency_critical=True,
     )
+    if evaluator is not None:
+        # With the rendezvous: it only reads what the answer path writes, so nothing waits
+        # for it, and a long retained history to read does not hold the mesh back.
+        add(
+            EVALUATOR,
+            "services.evaluator",
+            "RDV_EVALUATOR_",
+            STAGE_RENDEZVOUS,
+            {
+                "SERVE_ONLY": json.dumps(sorted(configs)),
+                "DASHBOARD_LISTEN": evaluator.dashboard_listen,
+            },
+            listen=evaluator.listen,
+            role="evaluator",
+        )
     return planner.specs
 
 

@@ -81,6 +81,8 @@ def supervised_mesh(
         env={
             **os.environ,
             "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
+            "RDV_SUPERVISOR_EVALUATOR_LISTEN": f"127.0.0.1:{free_port()}",
+            "RDV_SUPERVISOR_DASHBOARD_LISTEN": f"127.0.0.1:{free_port()}",
             **(env or {}),
         },
         stdin=subprocess.DEVNULL,

@@ -142,7 +142,13 @@ class Mesh:
                 stdout=output,
                 stderr=output,
                 # A control plane of its own, beside whatever else listens on the default.
-                env={**os.environ, "RDV_SUPERVISOR_CONTROL_LISTEN": self.control_endpoint},
+                # No evaluator: the bench measures serving, and the systems it is compared
+                # with run no evaluation either; its CPU would only blur the figures.
+                env={
+                    **os.environ,
+                    "RDV_SUPERVISOR_CONTROL_LISTEN": self.control_endpoint,
+                    "RDV_SUPERVISOR_EVALUATOR_LISTEN": "",
+                },
             )
         log(f"mesh starting (supervisor pid {self._process.pid}, logs in {self.root})")
         deadline = time.monotonic() + timeout

@@ -1,0 +1,5 @@
+"""`python -m services.evaluator` runs the evaluator."""
+
+from .app import main
+
+main()
