@@ -48,7 +48,7 @@ class EvaluatorSettings(ServiceSettings):
     # Canary drift: PSI of the last drift_recent_s against the drift_reference_s before.
     drift_recent_s: float = Field(default=120.0, gt=0)
     drift_reference_s: float = Field(default=600.0, gt=0)
-    drift_min_scores: int = Field(default=50, ge=10)
+    drift_min_scores: int = Field(default=400, ge=10)
     drift_threshold: float = Field(default=stats.PSI_ALARM, gt=0)
     # The drift alarm (metric and log) is checked this often.
     drift_check_s: float = Field(default=5.0, gt=0)

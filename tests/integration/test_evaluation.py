@@ -119,6 +119,8 @@ def mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "RDV_EVALUATOR_DRIFT_RECENT_S": str(DRIFT_RECENT_S),
         "RDV_EVALUATOR_DRIFT_REFERENCE_S": str(DRIFT_REFERENCE_S),
         "RDV_EVALUATOR_DRIFT_CHECK_S": "1",
+        # 320 recent and 640 reference scores: PSI's noise floor is about 0.04.
+        "RDV_EVALUATOR_DRIFT_MIN_SCORES": "200",
         "RDV_EVALUATOR_BUCKET_WIDTH_S": "1",
     }
     with supervised_mesh(
@@ -316,7 +318,7 @@ async def test_the_canary_raises_a_drift_alarm_when_inputs_shift_and_only_then(
     drift = steady_report.canary_drift
     assert drift.model == "canary"
     assert drift.statistic_name == "psi"
-    assert drift.reference_count >= 50 and drift.recent_count >= 50
+    assert drift.reference_count >= 200 and drift.recent_count >= 200
     assert drift.statistic < drift.threshold, steady_report.canary_drift
     assert not drift.alarm
     await asyncio.sleep(2)  # the alarm check runs every second
