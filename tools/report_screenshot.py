@@ -35,11 +35,26 @@ DEFAULT_OUT = Path("docs/images/evaluation-report.png")
 VIEWPORT = {"width": 1280, "height": 900}
 #: Retina-like sharpness for the docs.
 DEVICE_SCALE = 2
-#: How long to wait for the page (or the dashboard's first refresh) to render, in ms.
-RENDER_TIMEOUT_MS = 30_000
+#: How long to wait for the page (or the dashboard's first refresh) to render, in seconds.
+RENDER_TIMEOUT_S = 30.0
+#: How often to look whether it has.
+POLL_INTERVAL_S = 0.05
 # The renderer counts its renderings on <body>; the live page renders once empty first.
-_STATIC_RENDERED = "document.body.dataset.rendered >= 1"
-_LIVE_RENDERED = "document.body.dataset.rendered >= 2"
+_RENDERINGS = "Number(document.body.dataset.rendered || 0)"
+STATIC_RENDERINGS = 1
+LIVE_RENDERINGS = 2
+
+
+async def wait_rendered(page: Page, times: int, timeout_s: float = RENDER_TIMEOUT_S) -> None:
+    """Wait until the report script has rendered `times` times.
+
+    Polled from here with `page.evaluate`: Playwright's `wait_for_function` compiles its
+    predicate inside the page, which the page's CSP (no 'unsafe-eval') rightly forbids.
+    """
+    async with asyncio.timeout(timeout_s):
+        # The state is in the browser's process: there is no event here to wait on.
+        while await page.evaluate(_RENDERINGS) < times:  # noqa: ASYNC110
+            await asyncio.sleep(POLL_INTERVAL_S)
 
 
 async def screenshot(url: str, out: Path, *, live: bool) -> None:
@@ -52,9 +67,7 @@ async def screenshot(url: str, out: Path, *, live: bool) -> None:
                 device_scale_factor=DEVICE_SCALE,
             )
             await page.goto(url)
-            await page.wait_for_function(
-                _LIVE_RENDERED if live else _STATIC_RENDERED, timeout=RENDER_TIMEOUT_MS
-            )
+            await wait_rendered(page, LIVE_RENDERINGS if live else STATIC_RENDERINGS)
             out.parent.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(out), full_page=True)
         finally:

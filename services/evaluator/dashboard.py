@@ -58,6 +58,8 @@ CLOSE_GRACE_S = 2.0
 PAGE_PATH = "/"
 API_PATH = "/api/report"
 HEALTH_PATH = "/healthz"
+# Browsers ask for it on their own; "no content" keeps their console free of a 404.
+FAVICON_PATH = "/favicon.ico"
 #: The query parameters the page and the API take.
 _PARAMS = frozenset({"objective", "window_s"})
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -273,6 +275,8 @@ class Dashboard:
             return _Response(
                 HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8", {"Cache-Control": "no-store"}
             )
+        if path == FAVICON_PATH:
+            return _Response(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
         if path == API_PATH:
             return await self._api(_single_params(query, _PARAMS))
         if path == PAGE_PATH:
@@ -374,16 +378,15 @@ async def _read_line(reader: asyncio.StreamReader) -> str:
         raw = await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError as error:
         raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "line too long") from error
-    try:
-        return raw.decode("latin-1").rstrip("\r\n")
-    except UnicodeDecodeError as error:  # pragma: no cover - latin-1 decodes any byte
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, "undecodable request") from error
+    # Latin-1 decodes any byte: a request line is ASCII, a stray byte is just not a route.
+    return raw.decode("latin-1").rstrip("\r\n")
 
 
 async def _write(writer: asyncio.StreamWriter, response: _Response, *, head_only: bool) -> None:
-    headers = {
-        "Content-Type": response.content_type,
-        "Content-Length": str(len(response.body)),
+    headers = {"Content-Type": response.content_type}
+    if response.status != HTTPStatus.NO_CONTENT:  # RFC 9110: a 204 has no Content-Length
+        headers["Content-Length"] = str(len(response.body))
+    headers |= {
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",
         "Connection": "close",

@@ -319,6 +319,7 @@
         group.append(tooltip(svg("circle", { class: "point", cx: plot.x(px).toFixed(1),
           cy: plot.y(py).toFixed(1), r: POINT_RADIUS }), `${s.name}: ${pointText(px, py)}`));
       }
+      if (!d) continue; // a series with no point draws nothing (its legend entry stays)
       group.prepend(svg("path", { class: "series" + (s.dashed ? " dashed" : ""), d }));
       plot.root.append(group);
     }

@@ -100,6 +100,11 @@ async def test_health(dashboard: Dashboard) -> None:
     assert reply.status == 200 and reply.body == b"ok\n"
 
 
+async def test_the_favicon_is_no_content(dashboard: Dashboard) -> None:
+    reply = await get(dashboard.port, "/favicon.ico")
+    assert reply.status == 204 and reply.body == b"" and "content-length" not in reply.headers
+
+
 async def test_the_api_returns_the_report_with_charts(
     dashboard: Dashboard, evaluator: FakeEvaluator
 ) -> None:
