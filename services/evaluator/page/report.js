@@ -570,15 +570,15 @@
   function comparisonCell(model) {
     const cmp = model.versus_incumbent;
     if (!cmp) {
-      return el("td", { class: "num" }, [model.role === "MODEL_ROLE_INCUMBENT" ? "baseline" :
-        DASH]);
+      return el("td", { class: "num cmp" }, [model.role === "MODEL_ROLE_INCUMBENT" ?
+        "baseline" : DASH]);
     }
     const level = Math.round(num(cmp.confidence) * 100);
     const text = `${fmtFigure(cmp.mean_difference)} [${fmtFigure(cmp.ci_low)}, ` +
       `${fmtFigure(cmp.ci_high)}]` + (Number.isFinite(level) ? ` ${level}%` : "") +
       ` · ${fmtCount(cmp.pairs)} `;
     const [verdict, tone] = VERDICTS[cmp.verdict] || VERDICTS.COMPARISON_VERDICT_UNSPECIFIED;
-    return el("td", { class: "num", title: cmp.method || "" }, [text,
+    return el("td", { class: "num cmp", title: cmp.method || "" }, [text,
       el("span", { class: "badge " + tone, "data-verdict": verdict }, [verdict])]);
   }
 
