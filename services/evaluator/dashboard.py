@@ -164,7 +164,9 @@ class Dashboard:
     ) -> None:
         """A dashboard that does not listen yet (see `start`)."""
         if not (refresh_s > 0 and 0 < default_window_s <= MAX_WINDOW_S):
-            raise ValueError("refresh_s and default_window_s must be positive")
+            raise ValueError(
+                f"refresh_s must be positive, default_window_s in (0, {MAX_WINDOW_S:g}]"
+            )
         self._report = report
         self._objectives = objectives
         self._host = host
