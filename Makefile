@@ -13,7 +13,7 @@ GHZ_VERSION := v0.120.0
 GRPCURL_VERSION := v1.9.4
 export PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: help setup venv tools gen gen-check lint fmt buf-breaking unit integration test check \
+.PHONY: help setup venv tools browser gen gen-check lint fmt buf-breaking unit integration test check \
         pulsar-up pulsar-down up down status demo demo-promote score ghz-smoke bench bench-smoke profile clean
 
 help: ## List the targets
@@ -37,7 +37,10 @@ $(TOOLS_BIN)/grpcurl:
 
 tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
 
-setup: venv tools ## Install everything: virtualenv, buf, ghz, grpcurl, Apache Pulsar
+browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
+	tools/browser.sh
+
+setup: venv tools browser ## Install everything: virtualenv, buf, ghz, grpcurl, Chromium, Apache Pulsar
 	tools/pulsar.sh fetch
 
 gen: venv ## Regenerate gen/ from protos/

@@ -1,0 +1,1 @@
+"""Browser tests: the report page in headless Chromium (Playwright)."""
