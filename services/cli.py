@@ -128,12 +128,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"\nControlPlaneService at {state.get('control_endpoint', '-')}: objective versions "
         f"{_versions(state)}"
     )
+    if state.get("evaluator_endpoint"):
+        print(
+            f"EvaluationService and FeedbackService at {state['evaluator_endpoint']}; "
+            f"live dashboard at {state.get('dashboard_url') or '-'}"
+        )
     body = json.dumps({"objective": "demo", "features": _sample_features()})
     print(
         f"\nScoringService at {endpoint} (gRPC, reflection on). Try:\n"
         f"  tools/bin/grpcurl -plaintext -d '{body}' \\\n"
         f"    {endpoint} rendezvous.v1.ScoringService/Score\n"
-        f"  .venv/bin/rendezvous score\n  make demo\n  make down"
+        f"  .venv/bin/rendezvous score\n  make demo\n"
+        f"  .venv/bin/rendezvous report --objective demo\n  make down"
     )
     return 0
 
@@ -206,7 +212,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(
             f"phase: {state['phase']}  endpoint: {state['endpoint']}  "
-            f"control: {state.get('control_endpoint', '-')}  broker: {state['pulsar_url']}"
+            f"control: {state.get('control_endpoint', '-')}  "
+            f"evaluator: {state.get('evaluator_endpoint') or '-'}  "
+            f"dashboard: {state.get('dashboard_url') or '-'}  broker: {state['pulsar_url']}"
         )
         print(f"objective versions: {_versions(state)}")
         _print_processes(state)

@@ -25,6 +25,9 @@ from services.core.bus import Bus, connect
 from services.core.settings import PulsarSettings
 from tests.fakes.memory_bus import MemoryBus
 
+# The browser fixtures (headless Chromium, a page that records errors) for every test module.
+pytest_plugins = ["tests.browser.fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 PULSAR_SH = REPO / "tools" / "pulsar.sh"
 

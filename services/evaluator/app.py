@@ -1,5 +1,5 @@
 """The evaluator component (`python -m services.evaluator`): EvaluationService and
-FeedbackService on gRPC, and the live dashboard on HTTP.
+FeedbackService on gRPC, and the live dashboard on HTTP (`dashboard_listen`, loopback).
 
 Start order (the common lifecycle, `services.core.lifecycle`): the gRPC server listens
 (health NOT_SERVING), the evaluator follows the control topic and, for every objective,
@@ -15,6 +15,7 @@ from typing import Any
 
 from services.core.bus import Bus
 from services.core.lifecycle import Component, run
+from services.evaluator.dashboard import Dashboard
 from services.evaluator.evaluation import Evaluation
 from services.evaluator.service import EVALUATION_SERVICE, FEEDBACK_SERVICE, registrar
 from services.evaluator.settings import EvaluatorSettings
@@ -35,12 +36,27 @@ class EvaluatorComponent(Component):
             registrars=[registrar(self.evaluation)],
         )
         self.settings: EvaluatorSettings = settings
+        self.dashboard: Dashboard | None = None
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         await self.evaluation.open(self.bus, stack, self.watch)
+        if self.settings.dashboard_listen:
+            host, _, port = self.settings.dashboard_listen.rpartition(":")
+            dashboard = Dashboard(
+                self.evaluation.report,
+                self.evaluation.names,
+                host=host,
+                port=int(port),
+                refresh_s=self.settings.dashboard_refresh_s,
+                default_window_s=self.settings.dashboard_window_s,
+            )
+            await dashboard.start()
+            stack.push_async_callback(dashboard.close)
+            self.dashboard = dashboard
 
     def facts(self) -> dict[str, Any]:
-        return self.evaluation.facts()
+        dashboard = {"dashboard_url": self.dashboard.url} if self.dashboard else {}
+        return {**self.evaluation.facts(), **dashboard}
 
 
 def main() -> None:

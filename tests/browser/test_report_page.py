@@ -18,7 +18,7 @@ from rendezvous.v1 import evaluation_pb2
 
 from services.evaluator.dashboard import Dashboard
 from services.evaluator.html import render_report
-from tests.browser.conftest import WatchedPage
+from tests.browser.fixtures import WatchedPage
 from tools.report_sample import empty_report, sample_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]

@@ -1,5 +1,8 @@
 """Headless Chromium for the browser tests, and a page that records every error.
 
+A plugin of the whole suite (tests/conftest.py `pytest_plugins`), so the integration tests of
+the real evaluator open its dashboard with the same browser.
+
 The browser comes from `tools.chromium.find_chromium` (installed by `make browser`). When
 it cannot start, the tests fail under CI (CI=true: the page must be proven there) and are
 skipped elsewhere with the command that installs one.
