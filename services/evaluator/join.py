@@ -265,6 +265,13 @@ def _outcome_facts(outcome: task_pb2.Outcome) -> _OutcomeFacts:
     )
 
 
+def scored_candidates(outcome: task_pb2.Outcome) -> tuple[dict[str, float], dict[str, int]]:
+    """Each model's score in an outcome and its role, as the join keeps them (the first
+    score received per model, late ones included, errors left out)."""
+    facts = _outcome_facts(outcome)
+    return facts.scores, facts.roles
+
+
 def _observation(feedback: feedback_pb2.Feedback) -> _Observation | None:
     which = feedback.WhichOneof("observed")
     observed_ns = feedback.observed_time.ToNanoseconds()
