@@ -57,30 +57,21 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, ClassVar, Literal, cast, get_args
+from typing import IO, TYPE_CHECKING, Any, ClassVar, Literal, cast, get_args
 
-import grpc
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-from rendezvous.v1 import common_pb2, feedback_pb2, model_pb2_grpc, objective_pb2, task_pb2
+from rendezvous.v1 import common_pb2, feedback_pb2, objective_pb2, task_pb2
 
-from services.core.bus import Bus, BusError, Envelope, M, connect
-from services.core.control_topic import ControlFollower
-from services.core.protos import timestamp_from_ns
 from services.core.settings import PulsarSettings, ServiceSettings
-from services.core.telemetry import configure_logging
-from services.evaluator import stats
-from services.evaluator.join import (
-    Comparison,
-    FeedbackJoin,
-    JoinedRequest,
-    answered_error_figures,
-    compare_with_incumbent,
-    model_error_figures,
-    paired_samples,
-    scored_candidates,
-)
 from services.models.settings import ModelKind
+
+if TYPE_CHECKING:
+    # Imported where used: `services.cli` registers this command on every start, and the
+    # broker client, gRPC, numpy and the telemetry SDK would cost every other command ~0.3 s.
+    from services.core.bus import Bus, Envelope, M
+    from services.evaluator import stats
+    from services.evaluator.join import Comparison, JoinedRequest
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +120,10 @@ class ReplaySettings(ServiceSettings):
     # A topic is read up to what was published when the read began, plus this much for the
     # broker's clock running ahead of ours; later messages are live traffic, not history.
     read_tail_margin_s: float = Field(default=1.0, ge=0)
-    # The paired bootstrap (services.evaluator.stats.paired_bootstrap).
+    # The paired bootstrap (services.evaluator.stats.paired_bootstrap); resamples None: its
+    # default.
     confidence: float = Field(default=0.95, gt=0, lt=1)
-    resamples: int = Field(default=stats.BOOTSTRAP_RESAMPLES, ge=1)
+    resamples: int | None = Field(default=None, ge=1)
     seed: int = 0
 
 
@@ -272,6 +264,9 @@ async def live_config(
     bus: Bus, objective: str, timeout_s: float
 ) -> objective_pb2.ObjectiveConfig | None:
     """The objective's current configuration, read from the control topic to its end."""
+    from services.core.bus import BusError
+    from services.core.control_topic import ControlFollower
+
     follower = ControlFollower(bus, objectives=[objective])
     try:
         await asyncio.wait_for(follower.open(), timeout_s)
@@ -437,6 +432,9 @@ class ModelCaller:
     """Predict calls to the replayed model, each with its own deadline."""
 
     def __init__(self, endpoint: str, objective: str, timeout_s: float, max_bytes: int) -> None:
+        import grpc
+        from rendezvous.v1 import model_pb2_grpc
+
         self._objective = objective
         self._timeout_s = timeout_s
         self._channel = grpc.aio.insecure_channel(
@@ -452,6 +450,9 @@ class ModelCaller:
         await self._channel.close()
 
     async def __call__(self, enriched: task_pb2.EnrichedTask) -> CallResult:
+        import grpc
+
+        from services.core.protos import timestamp_from_ns
         from services.runner.model_client import predict_request
 
         request = predict_request(enriched, self._objective)
@@ -487,6 +488,8 @@ async def read_to_end(
 
     The end is what was published when the read began (plus the clock margin): under live
     traffic the topic never runs dry, and a replay is of history."""
+    from services.core.bus import BusError
+
     timeout = settings.read_timeout_s
     cutoff_ms = (time.time_ns() // NS_PER_MS) + int(settings.read_tail_margin_s * 1000)
     try:
@@ -623,6 +626,9 @@ def agreement(
     replayed: Mapping[str, float], outcomes: Iterable[task_pb2.Outcome]
 ) -> list[Agreement]:
     """Per live model that scored replayed requests, and for the answer the client got."""
+    from services.evaluator import stats
+    from services.evaluator.join import scored_candidates
+
     pairs: dict[str, tuple[list[float], list[float]]] = {}
     roles: dict[str, str] = {ANSWERED: "-"}
     for outcome in outcomes:
@@ -680,6 +686,8 @@ def labelled_requests(
     """The replayed requests with an outcome and feedback, the replayed score added as
     `model`'s; and how many outcomes already had a candidate of that name (a past
     deployment's, left out in favour of the replay)."""
+    from services.evaluator.join import FeedbackJoin
+
     join = FeedbackJoin()
     # One pass, no ageing: the clock passed in stays put.
     for item in feedback:
@@ -714,6 +722,14 @@ def ground_truth(
 ) -> list[GroundTruth]:
     """Per target kind: every model's error and the answer's on the same labelled requests,
     and each model's paired comparison with the incumbent."""
+    from services.evaluator import stats
+    from services.evaluator.join import (
+        answered_error_figures,
+        compare_with_incumbent,
+        model_error_figures,
+        paired_samples,
+    )
+
     out: list[GroundTruth] = []
     for kind in sorted({request.kind for request in joined}):
         subset = [request for request in joined if request.kind == kind]
@@ -728,7 +744,7 @@ def ground_truth(
         comparisons = compare_with_incumbent(
             paired_samples(subset),
             confidence=settings.confidence,
-            resamples=settings.resamples,
+            resamples=settings.resamples or stats.BOOTSTRAP_RESAMPLES,
             seed=settings.seed,
         )
         out.append(GroundTruth(kind, len(subset), rows, comparisons, comparisons.get(model)))
@@ -738,6 +754,12 @@ def ground_truth(
 # ---------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------
+
+
+def _latency_sketch() -> stats.LatencySketch:
+    from services.evaluator import stats
+
+    return stats.LatencySketch()
 
 
 @dataclass
@@ -755,7 +777,7 @@ class ReplayReport:
     counts: Counts = field(default_factory=Counts)
     started: str = ""
     duration_s: float = 0.0
-    latency: stats.LatencySketch = field(default_factory=stats.LatencySketch)
+    latency: stats.LatencySketch = field(default_factory=_latency_sketch)
     outcomes: int = 0
     agreement: list[Agreement] = field(default_factory=list)
     ground_truth: list[GroundTruth] = field(default_factory=list)
@@ -938,6 +960,8 @@ class ReplayOptions:
 
 async def run_replay(options: ReplayOptions, settings: ReplaySettings) -> ReplayReport:
     """Replay the archive to the model, then compare with the outcomes and the feedback."""
+    from services.core.bus import connect
+
     bus = connect(settings.pulsar, f"replay-{uuid.uuid4().hex[:8]}")
     try:
         config = await live_config(bus, options.objective, settings.control_timeout_s)
@@ -1124,6 +1148,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         # A pydantic ValidationError (bad RDV_REPLAY_* values) is a ValueError too.
         print(f"replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from services.core.telemetry import configure_logging
+
     configure_logging("replay", settings.log_level, settings.log_format)
     try:
         report = asyncio.run(run_replay(options, settings))
