@@ -43,6 +43,7 @@ from services.evaluator.replay import (
 from services.supervisor.plan import free_port
 from tests.conftest import REPO, PulsarBroker
 from tests.integration.supervised import RunningMesh, supervised_mesh
+from tests.integration.test_lifecycle import mesh_document as lifecycle_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -58,44 +59,19 @@ REPLAY_RATE = 100.0
 # Wall-clock gap around the window's boundary, so no request is near it.
 GAP_S = 1.0
 WAIT_S = 90.0
-INCUMBENT = "ridge"
+INCUMBENT = "ridge-a"
 # The rate bound: n calls spaced 1/rate apart take at least (n - 1) / rate.
 RATE_TOLERANCE = 0.98
 
 
 def mesh_document(objective: str, listen: str) -> dict[str, Any]:
-    return {
-        "rendezvous": {"listen": listen},
-        "objectives": {
-            objective: {
-                "sla_ms": 100,
-                "late_grace_ms": 500,
-                "features": [{"name": name} for name in FEATURES],
-                "models": [
-                    {
-                        "name": INCUMBENT,
-                        "role": "incumbent",
-                        "kind": "diabetes",
-                        "args": {"algorithm": "ridge"},
-                    },
-                    {"name": "feature-sum", "role": "challenger", "kind": "sum"},
-                    {
-                        "name": "canary-linear",
-                        "role": "canary",
-                        "kind": "diabetes",
-                        "args": {"algorithm": "linear"},
-                    },
-                    {"name": "decoy", "role": "decoy"},
-                ],
-                "policy": [
-                    {"until_ms": 60, "accept": [INCUMBENT]},
-                    {"until_ms": 90, "accept": [INCUMBENT, "canary-linear"]},
-                ],
-                "default": {"score": 152.13, "prefer_canary": True},
-                "sampling": {"challenger_fraction": 1.0, "archive_fraction": 1.0},
-            }
-        },
-    }
+    """The lifecycle test's objective (a ridge incumbent, a linear canary, the decoy), with
+    a `sum` challenger scoring every request and every request archived."""
+    document = lifecycle_mesh(objective, listen)
+    section = document["objectives"][objective]
+    section["models"].insert(1, {"name": "feature-sum", "role": "challenger", "kind": "sum"})
+    section["sampling"] = {"challenger_fraction": 1.0, "archive_fraction": 1.0}
+    return document
 
 
 @dataclass
