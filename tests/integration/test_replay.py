@@ -328,26 +328,34 @@ def test_a_twin_of_the_incumbent_agrees_and_is_inconclusive(
     # The bound held: n calls spaced 1/rate apart.
     assert report["duration_s"] >= (counts["replayed"] - 1) / REPLAY_RATE * RATE_TOLERANCE
     assert report["latency_s"]["p50"] is not None
+    # A live model may have missed a few requests (late past the grace, shed on a busy
+    # machine): the pairs are the requests both scored.
+    scored = {rid for rid in replayable if rid in recorded.incumbent_scores}
+    assert len(scored) >= len(replayable) * 0.9
     agreement = {row["model"]: row for row in report["agreement"]}
-    assert agreement[INCUMBENT]["pairs"] == len(replayable)
+    assert agreement[INCUMBENT]["pairs"] == len(scored)
     assert agreement[INCUMBENT]["mean_absolute_difference"] < 1e-9
     assert agreement[INCUMBENT]["spearman"] > 0.99
     assert {"feature-sum", "canary-linear", "(answered)"} <= set(agreement)
+    assert agreement["(answered)"]["pairs"] == len(replayable)
     (truth,) = report["ground_truth"]
     assert truth["kind"] == "regression"
     assert truth["labelled"] == len(replayable)
     errors = {row["model"]: row for row in truth["errors"]}
-    assert errors["ridge-twin"]["mae"] == pytest.approx(errors[INCUMBENT]["mae"], abs=1e-9)
-    # The latest feedback won: the MAE is the one against the true targets.
+    assert errors["ridge-twin"]["n"] == errors["(answered)"]["n"] == len(replayable)
+    assert errors[INCUMBENT]["n"] == len(scored)
+    # The latest feedback won: the incumbent's MAE is the one against the true targets.
     expected = sum(
-        abs(recorded.incumbent_scores[rid] - recorded.targets[rid]) for rid in replayable
-    ) / len(replayable)
-    assert errors["ridge-twin"]["mae"] == pytest.approx(expected, rel=1e-9)
-    assert errors["(answered)"]["n"] == len(replayable)
+        abs(recorded.incumbent_scores[rid] - recorded.targets[rid]) for rid in scored
+    ) / len(scored)
+    assert errors[INCUMBENT]["mae"] == pytest.approx(expected, rel=1e-9)
+    # Same scores, same error on every request both scored.
     versus = truth["replay_vs_incumbent"]
     assert versus["baseline"] == INCUMBENT
+    assert versus["pairs"] == len(scored)
+    assert abs(versus["mean_diff"]) < 1e-9
+    assert abs(versus["ci_low"]) < 1e-9 and abs(versus["ci_high"]) < 1e-9
     assert versus["verdict"] == "inconclusive"
-    assert versus["pairs"] == len(replayable)
 
 
 def test_a_worse_model_is_worse(recorded: Recorded, pulsar: PulsarBroker) -> None:
