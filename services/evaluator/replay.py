@@ -880,7 +880,8 @@ def format_report(report: ReplayReport) -> str:
         f"{report.rate:g}/s, {report.max_in_flight} in flight, {report.call_timeout_s:g}s a call",
         f"archive: {counts.archived} read; replayed {counts.replayed} in "
         f"{report.duration_s:.2f}s ({_num(report.achieved_rate, 1)}/s), {counts.succeeded} "
-        f"scored, {sum(counts.errors.values())} errors {dict(counts.errors) or ''}",
+        f"scored, {sum(counts.errors.values())} errors"
+        + (f" {dict(counts.errors)}" if counts.errors else ""),
         f"skipped: {counts.skipped_features_dropped} features dropped (archiving denied), "
         f"{counts.outside_window} outside the window, {counts.duplicates} duplicates",
         "latency: "
