@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from services.control import cli as objective_commands
+from services.evaluator import replay as replay_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     objective_commands.add_parser(sub)
+    replay_command.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)

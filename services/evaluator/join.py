@@ -1,25 +1,21 @@
-"""The join of outcomes and their ground truth, in memory, in any order, in bounded memory.
+"""An outcome joined with its ground truth, and the error figures of joined requests.
 
 An outcome (results topic) records what every model scored for a request and what the
 client got; the feedback (feedback topic) says, minutes or days later, what was observed.
-`FeedbackJoin` keeps whichever side comes first, keyed by (objective, request id), until
-the other comes, and emits one `JoinedRequest` per request. Both waiting rooms are bounded
-by a count (the oldest is evicted first) and by an age (on the caller's clock): a request
-whose feedback never comes, or feedback for an outcome outside the retained history,
-cannot grow memory without end. Evictions are counted, so the evaluator can report them.
+`outcome_facts` and `observation` keep what a join needs of each; a `JoinedRequest` is both
+(the evaluator's store joins them by request id as they come, `services.evaluator.store`;
+a replay joins what it read, `joined_request`).
 
 From joined requests, `paired_samples` gives each model's error next to the incumbent's on
 the same request (the input of the paired bootstrap), `model_error_figures` each model's
 MAE/RMSE or accuracy/log loss, and `answered_error_figures` the error of what clients got.
-The pure parts take no clock of their own: `now` is passed in (seconds, non-decreasing).
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
 
 from rendezvous.v1 import common_pb2, feedback_pb2, scoring_pb2, task_pb2
 
@@ -33,27 +29,6 @@ _SCORED = frozenset(
         task_pb2.CANDIDATE_STATUS_LATE,
     }
 )
-
-
-@dataclass(frozen=True)
-class JoinSettings:
-    """Bounds of the join.
-
-    max_pending: at most this many outcomes, and as many feedbacks, wait for their other
-    half; past it the oldest is evicted. max_age_s: an entry that waited longer than this
-    (by the `now` passed in) is evicted. The joined ids remembered to drop redeliveries
-    are bounded by max_pending too.
-    """
-
-    max_pending: int = 1_000_000
-    max_age_s: float = 7 * 24 * 3600.0
-
-    def __post_init__(self) -> None:
-        """Reject bounds that would keep nothing."""
-        if self.max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, got {self.max_pending}")
-        if self.max_age_s <= 0:
-            raise ValueError(f"max_age_s must be positive, got {self.max_age_s}")
 
 
 @dataclass(frozen=True)
@@ -113,130 +88,28 @@ class JoinedRequest:
         return stats.request_error(self.kind, self.answered_score, self.truth)
 
 
-@dataclass
-class JoinCounters:
-    """What became of the inputs, for metrics and the report."""
-
-    joined: int = 0
-    evicted_outcomes: int = 0
-    evicted_feedback: int = 0
-    duplicate_outcomes: int = 0
-    feedback_after_join: int = 0
-    feedback_replaced: int = 0
-    feedback_without_value: int = 0
-
-
-_T = TypeVar("_T")
-
-
-@dataclass
-class _Pending(Generic[_T]):
-    added: float
-    item: _T
-
-
-_Key = tuple[str, str]
-
-
-@dataclass
-class FeedbackJoin:
-    """Pairs outcomes with feedback by (objective, request id), whichever comes first.
-
-    - A feedback that waits is replaced by a later one for the same request (a correction;
-      the latest recorded wins until the outcome comes).
-    - Once joined, the request id is remembered (bounded) and a redelivered outcome or a
-      later feedback for it is dropped and counted, so at-least-once delivery does not
-      count a request twice. A correction after the join is not applied.
-    """
-
-    settings: JoinSettings = field(default_factory=JoinSettings)
-    counters: JoinCounters = field(default_factory=JoinCounters)
-    _outcomes: OrderedDict[_Key, _Pending[OutcomeFacts]] = field(default_factory=OrderedDict)
-    _feedback: OrderedDict[_Key, _Pending[Observation]] = field(default_factory=OrderedDict)
-    _joined: OrderedDict[_Key, None] = field(default_factory=OrderedDict)
-
-    @property
-    def pending_outcomes(self) -> int:
-        """Outcomes waiting for their feedback."""
-        return len(self._outcomes)
-
-    @property
-    def pending_feedback(self) -> int:
-        """Feedbacks waiting for their outcome."""
-        return len(self._feedback)
-
-    def add_outcome(self, outcome: task_pb2.Outcome, now: float) -> JoinedRequest | None:
-        """Take an outcome; the joined request if its feedback was waiting, else None."""
-        self.expire(now)
-        key = (outcome.objective, outcome.request_id)
-        if key in self._joined or key in self._outcomes:
-            self.counters.duplicate_outcomes += 1
-            return None
-        facts = outcome_facts(outcome)
-        waiting = self._feedback.pop(key, None)
-        if waiting is not None:
-            return self._join(key, facts, waiting.item)
-        self._outcomes[key] = _Pending(now, facts)
-        if len(self._outcomes) > self.settings.max_pending:
-            self._outcomes.popitem(last=False)
-            self.counters.evicted_outcomes += 1
+def joined_request(
+    outcome: task_pb2.Outcome, feedback: feedback_pb2.Feedback
+) -> JoinedRequest | None:
+    """The outcome with its ground truth; None when the feedback carries no value."""
+    seen = observation(feedback)
+    if seen is None:
         return None
-
-    def add_feedback(self, feedback: feedback_pb2.Feedback, now: float) -> JoinedRequest | None:
-        """Take a feedback; the joined request if its outcome was waiting, else None."""
-        self.expire(now)
-        seen = observation(feedback)
-        if seen is None:
-            self.counters.feedback_without_value += 1
-            return None
-        key = (feedback.objective, feedback.request_id)
-        if key in self._joined:
-            self.counters.feedback_after_join += 1
-            return None
-        waiting = self._outcomes.pop(key, None)
-        if waiting is not None:
-            return self._join(key, waiting.item, seen)
-        if self._feedback.pop(key, None) is not None:
-            self.counters.feedback_replaced += 1
-        self._feedback[key] = _Pending(now, seen)
-        if len(self._feedback) > self.settings.max_pending:
-            self._feedback.popitem(last=False)
-            self.counters.evicted_feedback += 1
-        return None
-
-    def expire(self, now: float) -> int:
-        """Evict entries that waited longer than max_age_s; how many were evicted."""
-        cutoff = now - self.settings.max_age_s
-        evicted = 0
-        while self._outcomes and next(iter(self._outcomes.values())).added < cutoff:
-            self._outcomes.popitem(last=False)
-            self.counters.evicted_outcomes += 1
-            evicted += 1
-        while self._feedback and next(iter(self._feedback.values())).added < cutoff:
-            self._feedback.popitem(last=False)
-            self.counters.evicted_feedback += 1
-            evicted += 1
-        return evicted
-
-    def _join(self, key: _Key, facts: OutcomeFacts, observation: Observation) -> JoinedRequest:
-        self._joined[key] = None
-        if len(self._joined) > self.settings.max_pending:
-            self._joined.popitem(last=False)
-        self.counters.joined += 1
-        return JoinedRequest(
-            objective=key[0],
-            request_id=key[1],
-            received_ns=facts.received_ns,
-            observed_ns=observation.observed_ns,
-            kind=observation.kind,
-            truth=observation.truth,
-            answered_score=facts.answered_score,
-            answered_model=facts.answered_model,
-            answered_default=facts.answered_default,
-            incumbent=facts.incumbent,
-            scores=facts.scores,
-            roles=facts.roles,
-        )
+    facts = outcome_facts(outcome)
+    return JoinedRequest(
+        objective=outcome.objective,
+        request_id=outcome.request_id,
+        received_ns=facts.received_ns,
+        observed_ns=seen.observed_ns,
+        kind=seen.kind,
+        truth=seen.truth,
+        answered_score=facts.answered_score,
+        answered_model=facts.answered_model,
+        answered_default=facts.answered_default,
+        incumbent=facts.incumbent,
+        scores=facts.scores,
+        roles=facts.roles,
+    )
 
 
 def outcome_facts(outcome: task_pb2.Outcome) -> OutcomeFacts:
@@ -263,6 +136,13 @@ def outcome_facts(outcome: task_pb2.Outcome) -> OutcomeFacts:
         scores=scores,
         roles=roles,
     )
+
+
+def scored_candidates(outcome: task_pb2.Outcome) -> tuple[dict[str, float], dict[str, int]]:
+    """Each model's score in an outcome and its role, as the join keeps them (the first
+    score received per model, late ones included, errors left out)."""
+    facts = outcome_facts(outcome)
+    return facts.scores, facts.roles
 
 
 def observation(feedback: feedback_pb2.Feedback) -> Observation | None:

@@ -1,4 +1,4 @@
-"""The outcome/feedback join: either order, bounded memory, paired errors on the same request."""
+"""An outcome joined with its ground truth: what scores, the paired errors on the same request."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from rendezvous.v1 import common_pb2, feedback_pb2, scoring_pb2, task_pb2
 from services.core.protos import timestamp_from_ns
 from services.evaluator import stats
 from services.evaluator.join import (
-    FeedbackJoin,
     JoinedRequest,
-    JoinSettings,
     answered_error_figures,
     compare_with_incumbent,
+    joined_request,
     model_error_figures,
     paired_samples,
 )
@@ -70,90 +69,14 @@ def label(request_id: str, positive: bool) -> feedback_pb2.Feedback:
     return feedback_pb2.Feedback(objective="demo", request_id=request_id, label=positive)
 
 
-def test_feedback_after_its_outcome_joins() -> None:
-    join = FeedbackJoin()
-    scores = {"inc": (INCUMBENT, 100.0), "ch": (CHALLENGER, 120.0)}
-    assert join.add_outcome(outcome("r1", scores), now=0.0) is None
-    assert join.pending_outcomes == 1
-    joined = join.add_feedback(value("r1", 110.0), now=60.0)
-    assert joined is not None
-    assert joined.kind == "regression" and joined.truth == 110.0
-    assert joined.incumbent == "inc"
-    assert joined.error("inc") == 10.0 and joined.error("ch") == 10.0
-    assert joined.answered_model == "inc" and joined.answered_error == 10.0
-    assert join.pending_outcomes == 0 and join.counters.joined == 1
-
-
-def test_feedback_before_its_outcome_joins_and_the_latest_feedback_wins() -> None:
-    join = FeedbackJoin()
-    assert join.add_feedback(value("r1", 1.0), now=0.0) is None
-    assert join.add_feedback(value("r1", 5.0), now=1.0) is None  # a correction
-    assert join.pending_feedback == 1 and join.counters.feedback_replaced == 1
-    joined = join.add_outcome(outcome("r1", {"inc": (INCUMBENT, 4.0)}), now=2.0)
-    assert joined is not None and joined.truth == 5.0
-    assert join.pending_feedback == 0
-
-
-def test_redeliveries_after_the_join_are_dropped_and_counted() -> None:
-    join = FeedbackJoin()
-    record = outcome("r1", {"inc": (INCUMBENT, 4.0)})
-    join.add_outcome(record, now=0.0)
-    assert join.add_outcome(record, now=0.5) is None  # redelivered while waiting
-    assert join.add_feedback(value("r1", 3.0), now=1.0) is not None
-    assert join.add_outcome(record, now=2.0) is None
-    assert join.add_feedback(value("r1", 3.0), now=3.0) is None
-    assert join.counters.duplicate_outcomes == 2
-    assert join.counters.feedback_after_join == 1
-    assert join.pending_outcomes == 0 and join.pending_feedback == 0
-    assert join.counters.joined == 1
-
-
-def test_feedback_without_a_value_is_counted_not_kept() -> None:
-    join = FeedbackJoin()
-    empty = feedback_pb2.Feedback(objective="demo", request_id="r1")
-    assert join.add_feedback(empty, now=0.0) is None
-    assert join.pending_feedback == 0 and join.counters.feedback_without_value == 1
-
-
-def test_the_count_bound_evicts_the_oldest() -> None:
-    join = FeedbackJoin(JoinSettings(max_pending=3, max_age_s=1e9))
-    for i in range(5):
-        join.add_outcome(outcome(f"o{i}", {"inc": (INCUMBENT, 1.0)}), now=float(i))
-        join.add_feedback(value(f"f{i}", 1.0), now=float(i))
-    assert join.pending_outcomes == 3 and join.pending_feedback == 3
-    assert join.counters.evicted_outcomes == 2 and join.counters.evicted_feedback == 2
-    # o0 and f0 are gone: their other halves now wait instead of joining.
-    assert join.add_feedback(value("o0", 1.0), now=6.0) is None
-    assert join.add_outcome(outcome("f0", {"inc": (INCUMBENT, 1.0)}), now=6.0) is None
-    # The newest kept ones still join.
-    assert join.add_feedback(value("o4", 1.0), now=7.0) is not None
-    assert join.add_outcome(outcome("f4", {"inc": (INCUMBENT, 1.0)}), now=7.0) is not None
-
-
-def test_the_age_bound_evicts_what_waited_too_long() -> None:
-    join = FeedbackJoin(JoinSettings(max_pending=100, max_age_s=10.0))
-    join.add_outcome(outcome("old", {"inc": (INCUMBENT, 1.0)}), now=0.0)
-    join.add_feedback(value("early", 1.0), now=5.0)
-    join.add_outcome(outcome("young", {"inc": (INCUMBENT, 1.0)}), now=8.0)
-    assert join.expire(now=12.0) == 1  # "old" waited 12 s > 10 s
-    assert join.add_feedback(value("old", 1.0), now=12.0) is None
-    assert join.add_feedback(value("young", 1.0), now=12.5) is not None
-    assert join.expire(now=16.0) == 1  # "early" feedback, 11 s
-    assert join.counters.evicted_outcomes == 1 and join.counters.evicted_feedback == 1
-    with pytest.raises(ValueError):
-        JoinSettings(max_pending=0)
-
-
 def test_errors_do_not_score_and_late_predictions_do() -> None:
-    join = FeedbackJoin()
     record = outcome(
         "r1",
         {"inc": (INCUMBENT, 10.0), "slow": (CHALLENGER, 12.0)},
         errors=("broken",),
         late=("slow",),
     )
-    join.add_outcome(record, now=0.0)
-    joined = join.add_feedback(value("r1", 11.0), now=1.0)
+    joined = joined_request(record, value("r1", 11.0))
     assert joined is not None
     assert set(joined.scores) == {"inc", "slow"}
     assert joined.error("broken") is None
@@ -161,9 +84,8 @@ def test_errors_do_not_score_and_late_predictions_do() -> None:
 
 
 def test_no_incumbent_score_pairs_nothing_and_the_default_answer_is_the_policy_error() -> None:
-    join = FeedbackJoin()
-    join.add_outcome(outcome("r1", {"ch": (CHALLENGER, 3.0)}, default_score=0.0), now=0.0)
-    joined = join.add_feedback(value("r1", 2.0), now=1.0)
+    record = outcome("r1", {"ch": (CHALLENGER, 3.0)}, default_score=0.0)
+    joined = joined_request(record, value("r1", 2.0))
     assert joined is not None and joined.incumbent is None and joined.answered_default
     assert paired_samples([joined]) == {}
     figures = answered_error_figures([joined], "regression")
@@ -173,7 +95,6 @@ def test_no_incumbent_score_pairs_nothing_and_the_default_answer_is_the_policy_e
 def simulate(n: int, challenger_noise: float, seed: int) -> list[JoinedRequest]:
     """n requests whose truth is known; incumbent noise 30, challenger's as given."""
     rng = random.Random(seed)
-    join = FeedbackJoin()
     joined = []
     for i in range(n):
         truth = rng.uniform(25, 350)
@@ -181,14 +102,7 @@ def simulate(n: int, challenger_noise: float, seed: int) -> list[JoinedRequest]:
             "inc": (INCUMBENT, truth + rng.gauss(0, 30)),
             "ch": (CHALLENGER, truth + rng.gauss(0, challenger_noise)),
         }
-        record = outcome(f"r{i}", scores)
-        # Feedback comes before the outcome for half the requests.
-        if i % 2:
-            join.add_feedback(value(f"r{i}", truth), now=float(i))
-            got = join.add_outcome(record, now=float(i))
-        else:
-            join.add_outcome(record, now=float(i))
-            got = join.add_feedback(value(f"r{i}", truth), now=float(i))
+        got = joined_request(outcome(f"r{i}", scores), value(f"r{i}", truth))
         assert got is not None
         joined.append(got)
     return joined
@@ -214,9 +128,9 @@ def test_model_error_figures_per_model_and_classification() -> None:
     # The incumbent answered every request: the policy's error is the incumbent's.
     assert answered_error_figures(joined, "regression") == inc
 
-    join = FeedbackJoin()
-    join.add_outcome(outcome("c1", {"inc": (INCUMBENT, 0.9), "ch": (CHALLENGER, 0.4)}), now=0.0)
-    classified = join.add_feedback(label("c1", True), now=1.0)
+    classified = joined_request(
+        outcome("c1", {"inc": (INCUMBENT, 0.9), "ch": (CHALLENGER, 0.4)}), label("c1", True)
+    )
     assert classified is not None and classified.kind == "classification"
     by_model = model_error_figures([classified], "classification")
     inc_c, ch_c = by_model["inc"], by_model["ch"]
@@ -226,3 +140,8 @@ def test_model_error_figures_per_model_and_classification() -> None:
     pair = paired_samples([classified])["ch"][0]
     assert pair.diff == pytest.approx(-math.log(0.4) + math.log(0.9))
     assert model_error_figures([classified], "regression") == {}
+
+
+def test_feedback_without_a_value_joins_nothing() -> None:
+    empty = feedback_pb2.Feedback(objective="demo", request_id="r1")
+    assert joined_request(outcome("r1", {"inc": (INCUMBENT, 1.0)}), empty) is None
