@@ -14,7 +14,7 @@ GRPCURL_VERSION := v1.9.4
 export PYTHON := $(CURDIR)/$(PY)
 
 .PHONY: help setup venv tools browser gen gen-check lint fmt buf-breaking unit integration test check \
-        pulsar-up pulsar-down up down status demo demo-promote score ghz-smoke bench bench-smoke profile clean
+        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -96,8 +96,11 @@ status: ## Show what the mesh is running
 score: ## Send one request to the running mesh and print the answer
 	$(BIN)/rendezvous score
 
-demo: ## Drive a few hundred requests through the running mesh and report per model
+demo: ## Score a few hundred diabetes rows, record their real targets as feedback, print the evaluation
 	$(BIN)/rendezvous demo
+
+report: ## The evaluation report of the demo objective: terminal summary + rendezvous-report-demo.html
+	$(BIN)/rendezvous report --objective demo
 
 demo-promote: ## Under 100 req/s: add a challenger, promote it, roll back; switch times and checks
 	$(BIN)/rendezvous demo-promote --out docs/results/lifecycle/latest.json

@@ -3,11 +3,13 @@
 rendezvous up [--mesh FILE] [--pulsar-url URL]   broker (unless given) + every component
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
-rendezvous demo [--requests N] [--rate R]         traffic, then a per-model report
+rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
 rendezvous demo-promote [--rate R]                add, promote, roll back a challenger under load
 rendezvous down                                   stop the mesh and the broker `up` started
 rendezvous run COMPONENT                          run one component in the foreground
 rendezvous objective show|history|diff|apply|promote|split|rollback   the control plane
+rendezvous report [--objective O] [--since T]      evaluation: terminal summary + HTML page
+rendezvous replay --model NAME --kind K            archived traffic through a model not live
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from services.control import cli as objective_commands
 from services.evaluator import replay as replay_command
+from services.evaluator import report_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
@@ -342,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             objective=args.objective,
             requests=args.requests,
             rate=args.rate,
-            pulsar_url=(state or {}).get("pulsar_url", "pulsar://127.0.0.1:6650"),
+            evaluator=(state or {}).get("evaluator_endpoint") or "127.0.0.1:50053",
         )
     )
 
@@ -431,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     objective_commands.add_parser(sub)
     replay_command.add_parser(sub)
+    report_command.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)

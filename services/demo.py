@@ -1,9 +1,11 @@
-"""`rendezvous demo`: real traffic through a running mesh, then a per-model report.
+"""`rendezvous demo`: real traffic through a running mesh, the ground truth, then the
+evaluator's report.
 
-Requests are rows of scikit-learn's diabetes dataset sent open-loop at a fixed
-rate. Who answered comes from the responses; each model's latency (arrival
-after the request, answered or not, late ones too), errors and late counts come
-from the outcomes the rendezvous published on the objective's results topic.
+Requests are rows of scikit-learn's diabetes dataset sent open-loop at a fixed rate. Each
+row's real target is then recorded with FeedbackService, as the observed outcome would be
+once known, and the evaluator's report of the run's window is printed: per model its wins,
+latency, agreement with the incumbent, error against the targets and the paired comparison
+with the incumbent (`docs/evaluation.md`).
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ import asyncio
 import math
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 
 import grpc
-from rendezvous.v1 import feedback_pb2, feedback_pb2_grpc, scoring_pb2, scoring_pb2_grpc, task_pb2
+from google.protobuf import timestamp_pb2
+from rendezvous.v1 import (
+    evaluation_pb2,
+    evaluation_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
 
-from services.core.bus import PulsarBus
-from services.core.protos import duration_ms, set_values
-from services.core.settings import PulsarSettings
+from services.core.protos import duration_ms, now_timestamp, set_values
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -91,68 +99,52 @@ async def _send_all(
         return list(await asyncio.gather(*calls, return_exceptions=True))  # type: ignore[arg-type]
 
 
-async def _outcomes(
-    pulsar_url: str, objective: str, run_id: str, expected: int, wait_s: float
-) -> list[task_pb2.Outcome]:
-    bus = PulsarBus(PulsarSettings(service_url=pulsar_url), "demo")
-    found: list[task_pb2.Outcome] = []
-    try:
-        reader = await bus.reader(bus.topics.results(objective), task_pb2.Outcome)
-        deadline = time.monotonic() + wait_s
-        while len(found) < expected and time.monotonic() < deadline:
-            try:
-                envelope = await asyncio.wait_for(reader.read_next(), deadline - time.monotonic())
-            except TimeoutError:
-                break
-            if envelope.message.request_id.startswith(run_id):
-                found.append(envelope.message)
-        await reader.close()
-    finally:
-        await bus.close()
-    return found
+async def _report_when_complete(
+    evaluator: str, objective: str, since: timestamp_pb2.Timestamp, expected: int, wait_s: float
+) -> evaluation_pb2.GetEvaluationReportResponse:
+    """The evaluator's report of the run's window once it holds the run's outcomes and their
+    feedback (it reads the topics as they come), or the last one after `wait_s`."""
+    request = evaluation_pb2.GetEvaluationReportRequest(objective=objective, start_time=since)
+    deadline = time.monotonic() + wait_s
+    async with grpc.aio.insecure_channel(evaluator) as channel:
+        stub = evaluation_pb2_grpc.EvaluationServiceStub(channel)
+        while True:
+            report: evaluation_pb2.GetEvaluationReportResponse = await stub.GetEvaluationReport(
+                request, timeout=60.0
+            )
+            complete = report.requests >= expected and report.labelled_requests >= expected
+            if complete or time.monotonic() > deadline:
+                return report
+            await asyncio.sleep(0.5)
 
 
-async def run_demo(target: str, objective: str, requests: int, rate: float, pulsar_url: str) -> int:
+async def run_demo(target: str, objective: str, requests: int, rate: float, evaluator: str) -> int:
+    from services.evaluator.html import summary_text
+
     run_id = f"demo-{uuid.uuid4().hex[:8]}"
+    since = now_timestamp()
     print(f"Sending {requests} requests at {rate:g}/s to {target} (objective {objective!r}) ...")
     results = await _send_all(target, objective, requests, rate, run_id)
     responses = [r for r in results if isinstance(r, scoring_pb2.ScoreResponse)]
     failures = Counter(r.code().name for r in results if isinstance(r, grpc.aio.AioRpcError))
-    answered = Counter(r.decision.model or "(default)" for r in responses)
     elapsed = [duration_ms(r.elapsed) for r in responses]
-    print("Waiting for the outcomes (late predictions are kept for the grace window) ...")
-    outcomes = await _outcomes(pulsar_url, objective, run_id, len(responses), wait_s=15.0)
-
-    arrivals: dict[str, list[float]] = defaultdict(list)
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for outcome in outcomes:
-        for candidate in outcome.candidates:
-            model = candidate.prediction.model
-            arrivals[model].append(duration_ms(candidate.arrival))
-            counts[model][task_pb2.CandidateStatus.Name(candidate.status)] += 1
-
     print(
-        f"\n{len(responses)} answered, {sum(failures.values())} failed {dict(failures) or ''}; "
-        f"answer time p50 {quantile(elapsed, 0.5):.1f} ms, p99 {quantile(elapsed, 0.99):.1f} ms"
+        f"{len(responses)} answered, {sum(failures.values())} failed {dict(failures) or ''}; "
+        f"answer time seen by this client p50 {quantile(elapsed, 0.5):.1f} ms, "
+        f"p99 {quantile(elapsed, 0.99):.1f} ms"
     )
-    print(f"outcomes read from the results topic: {len(outcomes)}\n")
-    header = (
-        f"{'model':18} {'answered':>9} {'share':>7} {'predictions':>11} {'errors':>7} "
-        f"{'late':>5} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7}"
-    )
-    print(header)
-    print("-" * len(header))
-    models = sorted(set(arrivals) | {m for m in answered if m != "(default)"})
-    for model in models:
-        latencies = arrivals.get(model, [])
-        status = counts[model]
-        print(
-            f"{model:18} {answered.get(model, 0):>9} "
-            f"{answered.get(model, 0) / max(len(responses), 1):>7.1%} {len(latencies):>11} "
-            f"{status['CANDIDATE_STATUS_ERROR']:>7} {status['CANDIDATE_STATUS_LATE']:>5} "
-            f"{quantile(latencies, 0.5):>7.1f} {quantile(latencies, 0.9):>7.1f} "
-            f"{quantile(latencies, 0.99):>7.1f}"
-        )
-    defaults = answered.get("(default)", 0)
-    print(f"{'(default)':18} {defaults:>9} {defaults / max(len(responses), 1):>7.1%}")
-    return 0 if responses and not failures else 1
+    # The ground truth: each row's real target (disease progression a year later), recorded
+    # as it would be once observed.
+    _, targets = diabetes_dataset()
+    observed = [
+        (r.request_id, targets[int(r.request_id.rsplit("-", 1)[1]) % len(targets)])
+        for r in responses
+    ]
+    print(f"Recording {len(observed)} observed targets with FeedbackService at {evaluator} ...")
+    recorded = await record_feedback(evaluator, objective, observed)
+    print(f"feedback: {dict(recorded)}")
+    print("Waiting for the evaluator (late predictions are kept for the grace window) ...\n")
+    report = await _report_when_complete(evaluator, objective, since, len(responses), 30.0)
+    print(summary_text(report))
+    print(f"\nMore: rendezvous report --objective {objective} (HTML), the live dashboard")
+    return 0 if responses and not failures and recorded.get("OK") == len(observed) else 1

@@ -7,7 +7,7 @@
 The decoy's archive (`rdv.<objective>.archive`) holds every task as the models saw it, PII
 redacted. Replay reads it from the earliest retained record to the end, keeps the tasks whose
 `received_time` falls in [--since, --until) (ISO-8601, naive meaning UTC, or relative to now:
-`-15m`, `-2h`, `-30s`, `-1d`, `now`), and sends each to the replayed model with the same
+`15m`, `2h`, `30s`, `1d` ago, or `now`), and sends each to the replayed model with the same
 `PredictRequest` a runner builds (`services.runner.model_client.predict_request`), at most
 `--rate` calls per second and `--in-flight` at once, each with a deadline of its own (the
 archived deadline passed long ago). Tasks whose subject denied archiving (`features_dropped`)
@@ -139,13 +139,15 @@ class UsageError(ReplayError):
 # Times and the window
 # ---------------------------------------------------------------------------------------
 
-_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
+# "15m" and "-15m" both mean 15 minutes ago ("--since 15m" needs no "=": argparse takes a
+# leading "-" for an option).
+_RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_time(text: str, now: datetime) -> datetime:
-    """An absolute time from ISO-8601 (naive means UTC), `now`, or relative: `-15m`,
-    `-2h`, `-30s`, `-1.5d` (before `now`). UsageError otherwise."""
+    """An absolute time from ISO-8601 (naive means UTC), `now`, or relative: `15m`,
+    `2h`, `30s`, `1.5d` before `now` (a leading `-` is allowed). UsageError otherwise."""
     value = text.strip()
     if value == "now":
         return now
@@ -157,7 +159,7 @@ def parse_time(text: str, now: datetime) -> datetime:
     except ValueError:
         raise UsageError(
             f"cannot read the time {text!r}: give ISO-8601 (2025-01-31T12:00:00Z) "
-            "or a time before now (-30s, -15m, -2h, -1d)"
+            "or a time before now (30s, 15m, 2h, 1d)"
         ) from None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
@@ -1188,7 +1190,7 @@ def add_parser(sub: Any) -> None:
     source.add_argument("--endpoint", help="HOST:PORT of a running Model server")
     parser.add_argument("--args", help="the container's arguments, a JSON object")
     parser.add_argument("--version", dest="model_version", default="1", help="its version")
-    parser.add_argument("--since", help="ISO-8601 or relative (-15m); default: the earliest")
+    parser.add_argument("--since", help="ISO-8601 or how long ago (15m); default: the earliest")
     parser.add_argument("--until", help="ISO-8601 or relative; default: now")
     parser.add_argument("--rate", type=float, help="calls per second at most (default 50)")
     parser.add_argument("--in-flight", type=int, help="calls at once at most (default 8)")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -42,6 +44,7 @@ from services.core.protos import set_values
 from services.demo import diabetes_dataset, record_feedback
 from services.models.diabetes import DiabetesArtifact, artifact_path
 from services.supervisor.plan import free_port
+from tests.browser.fixtures import WatchedPage
 from tests.conftest import PulsarBroker
 from tests.integration.supervised import RunningMesh, supervised_mesh
 
@@ -334,3 +337,52 @@ async def test_the_canary_raises_a_drift_alarm_when_inputs_shift_and_only_then(
     assert _metric(mesh, "rdv_evaluator_canary_drift_alarm") == 1.0
     log_file = Path(mesh.state_dir) / "logs" / "evaluator.log"
     assert "canary drift alarm raised" in log_file.read_text()
+
+
+@pytest.mark.browser
+@pytest.mark.asyncio
+async def test_the_real_evaluators_dashboard_draws_the_live_figures(
+    mesh: RunningMesh, watched: WatchedPage, tmp_path: Path
+) -> None:
+    """The dashboard the evaluator serves, in headless Chromium, on the figures of the
+    traffic above: it loads, every chart has data marks, no console error; and `rendezvous
+    report` writes the same page as a file."""
+    dashboard = mesh.state()["dashboard_url"]
+    await watched.page.goto(f"{dashboard}?objective={OBJECTIVE}&window_s=3600")
+    await watched.rendered(times=2)  # rendered, then refreshed from the API
+    for chart in ("latency", "win-share", "error", "scores", "drift"):
+        assert await watched.count(f"[data-chart={chart}] .no-data") == 0, chart
+    assert await watched.count("[data-chart=latency] path.series") >= 4
+    assert await watched.count("[data-chart=error] path.series") >= 3
+    assert await watched.count("[data-chart=scores] rect.bar") > 0
+    assert await watched.count("[data-chart=drift] circle.alarm") >= 1
+    assert watched.errors == []
+
+    out = tmp_path / "report.html"
+    printed = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "--state-dir",
+            str(mesh.state_dir),
+            "report",
+            "--objective",
+            OBJECTIVE,
+            "--since",
+            "1h",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert "ols" in printed.stdout and "better" in printed.stdout
+    await watched.page.goto(out.as_uri())
+    await watched.rendered()
+    assert await watched.count("[data-chart=scores] rect.bar") > 0
+    assert watched.errors == []

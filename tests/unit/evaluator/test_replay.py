@@ -57,6 +57,7 @@ def ns(moment: datetime) -> int:
     [
         ("now", NOW),
         ("-15m", NOW - timedelta(minutes=15)),
+        ("15m", NOW - timedelta(minutes=15)),
         ("-2h", NOW - timedelta(hours=2)),
         ("-30s", NOW - timedelta(seconds=30)),
         ("-1.5d", NOW - timedelta(days=1.5)),
@@ -71,7 +72,7 @@ def test_parse_time(text: str, expected: datetime) -> None:
     assert parse_time(text, NOW) == expected
 
 
-@pytest.mark.parametrize("text", ["yesterday", "15m", "-15", "+15m", "-15y", ""])
+@pytest.mark.parametrize("text", ["yesterday", "15", "-15", "+15m", "-15y", ""])
 def test_parse_time_refuses_what_it_cannot_read(text: str) -> None:
     with pytest.raises(UsageError, match="cannot read the time"):
         parse_time(text, NOW)
