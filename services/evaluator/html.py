@@ -254,12 +254,15 @@ def _drift(response: evaluation_pb2.GetEvaluationReportResponse) -> str:
     if not response.HasField("canary_drift"):
         return "Canary drift: no canary"
     drift = response.canary_drift
+    counts = f"(reference {drift.reference_count} scores, recent {drift.recent_count})"
+    if math.isnan(drift.statistic):
+        # Below the evaluator's minimum a PSI is mostly sampling noise: none is computed.
+        return f"Canary drift ({drift.model}): too few scores to compare yet {counts}"
     state = "ALARM" if drift.alarm else "ok"
     relation = ">" if drift.alarm else "<="
     return (
         f"Canary drift ({drift.model}): {drift.statistic_name} {_number(drift.statistic)} "
-        f"{relation} threshold {_number(drift.threshold)}: {state} "
-        f"(reference {drift.reference_count} scores, recent {drift.recent_count})"
+        f"{relation} threshold {_number(drift.threshold)}: {state} {counts}"
     )
 
 

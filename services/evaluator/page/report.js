@@ -494,7 +494,8 @@
     }));
     const series = [{ name: drift ? drift.model : "canary", cls: "drift",
       points: points.map((p) => [p.t, p.value]) }];
-    if (!hasPoints(series)) return noData(fig, drift ? "no drift points in this window." :
+    if (!hasPoints(series)) return noData(fig, drift ?
+      "too few canary scores in this window for a drift figure." :
       "the objective has no canary.");
     const threshold = drift ? num(drift.threshold) : NaN;
     const [, hi] = extent(points.map((p) => p.value).concat([threshold]));
@@ -529,6 +530,12 @@
   function driftBadge(drift) {
     if (!drift) return el("span", { class: "badge neutral", "data-drift": "none" }, ["no canary"]);
     const name = (drift.statistic_name || "drift").toUpperCase();
+    if (!Number.isFinite(num(drift.statistic))) {
+      // The evaluator computes no PSI below its minimum of scores (sampling noise).
+      return el("span", { class: "badge neutral", "data-drift": "too-few" },
+        [`too few scores yet (${fmtCount(drift.recent_count)} recent, ` +
+          `${fmtCount(drift.reference_count)} reference)`]);
+    }
     const text = `${name} ${fmtNumber(drift.statistic, 3)} / ${fmtNumber(drift.threshold, 3)}`;
     return drift.alarm
       ? el("span", { class: "badge bad", "data-drift": "alarm" }, ["drift alarm · " + text])
@@ -574,11 +581,13 @@
         "baseline" : DASH]);
     }
     const level = Math.round(num(cmp.confidence) * 100);
-    const text = `${fmtFigure(cmp.mean_difference)} [${fmtFigure(cmp.ci_low)}, ` +
-      `${fmtFigure(cmp.ci_high)}]` + (Number.isFinite(level) ? ` ${level}%` : "") +
-      ` · ${fmtCount(cmp.pairs)} `;
+    const interval = `${fmtFigure(cmp.mean_difference)} [${fmtFigure(cmp.ci_low)}, ` +
+      `${fmtFigure(cmp.ci_high)}]`;
+    const detail = (Number.isFinite(level) ? `${level}% · ` : "") + `${fmtCount(cmp.pairs)} pairs `;
     const [verdict, tone] = VERDICTS[cmp.verdict] || VERDICTS.COMPARISON_VERDICT_UNSPECIFIED;
-    return el("td", { class: "num cmp", title: cmp.method || "" }, [text,
+    // Two lines (the interval, then its level, pairs and verdict) keep the table narrow.
+    return el("td", { class: "num cmp", title: cmp.method || "" }, [interval, el("br"),
+      el("small", {}, [detail]),
       el("span", { class: "badge " + tone, "data-verdict": verdict }, [verdict])]);
   }
 
@@ -604,8 +613,8 @@
         el("td", { class: "num" }, [fmtFigure(m.agreement_with_incumbent)]),
         el("td", { class: "num" }, [fmtNumber(m.rank_correlation_with_incumbent, 2)]),
         el("td", { class: "num" }, [fmtCount(m.incumbent_pairs)]),
-        el("td", { class: "num" }, [fmtError(m.error, report.target_kind) +
-          ` (${fmtCount(m.error ? m.error.labelled : 0)})`]),
+        el("td", { class: "num" }, [fmtError(m.error, report.target_kind), el("br"),
+          el("small", {}, [`${fmtCount(m.error ? m.error.labelled : 0)} labelled`])]),
         comparisonCell(m),
       ];
       row.append(...cells);

@@ -195,3 +195,14 @@ def test_summary_of_a_classification_objective() -> None:
     text = summary_text(response)
     assert "Target: classification  answered error: acc 87.5% logloss 0.310" in text
     assert "acc 90.0% logloss 0.250" in text
+
+
+def test_summary_says_when_the_canary_has_too_few_scores_for_a_drift_figure() -> None:
+    response = evaluation_pb2.GetEvaluationReportResponse(objective="demo")
+    response.canary_drift.model = "canary"
+    response.canary_drift.statistic = math.nan
+    response.canary_drift.recent_count = 12
+    line = summary_text(response).rstrip().splitlines()[-1]
+    assert line == (
+        "Canary drift (canary): too few scores to compare yet (reference 0 scores, recent 12)"
+    )
