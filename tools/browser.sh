@@ -5,9 +5,8 @@
 #   tools/browser.sh          # prints the browser it found or installed
 #
 # Order, as tools/chromium.py looks: $RDV_CHROMIUM, a Chromium on PATH, Playwright's own
-# download. When none is there, it tries Playwright's download first (its CDN), then the
-# distribution's package (Debian/Ubuntu `chromium`, through apt-get: root or sudo), which is
-# what works on machines that reach package registries only.
+# download. When none is there, it installs the distribution's package (Debian/Ubuntu
+# `chromium`, through apt-get: root or sudo), else Playwright's download (its CDN).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,23 +46,27 @@ if playwright_own; then
     exit 0
 fi
 
-log "no Chromium found; trying Playwright's download"
+# The distribution's package first where there is one: it comes with its libraries from the
+# same registry as everything else, whereas Playwright's download needs its CDN (unreachable
+# on machines that reach package registries only) and, as root, an apt run for its libraries.
+if command -v apt-get >/dev/null; then
+    log "no Chromium found; installing the distribution's chromium with apt-get"
+    if as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; then
+        path="$(found)"
+        if [[ -n "${path}" ]]; then
+            log "using ${path}"
+            exit 0
+        fi
+    fi
+    log "apt-get gave no chromium; trying Playwright's download"
+fi
+
 deps=()
 [[ "$(id -u)" == 0 ]] && deps=(--with-deps)
 if timeout "${PLAYWRIGHT_INSTALL_TIMEOUT_S}" "${PY}" -m playwright install "${deps[@]}" chromium; then
     log "using Playwright's own Chromium"
     exit 0
-fi
-
-if command -v apt-get >/dev/null; then
-    log "Playwright's download failed; installing the distribution's chromium with apt-get"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
-    path="$(found)"
-    if [[ -n "${path}" ]]; then
-        log "using ${path}"
-        exit 0
-    fi
 fi
 
 log "could not install a Chromium: install one and set RDV_CHROMIUM to its executable"
