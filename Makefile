@@ -11,9 +11,19 @@ BIN := $(VENV)/bin
 TOOLS_BIN := $(CURDIR)/tools/bin
 GHZ_VERSION := v0.120.0
 GRPCURL_VERSION := v1.9.4
+# Go code generators (tools/gen_go.sh refuses any other version: their output names them).
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 export PYTHON := $(CURDIR)/$(PY)
+export TOOLS_BIN PROTOC_GEN_GO_VERSION PROTOC_GEN_GO_GRPC_VERSION
+# The Go model container (tools/bin, beside the other built tools; rebuilt by every
+# `make setup`, go build's cache makes that cheap). ModelDeployment.command names it.
+MODEL_GO := $(TOOLS_BIN)/rendezvous-model-go
+# Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
+GO_DIRS := services/models/go services/models/artifacts gen/go
 
-.PHONY: help setup venv tools browser gen gen-check lint fmt buf-breaking unit integration test check \
+.PHONY: help setup venv tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
+        unit integration test test-go check \
         pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
 
 help: ## List the targets
@@ -37,20 +47,41 @@ $(TOOLS_BIN)/grpcurl:
 
 tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
 
+# A stamp per pinned version, so a bump reinstalls.
+$(TOOLS_BIN)/.protoc-gen-go-$(PROTOC_GEN_GO_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	touch $@
+
+$(TOOLS_BIN)/.protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	touch $@
+
+go-plugins: $(TOOLS_BIN)/.protoc-gen-go-$(PROTOC_GEN_GO_VERSION) $(TOOLS_BIN)/.protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION) ## protoc-gen-go and protoc-gen-go-grpc, pinned, into tools/bin
+
+model-go: ## Build the Go model container into tools/bin/rendezvous-model-go
+	mkdir -p $(TOOLS_BIN)
+	go build -o $(MODEL_GO) ./services/models/go
+
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv tools browser ## Install everything: virtualenv, buf, ghz, grpcurl, Chromium, Apache Pulsar
+setup: venv tools go-plugins model-go browser ## Install everything: virtualenv, buf, ghz, grpcurl, Go plugins and container, Chromium, Apache Pulsar
 	tools/pulsar.sh fetch
 
-gen: venv ## Regenerate gen/ from protos/
+gen: venv go-plugins ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
 	tools/gen.sh
 
-gen-check: venv ## Fail if gen/ differs from what protos/ generate
+gen-check: venv go-plugins ## Fail if gen/ differs, in any language, from what protos/ generate
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	tools/gen.sh "$$tmp"; \
-	diff -r --exclude=__pycache__ "$$tmp/rendezvous" gen/rendezvous \
-	  || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }
+	stale=0; \
+	for dir in rendezvous go ts; do \
+	  [[ -e "$$tmp/$$dir" || -e "gen/$$dir" ]] || continue; \
+	  diff -r --exclude=__pycache__ --exclude=node_modules "$$tmp/$$dir" "gen/$$dir" || stale=1; \
+	done; \
+	(( stale == 0 )) || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }
 
 lint: venv ## ruff, mypy (strict), buf lint and buf format
 	$(BIN)/ruff check .
@@ -59,16 +90,26 @@ lint: venv ## ruff, mypy (strict), buf lint and buf format
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
 	tools/buf-breaking.sh
+	$(MAKE) --no-print-directory lint-go
 
-fmt: venv ## Format Python and protos in place
+lint-go: ## gofmt (no file to reformat) and go vet over the Go module
+	@unformatted=$$(gofmt -l $(GO_DIRS)); \
+	[[ -z "$$unformatted" ]] || { echo "gofmt would reformat:" $$unformatted >&2; exit 1; }
+	go vet ./...
+
+fmt: venv ## Format Python, Go and protos in place
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 	$(BIN)/buf format -w
+	gofmt -w $(GO_DIRS)
 
 unit: venv ## Unit tests only (no broker)
 	$(BIN)/pytest -m 'not integration'
 
-test: setup lint gen-check ## Every check: lint, gen drift, ghz and bench smoke, unit and integration tests on a real broker
+test-go: ## Go tests: go test ./... (the Go model container against the Python model)
+	go test -count=1 ./...
+
+test: setup lint gen-check test-go ## Every check: lint, gen drift, Go tests, ghz and bench smoke, unit and integration tests on a real broker
 	tools/ghz-smoke.sh
 	$(PY) -m tools.bench --smoke
 	tools/run-tests.sh
