@@ -263,7 +263,8 @@ class PredictResult(_message.Message):
     def error(self) -> _common_pb2.ModelError:
         """error is why this request got no prediction: the status Predict would have ended
         with for it (grpc_code, `reason` as in its ErrorInfo, `message` its status message),
-        e.g. INVALID_ARGUMENT for its features, or INTERNAL with an empty message.
+        e.g. INVALID_ARGUMENT for its features, or INTERNAL with a message that says
+        nothing of the cause.
         """
 
     def __init__(

@@ -48,8 +48,9 @@ class ModelServiceStub:
       the model requires that is absent and "must be a finite number" for a value that is
       not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
       message is "invalid request: " and the fields, comma-separated. Features the model
-      does not read are ignored. A request body that does not parse is also
-      INVALID_ARGUMENT (one violation with an empty field) from the Python containers.
+      does not read are ignored. For a request body that does not parse, the Python
+      containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+      itself answers INTERNAL in some languages (Go).
     - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
       before the model had an answer.
     - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
@@ -105,8 +106,9 @@ class ModelServiceAsyncStub(ModelServiceStub):
       the model requires that is absent and "must be a finite number" for a value that is
       not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
       message is "invalid request: " and the fields, comma-separated. Features the model
-      does not read are ignored. A request body that does not parse is also
-      INVALID_ARGUMENT (one violation with an empty field) from the Python containers.
+      does not read are ignored. For a request body that does not parse, the Python
+      containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+      itself answers INTERNAL in some languages (Go).
     - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
       before the model had an answer.
     - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
@@ -158,8 +160,9 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
       the model requires that is absent and "must be a finite number" for a value that is
       not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
       message is "invalid request: " and the fields, comma-separated. Features the model
-      does not read are ignored. A request body that does not parse is also
-      INVALID_ARGUMENT (one violation with an empty field) from the Python containers.
+      does not read are ignored. For a request body that does not parse, the Python
+      containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+      itself answers INTERNAL in some languages (Go).
     - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
       before the model had an answer.
     - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call

@@ -10,7 +10,7 @@
 //	RDV_MODEL_READY_FILE  where to write {"pid", "endpoint", ...} once serving (optional)
 //
 // and serves the model with the gRPC health service and server reflection. A bad
-// configuration exits with status 2, a failure to serve with 1; SIGTERM or SIGINT drains
+// configuration (the artifact included) exits with status 2, a failure to serve with 1; SIGTERM or SIGINT drains
 // (health NOT_SERVING, calls in flight finish within 5 s) and exits 0. Logs are JSON lines
 // on stderr; -verbose adds debug ones.
 package main
@@ -26,8 +26,9 @@ import (
 	"time"
 )
 
-// shutdownGrace bounds the drain, as shutdown_grace_s does for the Python containers.
-const shutdownGrace = 5 * time.Second
+// shutdownGrace bounds the drain, as shutdown_grace_s (5 s) does for the Python containers.
+// A variable only so that the drain's test need not wait 5 s.
+var shutdownGrace = 5 * time.Second
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -50,7 +51,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Error("invalid configuration: " + err.Error())
 		return 2
 	}
-	if err := serveUntilDone(ctx, config, shutdownGrace, log); err != nil {
+	// Built before anything listens, so a bad artifact fails the start, not the first call.
+	artifactPath := ""
+	if config.Args.Artifact != nil {
+		artifactPath = *config.Args.Artifact
+	}
+	artifact, source, err := loadArtifact(config.Args.Algorithm, artifactPath)
+	if err != nil {
+		log.Error("invalid configuration: " + envArgs + ": cannot load the artifact: " + err.Error())
+		return 2
+	}
+	log.Debug("artifact loaded", "artifact", source)
+	model := NewDiabetes(artifact, config.Name, config.Version)
+	if err := serveUntilDone(ctx, config, model, shutdownGrace, log); err != nil {
 		log.Error("cannot serve: " + err.Error())
 		return 1
 	}

@@ -118,14 +118,9 @@ func writeReadyFile(path string, facts readyFacts) error {
 	return os.Rename(tmp, path)
 }
 
-// serveUntilDone serves config's model until ctx ends (a signal), then drains within grace.
-// A nil error means a clean stop.
-func serveUntilDone(ctx context.Context, config Config, grace time.Duration, log *slog.Logger) error {
-	artifact, source, err := loadArtifact(config.Args.Algorithm, derefOr(config.Args.Artifact, ""))
-	if err != nil {
-		return fmt.Errorf("%s: cannot load the artifact: %w", envArgs, err)
-	}
-	model := NewDiabetes(artifact, config.Name, config.Version)
+// serveUntilDone serves model as config says until ctx ends (a signal), then drains within
+// grace. A nil error means a clean stop.
+func serveUntilDone(ctx context.Context, config Config, model *Diabetes, grace time.Duration, log *slog.Logger) error {
 	c, err := listen(config, newModelService(model, config.Version, log), log)
 	if err != nil {
 		return fmt.Errorf("%s=%q: %w", envListen, config.Listen, err)
@@ -137,7 +132,7 @@ func serveUntilDone(ctx context.Context, config Config, grace time.Duration, log
 		return fmt.Errorf("%s=%q: %w", envReadyFile, config.ReadyFile, err)
 	}
 	log.Info("model-"+config.Name+" started", "endpoint", c.endpoint, "model", config.Name,
-		"kind", kind, "version", config.Version, "algorithm", config.Args.Algorithm, "artifact", source)
+		"kind", kind, "version", config.Version, "algorithm", config.Args.Algorithm)
 	select {
 	case err := <-done:
 		return fmt.Errorf("the server stopped by itself: %w", err)
@@ -150,11 +145,4 @@ func serveUntilDone(ctx context.Context, config Config, grace time.Duration, log
 	}
 	log.Info("stopped")
 	return nil
-}
-
-func derefOr(value *string, fallback string) string {
-	if value == nil {
-		return fallback
-	}
-	return *value
 }

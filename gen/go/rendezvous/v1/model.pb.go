@@ -412,7 +412,8 @@ type PredictResult_Response struct {
 type PredictResult_Error struct {
 	// error is why this request got no prediction: the status Predict would have ended
 	// with for it (grpc_code, `reason` as in its ErrorInfo, `message` its status message),
-	// e.g. INVALID_ARGUMENT for its features, or INTERNAL with an empty message.
+	// e.g. INVALID_ARGUMENT for its features, or INTERNAL with a message that says
+	// nothing of the cause.
 	Error *ModelError `protobuf:"bytes,2,opt,name=error,proto3,oneof"`
 }
 
