@@ -83,7 +83,7 @@ gen-check: venv go-plugins ## Fail if gen/ differs, in any language, from what p
 	done; \
 	(( stale == 0 )) || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }
 
-lint: venv ## ruff, mypy (strict), buf lint and buf format
+lint: venv ## ruff, mypy (strict), buf lint, buf format, buf breaking, gofmt and go vet
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -92,10 +92,11 @@ lint: venv ## ruff, mypy (strict), buf lint and buf format
 	tools/buf-breaking.sh
 	$(MAKE) --no-print-directory lint-go
 
-lint-go: ## gofmt (no file to reformat) and go vet over the Go module
+lint-go: ## gofmt (no file to reformat), go vet, and go.mod/go.sum tidy
 	@unformatted=$$(gofmt -l $(GO_DIRS)); \
 	[[ -z "$$unformatted" ]] || { echo "gofmt would reformat:" $$unformatted >&2; exit 1; }
 	go vet ./...
+	go mod tidy -diff
 
 fmt: venv ## Format Python, Go and protos in place
 	$(BIN)/ruff format .
