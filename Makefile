@@ -77,7 +77,7 @@ gen-check: venv go-plugins ## Fail if gen/ differs, in any language, from what p
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	tools/gen.sh "$$tmp"; \
 	stale=0; \
-	for dir in rendezvous go ts; do \
+	for dir in rendezvous inference go ts; do \
 	  [[ -e "$$tmp/$$dir" || -e "gen/$$dir" ]] || continue; \
 	  diff -r --exclude=__pycache__ --exclude=node_modules "$$tmp/$$dir" "gen/$$dir" || stale=1; \
 	done; \

@@ -2,6 +2,7 @@
 # Regenerates the code for protos/ in every language into a directory (default gen/):
 #
 #   DIR/rendezvous/   Python      tools/gen_python.sh
+#   DIR/inference/    Python      tools/gen_python.sh (protos/third_party: Open Inference Protocol)
 #   DIR/go/           Go          tools/gen_go.sh
 #   DIR/ts/           TypeScript  tools/gen_ts.sh, once it exists
 #
