@@ -6,6 +6,8 @@ SHELL := bash
 
 PYTHON_BASE ?= python3
 VENV := .venv
+# MLServer (an Open Inference Protocol server) in a virtualenv of its own: its pins are not ours.
+MLSERVER_VENV := .venv-mlserver
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TOOLS_BIN := $(CURDIR)/tools/bin
@@ -22,7 +24,7 @@ MODEL_GO := $(TOOLS_BIN)/rendezvous-model-go
 # Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
 GO_DIRS := services/models/go services/models/artifacts gen/go
 
-.PHONY: help setup venv tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
+.PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         unit integration test test-go check \
         pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
 
@@ -36,6 +38,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+$(MLSERVER_VENV)/.installed: tools/mlserver-requirements.txt
+	rm -rf $(MLSERVER_VENV)
+	$(PYTHON_BASE) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --quiet --upgrade pip
+	$(MLSERVER_VENV)/bin/pip install --quiet -r tools/mlserver-requirements.txt
+	touch $@
+
+mlserver: $(MLSERVER_VENV)/.installed ## MLServer + its scikit-learn runtime in .venv-mlserver (the oip tests)
 
 $(TOOLS_BIN)/ghz:
 	mkdir -p $(TOOLS_BIN)
@@ -67,7 +78,7 @@ model-go: ## Build the Go model container into tools/bin/rendezvous-model-go
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv tools go-plugins model-go browser ## Install everything: virtualenv, buf, ghz, grpcurl, Go plugins and container, Chromium, Apache Pulsar
+setup: venv mlserver tools go-plugins model-go browser ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, Chromium, Apache Pulsar
 	tools/pulsar.sh fetch
 
 gen: venv go-plugins ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
@@ -158,4 +169,4 @@ profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--syst
 
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down
-	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) .run .mypy_cache .ruff_cache .pytest_cache
