@@ -61,46 +61,36 @@ class ScoringClient(Protocol):
     async def close(self) -> None: ...
 
 
-def open_channel(
-    endpoint: str,
-    *,
-    initial_reconnect_backoff_ms: int,
-    max_reconnect_backoff_ms: int,
-    max_message_bytes: int,
-) -> grpc.aio.Channel:
-    """A channel to a model that reconnects fast after a restart (gRPC's defaults wait up
-    to 120 s) and takes messages up to `max_message_bytes`."""
-    return grpc.aio.insecure_channel(
-        endpoint,
-        options=[
-            ("grpc.initial_reconnect_backoff_ms", initial_reconnect_backoff_ms),
-            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
-    )
+@dataclass(frozen=True, slots=True)
+class ChannelOptions:
+    """How a runner talks to a model, whatever the protocol: reconnect fast after a restart
+    (gRPC's defaults wait up to 120 s), messages up to `max_message_bytes`, and no call
+    longer than `max_timeout_s` (the ceiling for a task without a deadline)."""
+
+    initial_reconnect_backoff_ms: int
+    max_reconnect_backoff_ms: int
+    max_message_bytes: int
+    max_timeout_s: float
+
+    def open(self, endpoint: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            endpoint,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
+                ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+            ],
+        )
 
 
 class ModelClient:
     """A channel to one model container, reconnecting fast after a restart."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        initial_reconnect_backoff_ms: int,
-        max_reconnect_backoff_ms: int,
-        max_message_bytes: int,
-        max_timeout_s: float,
-    ) -> None:
+    def __init__(self, endpoint: str, options: ChannelOptions) -> None:
         self.endpoint = endpoint
-        self._max_timeout_s = max_timeout_s
-        self._channel = open_channel(
-            endpoint,
-            initial_reconnect_backoff_ms=initial_reconnect_backoff_ms,
-            max_reconnect_backoff_ms=max_reconnect_backoff_ms,
-            max_message_bytes=max_message_bytes,
-        )
+        self._max_timeout_s = options.max_timeout_s
+        self._channel = options.open(endpoint)
         self._stub = model_pb2_grpc.ModelServiceStub(self._channel)
         # Until the model answers PredictBatch with UNIMPLEMENTED.
         self._batch_capable = True

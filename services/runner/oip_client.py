@@ -37,7 +37,13 @@ from rendezvous.v1 import model_pb2, task_pb2
 from services.core.oip import OipArgs
 from services.core.telemetry import inject
 from services.runner.admission import call_timeout_s
-from services.runner.model_client import Result, Scored, internal_error, model_error, open_channel
+from services.runner.model_client import (
+    ChannelOptions,
+    Result,
+    Scored,
+    internal_error,
+    model_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +82,11 @@ _PACK = {"FP64": "d", "FP32": "f"}
 class OipClient:
     """A channel to one model on an Open Inference Protocol server."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        args: OipArgs,
-        *,
-        initial_reconnect_backoff_ms: int,
-        max_reconnect_backoff_ms: int,
-        max_message_bytes: int,
-        max_timeout_s: float,
-    ) -> None:
+    def __init__(self, endpoint: str, args: OipArgs, options: ChannelOptions) -> None:
         self.endpoint = endpoint
         self.args = args
-        self._max_timeout_s = max_timeout_s
-        self._channel = open_channel(
-            endpoint,
-            initial_reconnect_backoff_ms=initial_reconnect_backoff_ms,
-            max_reconnect_backoff_ms=max_reconnect_backoff_ms,
-            max_message_bytes=max_message_bytes,
-        )
+        self._max_timeout_s = options.max_timeout_s
+        self._channel = options.open(endpoint)
         self._stub = oip_grpc.GRPCInferenceServiceStub(self._channel)
         # What the server said of the model once it was ready (`wait_ready`).
         self.metadata: oip.ModelMetadataResponse | None = None

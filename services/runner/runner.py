@@ -29,7 +29,7 @@ from services.core.telemetry import counter, histogram, tracer
 from services.core.topics import Topics
 from services.runner.admission import SKIP_REASONS, skip_reason
 from services.runner.events import Deployment, prediction_event
-from services.runner.model_client import ModelClient, Scored, ScoringClient
+from services.runner.model_client import ChannelOptions, ModelClient, Scored, ScoringClient
 from services.runner.oip_client import OipClient
 from services.runner.settings import RunnerRole, RunnerSettings
 
@@ -81,22 +81,15 @@ class _Queued:
 def model_client(settings: RunnerSettings) -> ScoringClient:
     """The client of the deployment's model: the Open Inference Protocol's for kind `oip`
     (its args parsed here: a ValueError when they do not fit), else ModelService's."""
-    if settings.kind == OIP_KIND:
-        return OipClient(
-            settings.endpoint,
-            OipArgs.model_validate(settings.args),
-            initial_reconnect_backoff_ms=settings.initial_reconnect_backoff_ms,
-            max_reconnect_backoff_ms=settings.max_reconnect_backoff_ms,
-            max_message_bytes=settings.max_message_bytes,
-            max_timeout_s=settings.max_model_timeout_s,
-        )
-    return ModelClient(
-        settings.endpoint,
+    options = ChannelOptions(
         initial_reconnect_backoff_ms=settings.initial_reconnect_backoff_ms,
         max_reconnect_backoff_ms=settings.max_reconnect_backoff_ms,
         max_message_bytes=settings.max_message_bytes,
         max_timeout_s=settings.max_model_timeout_s,
     )
+    if settings.kind == OIP_KIND:
+        return OipClient(settings.endpoint, OipArgs.model_validate(settings.args), options)
+    return ModelClient(settings.endpoint, options)
 
 
 class ModelRunner:

@@ -15,6 +15,7 @@ from services.control.validation import validate
 from services.core.mesh import ModelEntry
 from services.core.oip import OipArgs
 from services.runner.live import serves_differently
+from services.runner.model_client import ChannelOptions
 from services.runner.oip_client import OipClient
 from tests.fakes.memory_bus import MemoryBus
 from tests.fakes.oip_server import INPUT, MODEL, OUTPUT, FakeOip, serve_fake
@@ -54,10 +55,7 @@ def client_for(fake: FakeOip, **overrides: Any) -> OipClient:
     return OipClient(
         fake.endpoint,
         OipArgs.model_validate(args(**overrides)),
-        initial_reconnect_backoff_ms=100,
-        max_reconnect_backoff_ms=1000,
-        max_message_bytes=4 * 1024 * 1024,
-        max_timeout_s=5.0,
+        ChannelOptions(100, 1000, 4 * 1024 * 1024, max_timeout_s=5.0),
     )
 
 
@@ -173,10 +171,7 @@ async def test_an_unreachable_server_is_unavailable() -> None:
     client = OipClient(
         "127.0.0.1:1",
         OipArgs.model_validate(args()),
-        initial_reconnect_backoff_ms=100,
-        max_reconnect_backoff_ms=1000,
-        max_message_bytes=1024 * 1024,
-        max_timeout_s=0.5,
+        ChannelOptions(100, 1000, 1024 * 1024, max_timeout_s=0.5),
     )
     [result] = (await client.score(tasks({"a": 1, "b": 2}), "obj")).results
     await client.close()
