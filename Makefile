@@ -12,6 +12,8 @@ TOOLS_BIN := $(CURDIR)/tools/bin
 GHZ_VERSION := v0.120.0
 GRPCURL_VERSION := v1.9.4
 export PYTHON := $(CURDIR)/$(PY)
+NPM_CI := npm ci --no-audit --no-fund --loglevel=error
+TSGEN := tools/tsgen/node_modules/.installed
 
 .PHONY: help setup venv tools browser gen gen-check lint fmt buf-breaking unit integration test check \
         pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
@@ -43,14 +45,22 @@ browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHRO
 setup: venv tools browser ## Install everything: virtualenv, buf, ghz, grpcurl, Chromium, Apache Pulsar
 	tools/pulsar.sh fetch
 
-gen: venv ## Regenerate gen/ from protos/
+gen: venv $(TSGEN) ## Regenerate gen/ from protos/
 	tools/gen.sh
 
-gen-check: venv ## Fail if gen/ differs from what protos/ generate
+gen-check: venv $(TSGEN) ## Fail if gen/ differs from what protos/ generate
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	tools/gen.sh "$$tmp"; \
 	diff -r --exclude=__pycache__ "$$tmp/rendezvous" gen/rendezvous \
-	  || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }
+	  || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }; \
+	diff -r "$$tmp/ts" gen/ts \
+	  || { echo "gen/ts is stale: run 'make gen' and commit the result" >&2; exit 1; }
+
+# The pinned protoc plugin for gen/ts, installed from its lockfile; the stamp lives in
+# node_modules, which `npm ci` recreates, so a changed lockfile reinstalls.
+$(TSGEN): tools/tsgen/package-lock.json
+	cd tools/tsgen && $(NPM_CI)
+	touch $@
 
 lint: venv ## ruff, mypy (strict), buf lint and buf format
 	$(BIN)/ruff check .

@@ -22,3 +22,5 @@ cd "$repo/protos"
 : > "$out/rendezvous/__init__.py"
 : > "$out/rendezvous/v1/__init__.py"
 printf 'partial\n' > "$out/rendezvous/py.typed"
+# TypeScript (gen/ts) from the same protos, when its generator is there (tools/gen_ts.sh).
+if [[ -x $repo/tools/gen_ts.sh ]]; then "$repo/tools/gen_ts.sh" "$out"; fi
