@@ -14,9 +14,11 @@ GRPCURL_VERSION := v1.9.4
 export PYTHON := $(CURDIR)/$(PY)
 NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 TSGEN := tools/tsgen/node_modules/.installed
+MODEL_TS := services/models/ts
 
 .PHONY: help setup venv tools browser gen gen-check lint fmt buf-breaking unit integration test check \
-        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
+        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean \
+        ts test-ts
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,7 +44,7 @@ tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv tools browser ## Install everything: virtualenv, buf, ghz, grpcurl, Chromium, Apache Pulsar
+setup: venv tools browser ts ## Install everything: virtualenv, buf, ghz, grpcurl, Chromium, Apache Pulsar, the TS model
 	tools/pulsar.sh fetch
 
 gen: venv $(TSGEN) ## Regenerate gen/ from protos/
@@ -56,11 +58,22 @@ gen-check: venv $(TSGEN) ## Fail if gen/ differs from what protos/ generate
 	diff -r "$$tmp/ts" gen/ts \
 	  || { echo "gen/ts is stale: run 'make gen' and commit the result" >&2; exit 1; }
 
-# The pinned protoc plugin for gen/ts, installed from its lockfile; the stamp lives in
-# node_modules, which `npm ci` recreates, so a changed lockfile reinstalls.
+# TypeScript: the pinned protoc plugin (tools/tsgen) and the Node model container
+# (services/models/ts), each installed from its lockfile; stamps live in node_modules,
+# which `npm ci` recreates, so a changed lockfile reinstalls.
 $(TSGEN): tools/tsgen/package-lock.json
 	cd tools/tsgen && $(NPM_CI)
 	touch $@
+
+$(MODEL_TS)/node_modules/.installed: $(MODEL_TS)/package-lock.json
+	cd $(MODEL_TS) && $(NPM_CI)
+	touch $@
+
+ts: $(TSGEN) $(MODEL_TS)/node_modules/.installed ## Install the TS generator and build the Node model container (tsc)
+	cd $(MODEL_TS) && npm run --silent build
+
+test-ts: ts ## The Node model container's tests (node --test, real loopback gRPC)
+	cd $(MODEL_TS) && npm test
 
 lint: venv ## ruff, mypy (strict), buf lint and buf format
 	$(BIN)/ruff check .
@@ -78,7 +91,7 @@ fmt: venv ## Format Python and protos in place
 unit: venv ## Unit tests only (no broker)
 	$(BIN)/pytest -m 'not integration'
 
-test: setup lint gen-check ## Every check: lint, gen drift, ghz and bench smoke, unit and integration tests on a real broker
+test: setup lint gen-check test-ts ## Every check: lint, gen drift, ghz and bench smoke, unit and integration tests on a real broker
 	tools/ghz-smoke.sh
 	$(PY) -m tools.bench --smoke
 	tools/run-tests.sh
