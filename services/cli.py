@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from services.control import cli as objective_commands
+from services.core.settings import REPO_ROOT
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
 DEFAULT_STATE = REPO / ".run" / "mesh"
 PULSAR_SCRIPT = REPO / "tools" / "pulsar.sh"

@@ -88,6 +88,16 @@ def _models(config: objective_pb2.ObjectiveConfig, p: str) -> list[Violation]:
             out.append((f"{where}.role", "is required"))
         if model.replicas < 0:
             out.append((f"{where}.replicas", "must not be negative"))
+        if model.command and model.endpoint:
+            out.append(
+                (
+                    f"{where}.command",
+                    "a command runs the container here, an endpoint says it runs elsewhere: "
+                    "give one of them",
+                )
+            )
+        if model.command and not model.command[0].strip():
+            out.append((f"{where}.command", "the program (the first word) is required"))
         if model.role == INCUMBENT:
             incumbents.append(index)
             if not model.enabled:

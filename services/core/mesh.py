@@ -68,6 +68,9 @@ class ModelEntry(_Strict):
     kind: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     endpoint: str | None = None
+    # The program serving it in any language (argv; ModelDeployment.command); `kind` then
+    # only labels what it is.
+    command: list[str] = Field(default_factory=list)
     replicas: int = Field(default=1, ge=1, le=16)
     enabled: bool = True
 
@@ -217,6 +220,7 @@ def to_config(name: str, entry: ObjectiveEntry, version: int = 1) -> objective_p
             enabled=model.enabled,
             kind=model.kind or "",
             replicas=model.replicas,
+            command=model.command,
         )
         deployment.args.update(model.args)
     for step in entry.policy:
@@ -267,6 +271,8 @@ def entry_from_config(config: objective_pb2.ObjectiveConfig) -> dict[str, Any]:
             out["args"] = args
         if deployment.endpoint:
             out["endpoint"] = deployment.endpoint
+        if deployment.command:
+            out["command"] = list(deployment.command)
         if deployment.replicas > 1:
             out["replicas"] = deployment.replicas
         if not deployment.enabled:

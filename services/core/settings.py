@@ -27,6 +27,10 @@ from pydantic_settings import (
 CONFIG_FILE_ENV = "RENDEZVOUS_CONFIG"
 
 
+# The repository checkout the services run from (where deploy/, tools/ and .run/ are).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def _default_instance() -> str:
     # Unique per process so that a restarted instance never reuses a return address.
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"

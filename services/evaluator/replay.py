@@ -63,7 +63,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from rendezvous.v1 import common_pb2, feedback_pb2, objective_pb2, task_pb2
 
-from services.core.settings import PulsarSettings, ServiceSettings
+from services.core.settings import REPO_ROOT, PulsarSettings, ServiceSettings
 from services.models.settings import ModelKind
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 # Exit statuses (see the module docstring).
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.core.settings import REPO_ROOT
 from services.supervisor.live import LiveMesh
 from services.supervisor.plan import CONTROL, STAGE_MODELS, ProcessSpec, diff
 
@@ -105,14 +106,15 @@ class Supervised:
             self.spec.ready_file.unlink()
         log_handle = self.spec.log_file.open("ab")
         env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
+        argv = self.spec.command or [sys.executable, "-m", self.spec.module]
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            self.spec.module,
+            *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_handle,
             stderr=log_handle,
             env=env,
+            # A polyglot container's relative paths mean the repository's (ModelDeployment.command).
+            cwd=REPO_ROOT if self.spec.command else None,
         )
         log_handle.close()
         if self.spec.latency_critical:

@@ -66,6 +66,9 @@ class ProcessSpec:
     # On the answer path: scheduled ahead of the models and the broker (see SupervisorSettings).
     latency_critical: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    # A program to run instead of `python -m module` (a polyglot model container), from the
+    # repository root.
+    command: list[str] = field(default_factory=list)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -212,10 +215,11 @@ def plan_control(  # noqa: PLR0917 (mirrors plan's arguments)
 
 
 def local_model(deployment: objective_pb2.ModelDeployment) -> bool:
-    """Whether the supervisor runs the deployment's container (a kind and no endpoint)."""
+    """Whether the supervisor runs the deployment's container (a kind or a command, and no
+    endpoint)."""
     return (
         deployment.role != common_pb2.MODEL_ROLE_DECOY
-        and bool(deployment.kind)
+        and bool(deployment.kind or deployment.command)
         and not deployment.endpoint
     )
 
@@ -249,7 +253,7 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             if deployment.name in containers:
                 continue
             containers.add(deployment.name)
-            add(
+            spec = add(
                 f"model-{deployment.name}",
                 "services.models",
                 "RDV_MODEL_",
@@ -263,6 +267,9 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
                 role=_ROLE_NAMES.get(deployment.role, ""),
                 labels={MODEL_LABEL: deployment.name, "objective": objective},
             )
+            # Any language: run with the RDV_MODEL_* environment above, in the repository root
+            # (the control topic holds no mesh file location to resolve relative paths by).
+            spec.command = list(deployment.command)
         # Deployments that scale together (the same replica count) share runner hosts: host r
         # of a group receives each task once for all of the group's models, and the decoy
         # joins the group of its replica count as the host's archive. Each host follows the
@@ -370,7 +377,7 @@ def diff(running: Sequence[ProcessSpec], planned: Sequence[ProcessSpec]) -> Plan
         old = before.get(spec.name)
         if old is None:
             out.start.append(spec)
-        elif (old.module, old.env) != (spec.module, spec.env):
+        elif (old.module, old.command, old.env) != (spec.module, spec.command, spec.env):
             out.restart.append(spec)
     out.stop = [spec for spec in running if spec.name not in after]
     return out

@@ -29,7 +29,7 @@ from rendezvous.v1 import common_pb2 as rendezvous_dot_v1_dot_common__pb2
 from rendezvous.v1 import model_pb2 as rendezvous_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drendezvous/v1/objective.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\x1a\x19rendezvous/v1/model.proto\"\xff\x03\n\x0fObjectiveConfig\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x03sla\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x06models\x18\x04 \x03(\x0b\x32\x1e.rendezvous.v1.ModelDeployment\x12%\n\x06policy\x18\x05 \x01(\x0b\x32\x15.rendezvous.v1.Policy\x12\x34\n\x0e\x64\x65\x66\x61ult_answer\x18\x06 \x01(\x0b\x32\x1c.rendezvous.v1.DefaultAnswer\x12)\n\x08sampling\x18\x07 \x01(\x0b\x32\x17.rendezvous.v1.Sampling\x12,\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32\x1a.rendezvous.v1.FeatureSpec\x12-\n\nlate_grace\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0f\x64\x65\x66\x61ult_consent\x18\n \x01(\x0b\x32\x16.rendezvous.v1.Consent\x12+\n\x06\x63hange\x18\x0b \x01(\x0b\x32\x1b.rendezvous.v1.ConfigChange\x12-\n\nenrichment\x18\x0c \x01(\x0e\x32\x19.rendezvous.v1.Enrichment\"\xc2\x01\n\x0fModelDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12%\n\x04\x61rgs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08replicas\x18\x08 \x01(\x05\"2\n\x06Policy\x12(\n\x05steps\x18\x01 \x03(\x0b\x32\x19.rendezvous.v1.PolicyStep\"\xc1\x01\n\nPolicyStep\x12(\n\x05until\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x35\n\x06shares\x18\x04 \x03(\x0b\x32%.rendezvous.v1.PolicyStep.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb9\x01\n\rDefaultAnswer\x12\r\n\x05score\x18\x01 \x01(\x01\x12:\n\x07outputs\x18\x02 \x03(\x0b\x32).rendezvous.v1.DefaultAnswer.OutputsEntry\x12\x15\n\rprefer_canary\x18\x03 \x01(\x08\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"A\n\x08Sampling\x12\x1b\n\x13\x63hallenger_fraction\x18\x01 \x01(\x01\x12\x18\n\x10\x61rchive_fraction\x18\x02 \x01(\x01\"\x89\x01\n\x0c\x43onfigChange\x12\x0e\n\x06\x61uthor\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0b\x63hange_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10previous_version\x18\x04 \x01(\x03\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t*[\n\nEnrichment\x12\x1a\n\x16\x45NRICHMENT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45NRICHMENT_SUBJECT_STATE\x10\x01\x12\x13\n\x0f\x45NRICHMENT_NONE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drendezvous/v1/objective.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\x1a\x19rendezvous/v1/model.proto\"\xff\x03\n\x0fObjectiveConfig\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x03sla\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x06models\x18\x04 \x03(\x0b\x32\x1e.rendezvous.v1.ModelDeployment\x12%\n\x06policy\x18\x05 \x01(\x0b\x32\x15.rendezvous.v1.Policy\x12\x34\n\x0e\x64\x65\x66\x61ult_answer\x18\x06 \x01(\x0b\x32\x1c.rendezvous.v1.DefaultAnswer\x12)\n\x08sampling\x18\x07 \x01(\x0b\x32\x17.rendezvous.v1.Sampling\x12,\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32\x1a.rendezvous.v1.FeatureSpec\x12-\n\nlate_grace\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0f\x64\x65\x66\x61ult_consent\x18\n \x01(\x0b\x32\x16.rendezvous.v1.Consent\x12+\n\x06\x63hange\x18\x0b \x01(\x0b\x32\x1b.rendezvous.v1.ConfigChange\x12-\n\nenrichment\x18\x0c \x01(\x0e\x32\x19.rendezvous.v1.Enrichment\"\xd3\x01\n\x0fModelDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12%\n\x04\x61rgs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08replicas\x18\x08 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\t \x03(\t\"2\n\x06Policy\x12(\n\x05steps\x18\x01 \x03(\x0b\x32\x19.rendezvous.v1.PolicyStep\"\xc1\x01\n\nPolicyStep\x12(\n\x05until\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x35\n\x06shares\x18\x04 \x03(\x0b\x32%.rendezvous.v1.PolicyStep.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb9\x01\n\rDefaultAnswer\x12\r\n\x05score\x18\x01 \x01(\x01\x12:\n\x07outputs\x18\x02 \x03(\x0b\x32).rendezvous.v1.DefaultAnswer.OutputsEntry\x12\x15\n\rprefer_canary\x18\x03 \x01(\x08\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"A\n\x08Sampling\x12\x1b\n\x13\x63hallenger_fraction\x18\x01 \x01(\x01\x12\x18\n\x10\x61rchive_fraction\x18\x02 \x01(\x01\"\x89\x01\n\x0c\x43onfigChange\x12\x0e\n\x06\x61uthor\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0b\x63hange_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10previous_version\x18\x04 \x01(\x03\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t*[\n\nEnrichment\x12\x1a\n\x16\x45NRICHMENT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45NRICHMENT_SUBJECT_STATE\x10\x01\x12\x13\n\x0f\x45NRICHMENT_NONE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,24 +40,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICYSTEP_SHARESENTRY']._serialized_options = b'8\001'
   _globals['_DEFAULTANSWER_OUTPUTSENTRY']._loaded_options = None
   _globals['_DEFAULTANSWER_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_ENRICHMENT']._serialized_start=1552
-  _globals['_ENRICHMENT']._serialized_end=1643
+  _globals['_ENRICHMENT']._serialized_start=1569
+  _globals['_ENRICHMENT']._serialized_end=1660
   _globals['_OBJECTIVECONFIG']._serialized_start=199
   _globals['_OBJECTIVECONFIG']._serialized_end=710
   _globals['_MODELDEPLOYMENT']._serialized_start=713
-  _globals['_MODELDEPLOYMENT']._serialized_end=907
-  _globals['_POLICY']._serialized_start=909
-  _globals['_POLICY']._serialized_end=959
-  _globals['_POLICYSTEP']._serialized_start=962
-  _globals['_POLICYSTEP']._serialized_end=1155
-  _globals['_POLICYSTEP_SHARESENTRY']._serialized_start=1110
-  _globals['_POLICYSTEP_SHARESENTRY']._serialized_end=1155
-  _globals['_DEFAULTANSWER']._serialized_start=1158
-  _globals['_DEFAULTANSWER']._serialized_end=1343
-  _globals['_DEFAULTANSWER_OUTPUTSENTRY']._serialized_start=1273
-  _globals['_DEFAULTANSWER_OUTPUTSENTRY']._serialized_end=1343
-  _globals['_SAMPLING']._serialized_start=1345
-  _globals['_SAMPLING']._serialized_end=1410
-  _globals['_CONFIGCHANGE']._serialized_start=1413
-  _globals['_CONFIGCHANGE']._serialized_end=1550
+  _globals['_MODELDEPLOYMENT']._serialized_end=924
+  _globals['_POLICY']._serialized_start=926
+  _globals['_POLICY']._serialized_end=976
+  _globals['_POLICYSTEP']._serialized_start=979
+  _globals['_POLICYSTEP']._serialized_end=1172
+  _globals['_POLICYSTEP_SHARESENTRY']._serialized_start=1127
+  _globals['_POLICYSTEP_SHARESENTRY']._serialized_end=1172
+  _globals['_DEFAULTANSWER']._serialized_start=1175
+  _globals['_DEFAULTANSWER']._serialized_end=1360
+  _globals['_DEFAULTANSWER_OUTPUTSENTRY']._serialized_start=1290
+  _globals['_DEFAULTANSWER_OUTPUTSENTRY']._serialized_end=1360
+  _globals['_SAMPLING']._serialized_start=1362
+  _globals['_SAMPLING']._serialized_end=1427
+  _globals['_CONFIGCHANGE']._serialized_start=1430
+  _globals['_CONFIGCHANGE']._serialized_end=1567
 # @@protoc_insertion_point(module_scope)

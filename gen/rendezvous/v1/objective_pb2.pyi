@@ -152,6 +152,7 @@ class ModelDeployment(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name identifies the deployment; predictions carry it."""
     role: _common_pb2.ModelRole.ValueType
@@ -174,6 +175,16 @@ class ModelDeployment(_message.Message):
     def args(self) -> _struct_pb2.Struct:
         """args are the container's arguments (kind-specific)."""
 
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """command is the program (argv) that serves this deployment's ModelService, in any
+        language, run by the local supervisor; empty runs the Python example container of
+        `kind`. The supervisor sets RDV_MODEL_LISTEN (host:port to serve on), RDV_MODEL_NAME,
+        RDV_MODEL_VERSION, RDV_MODEL_ARGS (`args` as a JSON object) and RDV_MODEL_READY_FILE
+        (where to write {"endpoint", "pid"} once serving), and waits for its gRPC health.
+        A relative program path is resolved against the repository root.
+        """
+
     def __init__(
         self,
         *,
@@ -185,10 +196,11 @@ class ModelDeployment(_message.Message):
         kind: _builtins.str = ...,
         args: _struct_pb2.Struct | None = ...,
         replicas: _builtins.int = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "enabled", b"enabled", "endpoint", b"endpoint", "kind", b"kind", "name", b"name", "replicas", b"replicas", "role", b"role", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "enabled", b"enabled", "endpoint", b"endpoint", "kind", b"kind", "name", b"name", "replicas", b"replicas", "role", b"role", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -122,3 +122,15 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_accepted_models_is_every_step() -> None:
     assert accepted_models(config()) == {"ridge", "sum", "canary"}
     assert accepted_models(None) == set()
+
+
+def test_a_command_and_an_endpoint_exclude_each_other() -> None:
+    both = config()
+    both.models[1].command[:] = ["tools/bin/rendezvous-model-go"]
+    both.models[1].endpoint = "127.0.0.1:7000"
+    problems = validate(both)
+    assert fields(problems) == ["config.models[1].command"]
+    assert "give one of them" in problems[0][1]
+    blank = config()
+    blank.models[1].command[:] = [" "]
+    assert fields(validate(blank)) == ["config.models[1].command"]
