@@ -133,6 +133,15 @@ export interface ModelDeployment {
    * count share hosts.
    */
   replicas: number;
+  /**
+   * command is the program (argv) that serves this deployment's ModelService, in any
+   * language, run by the local supervisor; empty runs the Python example container of
+   * `kind`. The supervisor sets RDV_MODEL_LISTEN (host:port to serve on), RDV_MODEL_NAME,
+   * RDV_MODEL_VERSION, RDV_MODEL_ARGS (`args` as a JSON object) and RDV_MODEL_READY_FILE
+   * (where to write {"endpoint", "pid"} once serving), and waits for its gRPC health.
+   * A relative program path is resolved against the repository root.
+   */
+  command: string[];
 }
 
 /** Policy is a schedule over the time since the request arrived. */
@@ -497,7 +506,17 @@ export const ObjectiveConfig: MessageFns<ObjectiveConfig> = {
 };
 
 function createBaseModelDeployment(): ModelDeployment {
-  return { name: "", role: 0, version: "", endpoint: "", enabled: false, kind: "", args: undefined, replicas: 0 };
+  return {
+    name: "",
+    role: 0,
+    version: "",
+    endpoint: "",
+    enabled: false,
+    kind: "",
+    args: undefined,
+    replicas: 0,
+    command: [],
+  };
 }
 
 export const ModelDeployment: MessageFns<ModelDeployment> = {
@@ -525,6 +544,9 @@ export const ModelDeployment: MessageFns<ModelDeployment> = {
     }
     if (message.replicas !== 0) {
       writer.uint32(64).int32(message.replicas);
+    }
+    for (const v of message.command) {
+      writer.uint32(74).string(v!);
     }
     return writer;
   },
@@ -606,6 +628,14 @@ export const ModelDeployment: MessageFns<ModelDeployment> = {
             message.replicas = reader.int32();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.command.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -628,6 +658,7 @@ export const ModelDeployment: MessageFns<ModelDeployment> = {
       kind: isSet(object.kind) ? globalThis.String(object.kind) : "",
       args: isObject(object.args) ? object.args : undefined,
       replicas: isSet(object.replicas) ? globalThis.Number(object.replicas) : 0,
+      command: globalThis.Array.isArray(object?.command) ? object.command.map((e: any) => globalThis.String(e)) : [],
     };
   },
 
@@ -657,6 +688,9 @@ export const ModelDeployment: MessageFns<ModelDeployment> = {
     if (message.replicas !== 0) {
       obj.replicas = Math.round(message.replicas);
     }
+    if (message.command?.length) {
+      obj.command = message.command;
+    }
     return obj;
   },
 
@@ -673,6 +707,7 @@ export const ModelDeployment: MessageFns<ModelDeployment> = {
     message.kind = object.kind ?? "";
     message.args = object.args ?? undefined;
     message.replicas = object.replicas ?? 0;
+    message.command = object.command?.map((e) => e) || [];
     return message;
   },
 };
