@@ -7,7 +7,7 @@ import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { Any } from "../gen/google/protobuf/any";
 import { BadRequest, ErrorInfo } from "../gen/google/rpc/error_details";
-import { ModelServiceClient } from "../gen/rendezvous/v1/model";
+import { ModelServiceClient, type PredictRequest } from "../gen/rendezvous/v1/model";
 import { statusDetails } from "../src/errors";
 import { Logger } from "../src/log";
 import type { Model } from "../src/model";
@@ -19,6 +19,12 @@ export const FIXTURE: {
 } = JSON.parse(readFileSync(resolve(__dirname, "..", "..", "test", "testdata", "diabetes-python-predictions.json"), "utf-8"));
 
 export const TOLERANCE = 1e-9;
+
+/** A PredictRequest with these features (and deadline), the rest empty. */
+export function predictRequest(features: Record<string, unknown>, options: { requestId?: string; deadline?: Date } = {}): PredictRequest {
+  const { requestId = "r", deadline } = options;
+  return { requestId, objective: "diabetes", features, payload: undefined, subjectState: {}, deadline };
+}
 
 /** A logger that keeps its lines for assertions instead of writing them. */
 export function memoryLogger(): { log: Logger; lines: Record<string, unknown>[] } {

@@ -4,15 +4,13 @@
 import { status } from "@grpc/grpc-js";
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { FeatureType, type PredictRequest } from "../gen/rendezvous/v1/model";
+import { FeatureType } from "../gen/rendezvous/v1/model";
 import type { Algorithm } from "../src/config";
 import { DiabetesModel } from "../src/diabetes";
 import { MODEL_SERVICE } from "../src/server";
-import { call, details, failure, FIXTURE, healthStatus, reflect, serve, TOLERANCE, type Running } from "./helpers";
+import { call, details, failure, FIXTURE, healthStatus, predictRequest, reflect, serve, TOLERANCE, type Running } from "./helpers";
 
-function request(features: Record<string, unknown>, requestId = "r"): PredictRequest {
-  return { requestId, objective: "diabetes", features, payload: undefined, subjectState: {}, deadline: undefined };
-}
+const request = (features: Record<string, unknown>, requestId = "r") => predictRequest(features, { requestId });
 
 const ROW = FIXTURE.rows[0] as Record<string, number>;
 

@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, test } from "node:test";
 import { ModelServiceClient } from "../gen/rendezvous/v1/model";
-import { call, FIXTURE, healthStatus, TOLERANCE } from "./helpers";
+import { call, FIXTURE, healthStatus, predictRequest, TOLERANCE } from "./helpers";
 
 const MAIN = resolve(__dirname, "..", "main.js");
 const dirs: string[] = [];
@@ -29,28 +29,28 @@ function start(env: Record<string, string>): { child: ChildProcess; stderr: () =
   return { child, stderr: () => stderr, exited };
 }
 
-async function waitFor<T>(probe: () => T | undefined, timeoutMs: number, what: string): Promise<T> {
+/** The ready file's content once the container has written it. */
+async function readyFile(path: string, timeoutMs = 10_000): Promise<{ pid: number; endpoint: string } & Record<string, unknown>> {
   const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+  while (!existsSync(path)) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${path}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+  return JSON.parse(readFileSync(path, "utf-8"));
 }
 
 test("started with the env contract: ready file, serves, SIGTERM drains and exits 0", async () => {
   const dir = tempDir();
-  const readyFile = join(dir, "run", "model.ready.json");
+  const readyPath = join(dir, "run", "model.ready.json");
   const proc = start({
     RDV_MODEL_LISTEN: "127.0.0.1:0",
     RDV_MODEL_NAME: "diabetes-node",
     RDV_MODEL_VERSION: "4",
     RDV_MODEL_ARGS: '{"algorithm": "linear"}',
-    RDV_MODEL_READY_FILE: readyFile,
+    RDV_MODEL_READY_FILE: readyPath,
   });
   try {
-    const ready = await waitFor(() => (existsSync(readyFile) ? JSON.parse(readFileSync(readyFile, "utf-8")) : undefined), 10_000, "the ready file");
+    const ready = await readyFile(readyPath);
     assert.deepEqual(Object.keys(ready), ["pid", "endpoint", "model", "kind", "version"]);
     assert.equal(ready.pid, proc.child.pid);
     assert.match(ready.endpoint, /^127\.0\.0\.1:\d+$/);
@@ -61,9 +61,7 @@ test("started with the env contract: ready file, serves, SIGTERM drains and exit
     const client = new ModelServiceClient(ready.endpoint, credentials.createInsecure());
     try {
       const features = FIXTURE.rows[2] as Record<string, number>;
-      const response = await call(client.predict.bind(client), {
-        requestId: "p", objective: "diabetes", features, payload: undefined, subjectState: {}, deadline: undefined,
-      }, 5000);
+      const response = await call(client.predict.bind(client), predictRequest(features), 5000);
       assert.ok(Math.abs(response.score - (FIXTURE.scores.linear[2] as number)) <= TOLERANCE);
       assert.equal(response.modelVersion, "4");
       const metadata = await call(client.getModelMetadata.bind(client), {});
@@ -85,26 +83,26 @@ test("started with the env contract: ready file, serves, SIGTERM drains and exit
 });
 
 test("bad configuration: exit 2, the reason on stderr, nothing listens, no ready file", async () => {
-  const readyFile = join(tempDir(), "ready.json");
+  const readyPath = join(tempDir(), "ready.json");
   for (const [env, reason] of [
     [{ RDV_MODEL_ARGS: '{"algorithm": "ridge", "depth": 3}' }, /unknown key\(s\) "depth"/],
     [{ RDV_MODEL_ARGS: '{"algorithm": "lasso"}' }, /algorithm must be one of ridge, linear/],
     [{ RDV_MODEL_LISTEN: "nowhere" }, /RDV_MODEL_LISTEN="nowhere": expected host:port/],
     [{ RDV_MODEL_ARGS: '{"artifact": "/nonexistent/diabetes.json"}' }, /cannot read the diabetes artifact/],
   ] as [Record<string, string>, RegExp][]) {
-    const proc = start({ ...env, RDV_MODEL_READY_FILE: readyFile });
+    const proc = start({ ...env, RDV_MODEL_READY_FILE: readyPath });
     assert.equal(await proc.exited, 2, JSON.stringify(env));
     assert.match(proc.stderr(), reason);
     assert.match(proc.stderr(), /^rendezvous model \(node\): bad configuration: /);
-    assert.equal(existsSync(readyFile), false);
+    assert.equal(existsSync(readyPath), false);
   }
 });
 
 test("a port already taken: exit 1 with the reason logged", async () => {
-  const first = start({ RDV_MODEL_READY_FILE: join(tempDir(), "a.json") });
+  const firstReady = join(tempDir(), "a.json");
+  const first = start({ RDV_MODEL_READY_FILE: firstReady });
   try {
-    const dir = dirs[dirs.length - 1] as string;
-    const ready = await waitFor(() => (existsSync(join(dir, "a.json")) ? JSON.parse(readFileSync(join(dir, "a.json"), "utf-8")) : undefined), 10_000, "the first ready file");
+    const ready = await readyFile(firstReady);
     const second = start({ RDV_MODEL_LISTEN: ready.endpoint });
     assert.equal(await second.exited, 1);
     assert.match(second.stderr(), /cannot serve/);

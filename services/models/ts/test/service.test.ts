@@ -7,13 +7,11 @@ import type { GetModelMetadataResponse, PredictRequest, PredictResponse } from "
 import type { Model, PredictContext } from "../src/model";
 import { MODEL_SERVICE } from "../src/server";
 import { budgetMs } from "../src/service";
-import { call, failure, healthStatus, serve } from "./helpers";
+import { call, failure, healthStatus, predictRequest, serve } from "./helpers";
 
 const METADATA: GetModelMetadataResponse = { name: "stand-in", version: "1", platform: "node", inputs: [], outputs: [] };
 
-function request(deadline?: Date): PredictRequest {
-  return { requestId: "r", objective: "o", features: {}, payload: undefined, subjectState: {}, deadline };
-}
+const request = (deadline?: Date): PredictRequest => predictRequest({}, deadline ? { deadline } : {});
 
 /** Answers after `delayMs` unless its signal fires first; records what it was given. */
 class SlowModel implements Model {
