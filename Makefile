@@ -140,3 +140,4 @@ profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--syst
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf tools/tsgen/node_modules $(MODEL_TS)/node_modules $(MODEL_TS)/dist
