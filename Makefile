@@ -6,19 +6,32 @@ SHELL := bash
 
 PYTHON_BASE ?= python3
 VENV := .venv
+# MLServer (an Open Inference Protocol server) in a virtualenv of its own: its pins are not ours.
+MLSERVER_VENV := .venv-mlserver
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TOOLS_BIN := $(CURDIR)/tools/bin
 GHZ_VERSION := v0.120.0
 GRPCURL_VERSION := v1.9.4
+# Go code generators (tools/gen_go.sh refuses any other version: their output names them).
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 export PYTHON := $(CURDIR)/$(PY)
+export TOOLS_BIN PROTOC_GEN_GO_VERSION PROTOC_GEN_GO_GRPC_VERSION
+# The Go model container (tools/bin, beside the other built tools; rebuilt by every
+# `make setup`, go build's cache makes that cheap). ModelDeployment.command names it.
+MODEL_GO := $(TOOLS_BIN)/rendezvous-model-go
+# The TypeScript generator (tools/tsgen: ts-proto) and the Node model container, each
+# installed from its lockfile by `npm ci`.
 NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 TSGEN := tools/tsgen/node_modules/.installed
 MODEL_TS := services/models/ts
+# Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
+GO_DIRS := services/models/go services/models/artifacts gen/go
 
-.PHONY: help setup venv tools browser gen gen-check lint fmt buf-breaking unit integration test check \
-        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean \
-        ts test-ts
+.PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
+        unit integration test test-go ts test-ts check \
+        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -31,6 +44,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+$(MLSERVER_VENV)/.installed: tools/mlserver-requirements.txt
+	rm -rf $(MLSERVER_VENV)
+	$(PYTHON_BASE) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --quiet --upgrade pip
+	$(MLSERVER_VENV)/bin/pip install --quiet -r tools/mlserver-requirements.txt
+	touch $@
+
+mlserver: $(MLSERVER_VENV)/.installed ## MLServer + its scikit-learn runtime in .venv-mlserver (the oip tests)
+
 $(TOOLS_BIN)/ghz:
 	mkdir -p $(TOOLS_BIN)
 	GOBIN=$(TOOLS_BIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
@@ -41,26 +63,67 @@ $(TOOLS_BIN)/grpcurl:
 
 tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
 
+# A stamp per pinned version, so a bump reinstalls.
+$(TOOLS_BIN)/.protoc-gen-go-$(PROTOC_GEN_GO_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	touch $@
+
+$(TOOLS_BIN)/.protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	touch $@
+
+go-plugins: $(TOOLS_BIN)/.protoc-gen-go-$(PROTOC_GEN_GO_VERSION) $(TOOLS_BIN)/.protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION) ## protoc-gen-go and protoc-gen-go-grpc, pinned, into tools/bin
+
+model-go: ## Build the Go model container into tools/bin/rendezvous-model-go
+	mkdir -p $(TOOLS_BIN)
+	go build -o $(MODEL_GO) ./services/models/go
+
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv tools browser ts ## Install everything: virtualenv, buf, ghz, grpcurl, Chromium, Apache Pulsar, the TS model
+setup: venv mlserver tools go-plugins model-go ts browser ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, the TS generator and container, Chromium, Apache Pulsar
 	tools/pulsar.sh fetch
 
-gen: venv $(TSGEN) ## Regenerate gen/ from protos/
+gen: venv go-plugins $(TSGEN) ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
 	tools/gen.sh
 
-gen-check: venv $(TSGEN) ## Fail if gen/ differs from what protos/ generate
+gen-check: venv go-plugins $(TSGEN) ## Fail if gen/ differs, in any language, from what protos/ generate
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	tools/gen.sh "$$tmp"; \
-	diff -r --exclude=__pycache__ "$$tmp/rendezvous" gen/rendezvous \
-	  || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }; \
-	diff -r "$$tmp/ts" gen/ts \
-	  || { echo "gen/ts is stale: run 'make gen' and commit the result" >&2; exit 1; }
+	stale=0; \
+	for dir in rendezvous inference go ts; do \
+	  [[ -e "$$tmp/$$dir" || -e "gen/$$dir" ]] || continue; \
+	  diff -r --exclude=__pycache__ --exclude=node_modules "$$tmp/$$dir" "gen/$$dir" || stale=1; \
+	done; \
+	(( stale == 0 )) || { echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; }
 
-# TypeScript: the pinned protoc plugin (tools/tsgen) and the Node model container
-# (services/models/ts), each installed from its lockfile; stamps live in node_modules,
-# which `npm ci` recreates, so a changed lockfile reinstalls.
+lint: venv ## ruff, mypy (strict), buf lint, buf format, buf breaking, gofmt and go vet
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	$(BIN)/buf format -d --exit-code
+	tools/buf-breaking.sh
+	$(MAKE) --no-print-directory lint-go
+
+lint-go: ## gofmt (no file to reformat), go vet, and go.mod/go.sum tidy
+	@unformatted=$$(gofmt -l $(GO_DIRS)); \
+	[[ -z "$$unformatted" ]] || { echo "gofmt would reformat:" $$unformatted >&2; exit 1; }
+	go vet ./...
+	go mod tidy -diff
+
+fmt: venv ## Format Python, Go and protos in place
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/buf format -w
+	gofmt -w $(GO_DIRS)
+
+unit: venv ## Unit tests only (no broker)
+	$(BIN)/pytest -m 'not integration'
+
+# Stamps live in node_modules, which `npm ci` recreates, so a changed lockfile reinstalls.
 $(TSGEN): tools/tsgen/package-lock.json
 	cd tools/tsgen && $(NPM_CI)
 	touch $@
@@ -75,23 +138,10 @@ ts: $(TSGEN) $(MODEL_TS)/node_modules/.installed ## Install the TS generator and
 test-ts: ts ## The Node model container's tests (node --test, real loopback gRPC)
 	cd $(MODEL_TS) && npm test
 
-lint: venv ## ruff, mypy (strict), buf lint and buf format
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	$(BIN)/buf lint
-	$(BIN)/buf format -d --exit-code
-	tools/buf-breaking.sh
+test-go: ## Go tests: go test ./... (the Go model container against the Python model)
+	go test -count=1 ./...
 
-fmt: venv ## Format Python and protos in place
-	$(BIN)/ruff format .
-	$(BIN)/ruff check --fix .
-	$(BIN)/buf format -w
-
-unit: venv ## Unit tests only (no broker)
-	$(BIN)/pytest -m 'not integration'
-
-test: setup lint gen-check test-ts ## Every check: lint, gen drift, ghz and bench smoke, unit and integration tests on a real broker
+test: setup lint gen-check test-go test-ts ## Every check: lint, gen drift, Go and TS tests, ghz and bench smoke, unit and integration tests on a real broker
 	tools/ghz-smoke.sh
 	$(PY) -m tools.bench --smoke
 	tools/run-tests.sh
@@ -139,5 +189,5 @@ profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--syst
 
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down
-	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) .run .mypy_cache .ruff_cache .pytest_cache
 	rm -rf tools/tsgen/node_modules $(MODEL_TS)/node_modules $(MODEL_TS)/dist

@@ -5,6 +5,11 @@
 # protos (so the very first commit, with nothing to compare with, is skipped with a note).
 # In a clone that has no local main (CI checking out a feature branch), origin/main is
 # used instead. Rules: `breaking:` in buf.yaml.
+#
+# One transition is allowed: against a tree whose protos set no `go_package` at all (no Go
+# code was generated from it, so none can break), setting it is not reported
+# (FILE_SAME_GO_PACKAGE is skipped for that comparison only). Once the compared tree has
+# go_package, any change of it fails as usual.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,13 +35,35 @@ has_contract() {
     git cat-file -e "$1:protos" 2>/dev/null && git cat-file -e "$1:buf.yaml" 2>/dev/null
 }
 
+# buf's configuration for the comparison with tree $1: buf.yaml, plus the go_package
+# transition above when $1 sets no go_package.
+config_against() {
+    if git grep -q 'option go_package' "$1" -- protos; then
+        cat buf.yaml
+        return
+    fi
+    log "$1 sets no go_package yet: adding it is allowed (FILE_SAME_GO_PACKAGE skipped)"
+    .venv/bin/python - <<'PY'
+import json
+
+import yaml
+
+with open("buf.yaml", encoding="utf-8") as handle:
+    config = yaml.safe_load(handle)
+breaking = config.setdefault("breaking", {})
+breaking["except"] = [*breaking.get("except", []), "FILE_SAME_GO_PACKAGE"]
+print(json.dumps(config))
+PY
+}
+
 if git show-ref --verify --quiet "refs/heads/${BRANCH}"; then
     if ! has_contract "refs/heads/${BRANCH}"; then
         log "branch ${BRANCH} has no protos/ and buf.yaml yet (first commit?); skipped"
         exit 0
     fi
     log "comparing protos/ with branch ${BRANCH} ($(git rev-parse --short "refs/heads/${BRANCH}"))"
-    exec "${BUF}" breaking --against ".git#branch=${BRANCH}"
+    exec "${BUF}" breaking --against ".git#branch=${BRANCH}" \
+        --config "$(config_against "refs/heads/${BRANCH}")"
 fi
 
 remote_ref="refs/remotes/origin/${BRANCH}"
@@ -50,7 +77,7 @@ if git show-ref --verify --quiet "${remote_ref}"; then
     trap 'rm -rf "${against}"' EXIT
     git archive "${remote_ref}" protos buf.yaml | tar -x -C "${against}"
     log "comparing protos/ with origin/${BRANCH} ($(git rev-parse --short "${remote_ref}"))"
-    "${BUF}" breaking --against "${against}"
+    "${BUF}" breaking --against "${against}" --config "$(config_against "${remote_ref}")"
     exit 0
 fi
 

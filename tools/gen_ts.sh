@@ -1,31 +1,30 @@
 #!/usr/bin/env bash
-# Regenerates the TypeScript code for protos/ into <outdir>/ts (default gen/ts).
-# One pinned generator: ts-proto (tools/tsgen/package-lock.json, `npm ci` by `make setup`)
-# run by the same protoc as tools/gen.sh (grpcio-tools from the project venv). Besides the
-# code it writes descriptors.ts (see below) for server reflection. google/rpc status and
-# error_details are generated too: servers encode them into the grpc-status-details-bin
-# trailer. `make gen-check` runs this into a temp dir and diffs.
+# TypeScript for protos/ into DIR (gen/ts when called by tools/gen.sh, as tools/gen_go.sh
+# takes gen/go): messages and @grpc/grpc-js service definitions by ts-proto, pinned in
+# tools/tsgen/package-lock.json (`npm ci` by `make setup`), run by the one protoc every
+# language uses (tools/protoc.sh). google/rpc status + error_details are generated too:
+# servers encode them into the grpc-status-details-bin trailer. descriptors.ts: see below.
+#
+#   tools/gen_ts.sh DIR
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-out=${1:-$repo/gen}/ts
+out=$(mkdir -p "$1" && cd "$1" && pwd)
 py=${PYTHON:-$repo/.venv/bin/python}
 plugin=$repo/tools/tsgen/node_modules/.bin/protoc-gen-ts_proto
-[[ -x $plugin ]] || { echo "gen_ts.sh: $plugin missing: run 'make setup'" >&2; exit 1; }
-wkt=$("$py" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
+[[ -x $plugin ]] || { echo "gen_ts: missing $plugin; run 'make setup'" >&2; exit 1; }
 # googleapis-common-protos ships google/rpc/*.proto next to its Python modules.
 rpc=$("$py" -c 'import google.rpc.status_pb2 as m, os; print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 
-rm -rf "$out"
-mkdir -p "$out"
+# Only what this script writes: DIR may hold other things.
+rm -rf "$out/rendezvous" "$out/google" "$out/descriptors.ts"
 set_file=$(mktemp)
 trap 'rm -f "$set_file"' EXIT
-cd "$repo/protos"
-"$py" -m grpc_tools.protoc -I . -I "$wkt" -I "$rpc" \
+"$repo/tools/protoc.sh" -I "$rpc" \
   --plugin=protoc-gen-ts_proto="$plugin" \
   --ts_proto_out="$out" \
   --ts_proto_opt=outputServices=grpc-js,env=node,esModuleInterop=true,oneof=unions-value \
   --descriptor_set_out="$set_file" --include_imports \
-  rendezvous/v1/*.proto google/rpc/status.proto google/rpc/error_details.proto
+  google/rpc/status.proto google/rpc/error_details.proto
 # descriptors.ts: every FileDescriptorProto above as protoc wrote it, plus grpc.health.v1 and
 # grpc.reflection.v1alpha from the venv's grpcio packages (their .proto files are not shipped
 # there): what a TS server's reflection serves, exact, with no .proto read at run time.

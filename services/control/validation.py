@@ -14,7 +14,8 @@ import re
 
 from rendezvous.v1 import common_pb2, objective_pb2
 
-from services.core.protos import duration_ms
+from services.core.oip import OIP_KIND, oip_problems
+from services.core.protos import duration_ms, values_dict
 
 Violation = tuple[str, str]
 
@@ -98,6 +99,12 @@ def _models(config: objective_pb2.ObjectiveConfig, p: str) -> list[Violation]:
             )
         if model.command and not model.command[0].strip():
             out.append((f"{where}.command", "the program (the first word) is required"))
+        if model.kind == OIP_KIND:
+            args = values_dict(model.args.fields) if model.HasField("args") else {}
+            out.extend(
+                (f"{where}.{path}", problem)
+                for path, problem in oip_problems(model.endpoint, model.command, args)
+            )
         if model.role == INCUMBENT:
             incumbents.append(index)
             if not model.enabled:

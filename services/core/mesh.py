@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rendezvous.v1 import common_pb2, model_pb2, objective_pb2
 
+from services.core.oip import OIP_KIND, oip_problems
 from services.core.protos import duration_from_seconds, duration_ms, set_values, values_dict
 
 _ROLES = {
@@ -64,7 +65,8 @@ class ModelEntry(_Strict):
     role: Role
     version: str = "1"
     # Which example container to run (sum, diabetes, flaky, ...); absent when the
-    # container is external and `endpoint` says where it listens.
+    # container is external and `endpoint` says where it listens. `oip`: an Open Inference
+    # Protocol (KServe V2) server at `endpoint`, `args` as services/core/oip.py says.
     kind: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     endpoint: str | None = None
@@ -73,6 +75,15 @@ class ModelEntry(_Strict):
     command: list[str] = Field(default_factory=list)
     replicas: int = Field(default=1, ge=1, le=16)
     enabled: bool = True
+
+    @model_validator(mode="after")
+    def _oip_deployment(self) -> ModelEntry:
+        if self.kind == OIP_KIND:
+            problems = oip_problems(self.endpoint or "", self.command, self.args)
+            if problems:
+                listed = "; ".join(f"{path}: {problem}" for path, problem in problems)
+                raise ValueError(f"oip model {self.name!r}: {listed}")
+        return self
 
 
 class PolicyStepEntry(_Strict):

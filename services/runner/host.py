@@ -38,15 +38,18 @@ from services.core.bus import Bus, BusError, Envelope, Subscription, Subscriptio
 from services.core.consumer import BoundedConsumer
 from services.core.control_topic import ControlFollower, follow
 from services.core.lifecycle import Component
+from services.core.oip import OIP_KIND
 from services.core.protos import now_timestamp
 from services.core.telemetry import counter
 from services.decoy.archive import Archiver
 from services.runner.live import (
     archive_hosted,
     archiving_denied_by_default,
+    deployment_args,
     hosted_models,
     read_model_directory,
     runner_role,
+    serves_differently,
 )
 from services.runner.runner import ModelRunner
 from services.runner.settings import RunnerSettings
@@ -120,6 +123,16 @@ class RunnerHost(Component):
             archive = self.archiver is not None
         else:
             self.runners = [ModelRunner(hosted, bus) for hosted in settings.hosted()]
+            for runner in self.runners:
+                # An oip model is checked at start (ready, and the configured tensors exist):
+                # a host that cannot serve it fails now, with the reason logged.
+                if runner.settings.kind == OIP_KIND and not await runner.client.wait_ready(
+                    settings.model_start_timeout_s, settings.model_poll_s
+                ):
+                    raise RuntimeError(
+                        f"the oip model of {runner.model!r} at {runner.client.endpoint} "
+                        "is not ready or does not fit its configuration (see the log)"
+                    )
             if settings.archive:
                 self.archiver = await self._archiver(settings.default_archiving == "denied")
         subscription = await bus.subscribe(
@@ -204,8 +217,11 @@ class RunnerHost(Component):
                 retire.append(runner)
                 continue
             endpoint = deployment.endpoint or directory.get(deployment.name, "")
-            if endpoint and endpoint != runner.client.endpoint:
-                # A new address is a new channel: the new runner joins before the old leaves.
+            if (endpoint and endpoint != runner.client.endpoint) or serves_differently(
+                runner, deployment
+            ):
+                # A new address (or protocol, or oip mapping) is a new channel: the new
+                # runner joins before the old leaves.
                 start.append(deployment)
                 retire.append(runner)
                 continue
@@ -261,19 +277,30 @@ class RunnerHost(Component):
                 )
                 return None
             await asyncio.sleep(settings.model_poll_s)
-        runner = ModelRunner(
-            settings.model_copy(
-                update={
-                    "model": deployment.name,
-                    "role": runner_role(deployment),
-                    "model_version": deployment.version,
-                    "endpoint": endpoint,
-                    "deployments": [],
-                    "follow": False,
-                }
-            ),
-            self.bus,
-        )
+        try:
+            runner = ModelRunner(
+                settings.model_copy(
+                    update={
+                        "model": deployment.name,
+                        "role": runner_role(deployment),
+                        "model_version": deployment.version,
+                        "endpoint": endpoint,
+                        "kind": deployment.kind,
+                        "args": deployment_args(deployment),
+                        "deployments": [],
+                        "follow": False,
+                    }
+                ),
+                self.bus,
+            )
+        except ValueError as exc:
+            # Validation keeps such a version off the topic; a host never trusts that alone.
+            self._changes["add_failed"].inc()
+            log.error(
+                "a model added cannot be served as configured; it is not served",
+                extra={"objective": self.objective, "model": deployment.name, "error": str(exc)},
+            )
+            return None
         try:
             remaining = max(timeout_s - (time.monotonic() - started), settings.model_poll_s)
             ready = await runner.client.wait_ready(remaining, settings.model_poll_s)

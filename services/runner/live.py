@@ -12,10 +12,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rendezvous.v1 import common_pb2, objective_pb2
 
+from services.core.oip import OIP_KIND
+from services.core.protos import values_dict
 from services.runner.settings import RunnerRole
+
+if TYPE_CHECKING:
+    from services.runner.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,20 @@ def runner_role(deployment: objective_pb2.ModelDeployment) -> RunnerRole:
     """The role a runner plays; an unknown role is treated as experimental (the safe side
     for a subject's consent)."""
     return _ROLES.get(deployment.role, "challenger")
+
+
+def deployment_args(deployment: objective_pb2.ModelDeployment) -> dict[str, Any]:
+    """The deployment's args as plain values ({} when it has none)."""
+    return values_dict(deployment.args.fields) if deployment.HasField("args") else {}
+
+
+def serves_differently(runner: ModelRunner, deployment: objective_pb2.ModelDeployment) -> bool:
+    """Whether `runner` speaks another protocol than `deployment` now asks for, or, for an
+    oip model, maps features to tensors differently (its args changed): a new runner then."""
+    settings = runner.settings
+    if settings.kind != deployment.kind and OIP_KIND in (settings.kind, deployment.kind):
+        return True
+    return deployment.kind == OIP_KIND and settings.args != deployment_args(deployment)
 
 
 def hosted_models(

@@ -8,6 +8,9 @@ Whatever goes wrong comes back as a `ModelError` per task, built in one place
 
 `wait_ready` asks the container's standard gRPC health service until it says SERVING: a
 runner host that adds a model live puts it in its fan-out (and reports it ready) only then.
+
+`ScoringClient` is what a runner needs of any model client; a deployment of kind `oip` gets
+the Open Inference Protocol's (`services/runner/oip_client.py`) behind the same interface.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,29 +48,49 @@ class Scored:
     calls: list[int]
 
 
+class ScoringClient(Protocol):
+    """What a runner needs of a model, whatever protocol it speaks: `ModelClient`
+    (rendezvous.v1.ModelService) or `OipClient` (the Open Inference Protocol, kind `oip`)."""
+
+    endpoint: str
+
+    async def wait_ready(self, timeout_s: float, poll_s: float) -> bool: ...
+
+    async def score(self, tasks: list[task_pb2.EnrichedTask], objective: str) -> Scored: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOptions:
+    """How a runner talks to a model, whatever the protocol: reconnect fast after a restart
+    (gRPC's defaults wait up to 120 s), messages up to `max_message_bytes`, and no call
+    longer than `max_timeout_s` (the ceiling for a task without a deadline)."""
+
+    initial_reconnect_backoff_ms: int
+    max_reconnect_backoff_ms: int
+    max_message_bytes: int
+    max_timeout_s: float
+
+    def open(self, endpoint: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            endpoint,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
+                ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+            ],
+        )
+
+
 class ModelClient:
     """A channel to one model container, reconnecting fast after a restart."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        initial_reconnect_backoff_ms: int,
-        max_reconnect_backoff_ms: int,
-        max_message_bytes: int,
-        max_timeout_s: float,
-    ) -> None:
+    def __init__(self, endpoint: str, options: ChannelOptions) -> None:
         self.endpoint = endpoint
-        self._max_timeout_s = max_timeout_s
-        self._channel = grpc.aio.insecure_channel(
-            endpoint,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", initial_reconnect_backoff_ms),
-                ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self._max_timeout_s = options.max_timeout_s
+        self._channel = options.open(endpoint)
         self._stub = model_pb2_grpc.ModelServiceStub(self._channel)
         # Until the model answers PredictBatch with UNIMPLEMENTED.
         self._batch_capable = True
@@ -120,7 +144,7 @@ class ModelClient:
         except grpc.aio.AioRpcError as err:
             return model_error(err.code(), err.details() or "")
         except Exception as exc:
-            return _internal(exc)
+            return internal_error(exc)
         return response
 
     async def _predict_batch(
@@ -146,7 +170,7 @@ class ModelClient:
                 return None
             return [model_error(err.code(), err.details() or "")] * len(tasks)
         except Exception as exc:
-            return [_internal(exc)] * len(tasks)
+            return [internal_error(exc)] * len(tasks)
         results: list[Result] = [
             item.response if item.WhichOneof("result") == "response" else item.error
             for item in response.results
@@ -177,6 +201,6 @@ def predict_request(enriched: task_pb2.EnrichedTask, objective: str) -> model_pb
     return request
 
 
-def _internal(exc: Exception) -> common_pb2.ModelError:
+def internal_error(exc: Exception) -> common_pb2.ModelError:
     # Not a status from the model (e.g. the channel is closing): still an answer.
     return model_error(grpc.StatusCode.INTERNAL, f"runner: {type(exc).__name__}")

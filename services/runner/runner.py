@@ -24,11 +24,13 @@ from opentelemetry import trace
 from rendezvous.v1 import common_pb2, model_pb2, task_pb2
 
 from services.core.bus import Bus, BusError, Envelope
+from services.core.oip import OIP_KIND, OipArgs
 from services.core.telemetry import counter, histogram, tracer
 from services.core.topics import Topics
 from services.runner.admission import SKIP_REASONS, skip_reason
 from services.runner.events import Deployment, prediction_event
-from services.runner.model_client import ModelClient, Scored
+from services.runner.model_client import ChannelOptions, ModelClient, Scored, ScoringClient
+from services.runner.oip_client import OipClient
 from services.runner.settings import RunnerRole, RunnerSettings
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,20 @@ class _Queued:
     published: asyncio.Future[bool] = field(repr=False)
 
 
+def model_client(settings: RunnerSettings) -> ScoringClient:
+    """The client of the deployment's model: the Open Inference Protocol's for kind `oip`
+    (its args parsed here: a ValueError when they do not fit), else ModelService's."""
+    options = ChannelOptions(
+        initial_reconnect_backoff_ms=settings.initial_reconnect_backoff_ms,
+        max_reconnect_backoff_ms=settings.max_reconnect_backoff_ms,
+        max_message_bytes=settings.max_message_bytes,
+        max_timeout_s=settings.max_model_timeout_s,
+    )
+    if settings.kind == OIP_KIND:
+        return OipClient(settings.endpoint, OipArgs.model_validate(settings.args), options)
+    return ModelClient(settings.endpoint, options)
+
+
 class ModelRunner:
     """One deployment: its model channel, its batches, its metrics."""
 
@@ -95,13 +111,7 @@ class ModelRunner:
             runner=settings.instance,
             max_error_message_chars=settings.max_error_message_chars,
         )
-        self.client = ModelClient(
-            settings.endpoint,
-            initial_reconnect_backoff_ms=settings.initial_reconnect_backoff_ms,
-            max_reconnect_backoff_ms=settings.max_reconnect_backoff_ms,
-            max_message_bytes=settings.max_message_bytes,
-            max_timeout_s=settings.max_model_timeout_s,
-        )
+        self.client = model_client(settings)
         self._queue: list[_Queued] = []
         self._calls: set[asyncio.Task[None]] = set()
         # Labelled children looked up once: a label look-up per message adds up.

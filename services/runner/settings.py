@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.core.oip import OIP_KIND, OipArgs
 from services.core.settings import ServiceSettings
 
 RunnerRole = Literal["incumbent", "challenger", "canary"]
@@ -29,6 +30,9 @@ class RunnerDeployment(BaseModel):
     role: RunnerRole
     model_version: str = ""
     endpoint: str = Field(min_length=1)
+    # What serves it: "oip" for an Open Inference Protocol server (with its `args`).
+    kind: str = ""
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class RunnerSettings(ServiceSettings):
@@ -57,6 +61,11 @@ class RunnerSettings(ServiceSettings):
     model_version: str = ""
     # The model container's gRPC address, host:port.
     endpoint: str = ""
+    # The deployment's kind and args (RDV_RUNNER_ARGS: JSON). Only "oip" changes what the
+    # runner speaks: the Open Inference Protocol, configured by `args`
+    # (services/core/oip.py); any other kind serves rendezvous.v1.ModelService.
+    kind: str = ""
+    args: dict[str, Any] = Field(default_factory=dict)
     # Several deployments hosted by this process (instead of the fields above).
     deployments: list[RunnerDeployment] = Field(default_factory=list)
     # Live mode: follow the control topic (see the class docstring).
@@ -132,6 +141,11 @@ class RunnerSettings(ServiceSettings):
         )
         if len(objectives) > 1:
             raise ValueError(f"one runner host serves one objective, not {sorted(objectives)}")
+        # An oip deployment's args are checked here: a host that cannot serve them says so.
+        kinds = [(self.kind, self.args)] + [(d.kind, d.args) for d in self.deployments]
+        for kind, args in kinds:
+            if kind == OIP_KIND:
+                OipArgs.model_validate(args)
         if not self.subscription:
             self.subscription = self.model if single and not self.deployments else "runners"
         return self._check_backoff()

@@ -56,8 +56,11 @@ async def ghz(  # noqa: PLR0917 (one ghz invocation, each flag a parameter)
     seconds: float,
     connections: int = 2,
     concurrency: int = 50,
+    proto: tuple[Path, Path] | None = None,
 ) -> LoadResult:
-    """ghz open loop at `rps` for `seconds` against a gRPC server with reflection."""
+    """ghz open loop at `rps` for `seconds` against a gRPC server with reflection, or, for
+    one without (MLServer), with `proto` = (.proto file, its import path)."""
+    described = [] if proto is None else [f"--proto={proto[0]}", f"--import-paths={proto[1]}"]
     process = await asyncio.create_subprocess_exec(
         str(GHZ),
         "--insecure",
@@ -71,6 +74,7 @@ async def ghz(  # noqa: PLR0917 (one ghz invocation, each flag a parameter)
         f"--connections={connections}",
         f"--concurrency={concurrency}",
         "--timeout=10s",
+        *described,
         target,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from rendezvous.v1 import task_pb2 as rendezvous_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crendezvous/v1/delivery.proto\x12\rrendezvous.v1\x1a\x18rendezvous/v1/task.proto\"\x8e\x01\n\x0e\x44\x65liverRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x04\x12\x32\n\nprediction\x18\x02 \x01(\x0b\x32\x1e.rendezvous.v1.PredictionEvent\x12\x33\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x1e.rendezvous.v1.PredictionEvent\"\x86\x01\n\x0f\x44\x65liverResponse\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.rendezvous.v1.DeliveryStatus\x12/\n\x08statuses\x18\x03 \x03(\x0e\x32\x1d.rendezvous.v1.DeliveryStatus*\xad\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45LIVERY_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x44\x45LIVERY_STATUS_LATE\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DUPLICATE\x10\x03\x12#\n\x1f\x44\x45LIVERY_STATUS_UNKNOWN_MAILBOX\x10\x04\x32_\n\x0f\x44\x65liveryService\x12L\n\x07\x44\x65liver\x12\x1d.rendezvous.v1.DeliverRequest\x1a\x1e.rendezvous.v1.DeliverResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crendezvous/v1/delivery.proto\x12\rrendezvous.v1\x1a\x18rendezvous/v1/task.proto\"\x8e\x01\n\x0e\x44\x65liverRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x04\x12\x32\n\nprediction\x18\x02 \x01(\x0b\x32\x1e.rendezvous.v1.PredictionEvent\x12\x33\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x1e.rendezvous.v1.PredictionEvent\"\x86\x01\n\x0f\x44\x65liverResponse\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.rendezvous.v1.DeliveryStatus\x12/\n\x08statuses\x18\x03 \x03(\x0e\x32\x1d.rendezvous.v1.DeliveryStatus*\xad\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45LIVERY_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x44\x45LIVERY_STATUS_LATE\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DUPLICATE\x10\x03\x12#\n\x1f\x44\x45LIVERY_STATUS_UNKNOWN_MAILBOX\x10\x04\x32_\n\x0f\x44\x65liveryService\x12L\n\x07\x44\x65liver\x12\x1d.rendezvous.v1.DeliverRequest\x1a\x1e.rendezvous.v1.DeliverResponse(\x01\x30\x01\x42GZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rendezvous.v1.delivery_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1'
   _globals['_DELIVERYSTATUS']._serialized_start=356
   _globals['_DELIVERYSTATUS']._serialized_end=529
   _globals['_DELIVERREQUEST']._serialized_start=74

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from rendezvous.v1 import task_pb2 as rendezvous_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crendezvous/v1/enricher.proto\x12\rrendezvous.v1\x1a\x18rendezvous/v1/task.proto\"9\n\rEnrichRequest\x12(\n\x04task\x18\x01 \x01(\x0b\x32\x1a.rendezvous.v1.ScoringTask\"D\n\x0e\x45nrichResponse\x12\x32\n\renriched_task\x18\x01 \x01(\x0b\x32\x1b.rendezvous.v1.EnrichedTask2X\n\x0f\x45nricherService\x12\x45\n\x06\x45nrich\x12\x1c.rendezvous.v1.EnrichRequest\x1a\x1d.rendezvous.v1.EnrichResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crendezvous/v1/enricher.proto\x12\rrendezvous.v1\x1a\x18rendezvous/v1/task.proto\"9\n\rEnrichRequest\x12(\n\x04task\x18\x01 \x01(\x0b\x32\x1a.rendezvous.v1.ScoringTask\"D\n\x0e\x45nrichResponse\x12\x32\n\renriched_task\x18\x01 \x01(\x0b\x32\x1b.rendezvous.v1.EnrichedTask2X\n\x0f\x45nricherService\x12\x45\n\x06\x45nrich\x12\x1c.rendezvous.v1.EnrichRequest\x1a\x1d.rendezvous.v1.EnrichResponseBGZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rendezvous.v1.enricher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1'
   _globals['_ENRICHREQUEST']._serialized_start=73
   _globals['_ENRICHREQUEST']._serialized_end=130
   _globals['_ENRICHRESPONSE']._serialized_start=132

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crendezvous/v1/feedback.proto\x12\rrendezvous.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\rRecordRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x12\x0f\n\x05label\x18\x04 \x01(\x08H\x00\x12\x31\n\robserved_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08observed\"W\n\x0eRecordResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\rrecorded_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x12\x0f\n\x05label\x18\x04 \x01(\x08H\x00\x12\x31\n\robserved_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rrecorded_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08observed2X\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x45\n\x06Record\x12\x1c.rendezvous.v1.RecordRequest\x1a\x1d.rendezvous.v1.RecordResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crendezvous/v1/feedback.proto\x12\rrendezvous.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\rRecordRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x12\x0f\n\x05label\x18\x04 \x01(\x08H\x00\x12\x31\n\robserved_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08observed\"W\n\x0eRecordResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\rrecorded_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x12\x0f\n\x05label\x18\x04 \x01(\x08H\x00\x12\x31\n\robserved_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rrecorded_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08observed2X\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x45\n\x06Record\x12\x1c.rendezvous.v1.RecordRequest\x1a\x1d.rendezvous.v1.RecordResponseBGZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rendezvous.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1'
   _globals['_RECORDREQUEST']._serialized_start=81
   _globals['_RECORDREQUEST']._serialized_end=232
   _globals['_RECORDRESPONSE']._serialized_start=234

@@ -201,9 +201,7 @@ Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
 
 @_typing.final
 class PredictBatchRequest(_message.Message):
-    """GetModelMetadataRequest asks for a model's metadata.
-    PredictBatchRequest is several scoring requests for one model.
-    """
+    """PredictBatchRequest is several scoring requests for one model."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -263,7 +261,11 @@ class PredictResult(_message.Message):
 
     @_builtins.property
     def error(self) -> _common_pb2.ModelError:
-        """error is why this request got no prediction (e.g. INVALID_ARGUMENT for its features)."""
+        """error is why this request got no prediction: the status Predict would have ended
+        with for it (grpc_code, `reason` as in its ErrorInfo, `message` its status message),
+        e.g. INVALID_ARGUMENT for its features, or INTERNAL with a message that says
+        nothing of the cause.
+        """
 
     def __init__(
         self,
@@ -283,6 +285,8 @@ Global___PredictResult: _TypeAlias = PredictResult  # noqa: Y015
 
 @_typing.final
 class GetModelMetadataRequest(_message.Message):
+    """GetModelMetadataRequest asks for a model's metadata."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(

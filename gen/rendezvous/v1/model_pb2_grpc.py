@@ -27,6 +27,41 @@ if _version_not_supported:
 
 class ModelServiceStub:
     """ModelService is what every model container implements, in any language.
+
+    Serving: a container also serves the standard grpc.health.v1.Health service (for "" and
+    "rendezvous.v1.ModelService": SERVING once it answers, NOT_SERVING from the moment it
+    starts draining) and server reflection. Requests and responses are limited to 4 MiB
+    (`max_message_bytes` in services/core/settings.py), on the container's server and on the
+    runner's channel alike.
+
+    Errors: a call that fails ends with one of these statuses. A status the model itself
+    decides on carries a google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable
+    `reason` (the status code's name, e.g. "INVALID_ARGUMENT", unless a model documents a
+    more specific one); statuses that gRPC itself produces (deadline, message size,
+    concurrency limit, UNIMPLEMENTED) carry no details. A status message is short, fixed
+    text: never exception text, a stack trace or feature values.
+
+    - INVALID_ARGUMENT: the features do not fit the model. The status carries a
+    google.rpc.BadRequest with one field violation per offending feature, field
+    "features.<name>", sorted by field; the description is "is required" for a feature
+    the model requires that is absent and "must be a finite number" for a value that is
+    not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
+    message is "invalid request: " and the fields, comma-separated. Features the model
+    does not read are ignored. For a request body that does not parse, the Python
+    containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+    itself answers INTERNAL in some languages (Go).
+    - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
+    before the model had an answer.
+    - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
+    beyond the container's concurrency limit (`maximum_concurrent_rpcs`, when set).
+    - UNAVAILABLE: the container is draining or not ready yet.
+    - UNIMPLEMENTED: PredictBatch only, which is optional (see PredictBatch).
+    - INTERNAL: anything unexpected, with the message "internal error"; the cause is in the
+    container's log only.
+
+    The runner turns every failure into a ModelError for the task (grpc_code, `reason` the
+    code's name, `message` the status message), recorded with the outcome; it never
+    reaches a client of ScoringService.
     """
 
     def __init__(self, channel):
@@ -54,6 +89,41 @@ class ModelServiceStub:
 
 class ModelServiceServicer:
     """ModelService is what every model container implements, in any language.
+
+    Serving: a container also serves the standard grpc.health.v1.Health service (for "" and
+    "rendezvous.v1.ModelService": SERVING once it answers, NOT_SERVING from the moment it
+    starts draining) and server reflection. Requests and responses are limited to 4 MiB
+    (`max_message_bytes` in services/core/settings.py), on the container's server and on the
+    runner's channel alike.
+
+    Errors: a call that fails ends with one of these statuses. A status the model itself
+    decides on carries a google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable
+    `reason` (the status code's name, e.g. "INVALID_ARGUMENT", unless a model documents a
+    more specific one); statuses that gRPC itself produces (deadline, message size,
+    concurrency limit, UNIMPLEMENTED) carry no details. A status message is short, fixed
+    text: never exception text, a stack trace or feature values.
+
+    - INVALID_ARGUMENT: the features do not fit the model. The status carries a
+    google.rpc.BadRequest with one field violation per offending feature, field
+    "features.<name>", sorted by field; the description is "is required" for a feature
+    the model requires that is absent and "must be a finite number" for a value that is
+    not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
+    message is "invalid request: " and the fields, comma-separated. Features the model
+    does not read are ignored. For a request body that does not parse, the Python
+    containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+    itself answers INTERNAL in some languages (Go).
+    - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
+    before the model had an answer.
+    - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
+    beyond the container's concurrency limit (`maximum_concurrent_rpcs`, when set).
+    - UNAVAILABLE: the container is draining or not ready yet.
+    - UNIMPLEMENTED: PredictBatch only, which is optional (see PredictBatch).
+    - INTERNAL: anything unexpected, with the message "internal error"; the cause is in the
+    container's log only.
+
+    The runner turns every failure into a ModelError for the task (grpc_code, `reason` the
+    code's name, `message` the status message), recorded with the outcome; it never
+    reaches a client of ScoringService.
     """
 
     def Predict(self, request, context):
@@ -64,18 +134,21 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PredictBatch(self, request, context):
-        """GetModelMetadata describes the model: its name, version and inputs.
-        PredictBatch scores several requests in one call: a runner under load sends the tasks
+        """PredictBatch scores several requests in one call: a runner under load sends the tasks
         that queued up while its previous call was in flight, so the per-call cost is paid once
-        per batch. Each request succeeds or fails on its own. Optional: to a model that answers
-        UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+        per batch. Each request succeeds or fails on its own: a request that Predict would have
+        failed gets a PredictResult with an error, and the call itself still succeeds. Each
+        request's own `deadline` bounds it; the call's gRPC deadline is the longest of them.
+        Optional: to a model that answers UNIMPLEMENTED the runner sends Predict calls
+        instead, one per task (and remembers it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModelMetadata(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GetModelMetadata describes the model: its name, version and inputs.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -108,6 +181,41 @@ def add_ModelServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ModelService:
     """ModelService is what every model container implements, in any language.
+
+    Serving: a container also serves the standard grpc.health.v1.Health service (for "" and
+    "rendezvous.v1.ModelService": SERVING once it answers, NOT_SERVING from the moment it
+    starts draining) and server reflection. Requests and responses are limited to 4 MiB
+    (`max_message_bytes` in services/core/settings.py), on the container's server and on the
+    runner's channel alike.
+
+    Errors: a call that fails ends with one of these statuses. A status the model itself
+    decides on carries a google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable
+    `reason` (the status code's name, e.g. "INVALID_ARGUMENT", unless a model documents a
+    more specific one); statuses that gRPC itself produces (deadline, message size,
+    concurrency limit, UNIMPLEMENTED) carry no details. A status message is short, fixed
+    text: never exception text, a stack trace or feature values.
+
+    - INVALID_ARGUMENT: the features do not fit the model. The status carries a
+    google.rpc.BadRequest with one field violation per offending feature, field
+    "features.<name>", sorted by field; the description is "is required" for a feature
+    the model requires that is absent and "must be a finite number" for a value that is
+    not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
+    message is "invalid request: " and the fields, comma-separated. Features the model
+    does not read are ignored. For a request body that does not parse, the Python
+    containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+    itself answers INTERNAL in some languages (Go).
+    - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
+    before the model had an answer.
+    - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
+    beyond the container's concurrency limit (`maximum_concurrent_rpcs`, when set).
+    - UNAVAILABLE: the container is draining or not ready yet.
+    - UNIMPLEMENTED: PredictBatch only, which is optional (see PredictBatch).
+    - INTERNAL: anything unexpected, with the message "internal error"; the cause is in the
+    container's log only.
+
+    The runner turns every failure into a ModelError for the task (grpc_code, `reason` the
+    code's name, `message` the status message), recorded with the outcome; it never
+    reaches a client of ScoringService.
     """
 
     @staticmethod

@@ -27,7 +27,43 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ModelServiceStub:
-    """ModelService is what every model container implements, in any language."""
+    """ModelService is what every model container implements, in any language.
+
+    Serving: a container also serves the standard grpc.health.v1.Health service (for "" and
+    "rendezvous.v1.ModelService": SERVING once it answers, NOT_SERVING from the moment it
+    starts draining) and server reflection. Requests and responses are limited to 4 MiB
+    (`max_message_bytes` in services/core/settings.py), on the container's server and on the
+    runner's channel alike.
+
+    Errors: a call that fails ends with one of these statuses. A status the model itself
+    decides on carries a google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable
+    `reason` (the status code's name, e.g. "INVALID_ARGUMENT", unless a model documents a
+    more specific one); statuses that gRPC itself produces (deadline, message size,
+    concurrency limit, UNIMPLEMENTED) carry no details. A status message is short, fixed
+    text: never exception text, a stack trace or feature values.
+
+    - INVALID_ARGUMENT: the features do not fit the model. The status carries a
+      google.rpc.BadRequest with one field violation per offending feature, field
+      "features.<name>", sorted by field; the description is "is required" for a feature
+      the model requires that is absent and "must be a finite number" for a value that is
+      not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
+      message is "invalid request: " and the fields, comma-separated. Features the model
+      does not read are ignored. For a request body that does not parse, the Python
+      containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+      itself answers INTERNAL in some languages (Go).
+    - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
+      before the model had an answer.
+    - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
+      beyond the container's concurrency limit (`maximum_concurrent_rpcs`, when set).
+    - UNAVAILABLE: the container is draining or not ready yet.
+    - UNIMPLEMENTED: PredictBatch only, which is optional (see PredictBatch).
+    - INTERNAL: anything unexpected, with the message "internal error"; the cause is in the
+      container's log only.
+
+    The runner turns every failure into a ModelError for the task (grpc_code, `reason` the
+    code's name, `message` the status message), recorded with the outcome; it never
+    reaches a client of ScoringService.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -36,32 +72,110 @@ class ModelServiceStub:
     Predict: _grpc.UnaryUnaryMultiCallable[_model_pb2.PredictRequest, _model_pb2.PredictResponse]
     """Predict scores one enriched request."""
     PredictBatch: _grpc.UnaryUnaryMultiCallable[_model_pb2.PredictBatchRequest, _model_pb2.PredictBatchResponse]
-    """GetModelMetadata describes the model: its name, version and inputs.
-    PredictBatch scores several requests in one call: a runner under load sends the tasks
+    """PredictBatch scores several requests in one call: a runner under load sends the tasks
     that queued up while its previous call was in flight, so the per-call cost is paid once
-    per batch. Each request succeeds or fails on its own. Optional: to a model that answers
-    UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+    per batch. Each request succeeds or fails on its own: a request that Predict would have
+    failed gets a PredictResult with an error, and the call itself still succeeds. Each
+    request's own `deadline` bounds it; the call's gRPC deadline is the longest of them.
+    Optional: to a model that answers UNIMPLEMENTED the runner sends Predict calls
+    instead, one per task (and remembers it).
     """
     GetModelMetadata: _grpc.UnaryUnaryMultiCallable[_model_pb2.GetModelMetadataRequest, _model_pb2.GetModelMetadataResponse]
+    """GetModelMetadata describes the model: its name, version and inputs."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
-    """ModelService is what every model container implements, in any language."""
+    """ModelService is what every model container implements, in any language.
+
+    Serving: a container also serves the standard grpc.health.v1.Health service (for "" and
+    "rendezvous.v1.ModelService": SERVING once it answers, NOT_SERVING from the moment it
+    starts draining) and server reflection. Requests and responses are limited to 4 MiB
+    (`max_message_bytes` in services/core/settings.py), on the container's server and on the
+    runner's channel alike.
+
+    Errors: a call that fails ends with one of these statuses. A status the model itself
+    decides on carries a google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable
+    `reason` (the status code's name, e.g. "INVALID_ARGUMENT", unless a model documents a
+    more specific one); statuses that gRPC itself produces (deadline, message size,
+    concurrency limit, UNIMPLEMENTED) carry no details. A status message is short, fixed
+    text: never exception text, a stack trace or feature values.
+
+    - INVALID_ARGUMENT: the features do not fit the model. The status carries a
+      google.rpc.BadRequest with one field violation per offending feature, field
+      "features.<name>", sorted by field; the description is "is required" for a feature
+      the model requires that is absent and "must be a finite number" for a value that is
+      not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
+      message is "invalid request: " and the fields, comma-separated. Features the model
+      does not read are ignored. For a request body that does not parse, the Python
+      containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+      itself answers INTERNAL in some languages (Go).
+    - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
+      before the model had an answer.
+    - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
+      beyond the container's concurrency limit (`maximum_concurrent_rpcs`, when set).
+    - UNAVAILABLE: the container is draining or not ready yet.
+    - UNIMPLEMENTED: PredictBatch only, which is optional (see PredictBatch).
+    - INTERNAL: anything unexpected, with the message "internal error"; the cause is in the
+      container's log only.
+
+    The runner turns every failure into a ModelError for the task (grpc_code, `reason` the
+    code's name, `message` the status message), recorded with the outcome; it never
+    reaches a client of ScoringService.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_model_pb2.PredictRequest, _model_pb2.PredictResponse]  # type: ignore[assignment]
     """Predict scores one enriched request."""
     PredictBatch: _aio.UnaryUnaryMultiCallable[_model_pb2.PredictBatchRequest, _model_pb2.PredictBatchResponse]  # type: ignore[assignment]
-    """GetModelMetadata describes the model: its name, version and inputs.
-    PredictBatch scores several requests in one call: a runner under load sends the tasks
+    """PredictBatch scores several requests in one call: a runner under load sends the tasks
     that queued up while its previous call was in flight, so the per-call cost is paid once
-    per batch. Each request succeeds or fails on its own. Optional: to a model that answers
-    UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+    per batch. Each request succeeds or fails on its own: a request that Predict would have
+    failed gets a PredictResult with an error, and the call itself still succeeds. Each
+    request's own `deadline` bounds it; the call's gRPC deadline is the longest of them.
+    Optional: to a model that answers UNIMPLEMENTED the runner sends Predict calls
+    instead, one per task (and remembers it).
     """
     GetModelMetadata: _aio.UnaryUnaryMultiCallable[_model_pb2.GetModelMetadataRequest, _model_pb2.GetModelMetadataResponse]  # type: ignore[assignment]
+    """GetModelMetadata describes the model: its name, version and inputs."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ModelService is what every model container implements, in any language."""
+    """ModelService is what every model container implements, in any language.
+
+    Serving: a container also serves the standard grpc.health.v1.Health service (for "" and
+    "rendezvous.v1.ModelService": SERVING once it answers, NOT_SERVING from the moment it
+    starts draining) and server reflection. Requests and responses are limited to 4 MiB
+    (`max_message_bytes` in services/core/settings.py), on the container's server and on the
+    runner's channel alike.
+
+    Errors: a call that fails ends with one of these statuses. A status the model itself
+    decides on carries a google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable
+    `reason` (the status code's name, e.g. "INVALID_ARGUMENT", unless a model documents a
+    more specific one); statuses that gRPC itself produces (deadline, message size,
+    concurrency limit, UNIMPLEMENTED) carry no details. A status message is short, fixed
+    text: never exception text, a stack trace or feature values.
+
+    - INVALID_ARGUMENT: the features do not fit the model. The status carries a
+      google.rpc.BadRequest with one field violation per offending feature, field
+      "features.<name>", sorted by field; the description is "is required" for a feature
+      the model requires that is absent and "must be a finite number" for a value that is
+      not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
+      message is "invalid request: " and the fields, comma-separated. Features the model
+      does not read are ignored. For a request body that does not parse, the Python
+      containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+      itself answers INTERNAL in some languages (Go).
+    - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
+      before the model had an answer.
+    - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
+      beyond the container's concurrency limit (`maximum_concurrent_rpcs`, when set).
+    - UNAVAILABLE: the container is draining or not ready yet.
+    - UNIMPLEMENTED: PredictBatch only, which is optional (see PredictBatch).
+    - INTERNAL: anything unexpected, with the message "internal error"; the cause is in the
+      container's log only.
+
+    The runner turns every failure into a ModelError for the task (grpc_code, `reason` the
+    code's name, `message` the status message), recorded with the outcome; it never
+    reaches a client of ScoringService.
+    """
 
     @_abc_1.abstractmethod
     def Predict(
@@ -77,11 +191,13 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _model_pb2.PredictBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_model_pb2.PredictBatchResponse, _abc.Awaitable[_model_pb2.PredictBatchResponse]]:
-        """GetModelMetadata describes the model: its name, version and inputs.
-        PredictBatch scores several requests in one call: a runner under load sends the tasks
+        """PredictBatch scores several requests in one call: a runner under load sends the tasks
         that queued up while its previous call was in flight, so the per-call cost is paid once
-        per batch. Each request succeeds or fails on its own. Optional: to a model that answers
-        UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+        per batch. Each request succeeds or fails on its own: a request that Predict would have
+        failed gets a PredictResult with an error, and the call itself still succeeds. Each
+        request's own `deadline` bounds it; the call's gRPC deadline is the longest of them.
+        Optional: to a model that answers UNIMPLEMENTED the runner sends Predict calls
+        instead, one per task (and remembers it).
         """
 
     @_abc_1.abstractmethod
@@ -89,6 +205,7 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _model_pb2.GetModelMetadataRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_model_pb2.GetModelMetadataResponse, _abc.Awaitable[_model_pb2.GetModelMetadataResponse]]: ...
+    ) -> _typing.Union[_model_pb2.GetModelMetadataResponse, _abc.Awaitable[_model_pb2.GetModelMetadataResponse]]:
+        """GetModelMetadata describes the model: its name, version and inputs."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,6 +27,28 @@ if _version_not_supported:
 
 class ScoringServiceStub:
     """ScoringService is the public entry point of Rendezvous.
+
+    Errors: a request that is answered at all is answered with OK, by a model or by the
+    objective's default; a failing, slow or missing model never fails the call (its error is
+    recorded with the outcome, never sent). Statuses the service decides on carry a
+    google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable `reason`; the message is
+    short, fixed text, never exception text.
+
+    - INVALID_ARGUMENT (reason "INVALID_ARGUMENT"): the request does not validate. The status
+    carries a google.rpc.BadRequest with one field violation per problem: "objective"
+    when it is empty; "request_id" too long or with characters other than letters, digits
+    and . _ : -; "subject_id" too long; "features" when there are too many; and, for an
+    objective that declares its features, "features.<name>" per offending feature (a
+    required one missing, a value of the wrong type, a name the objective does not know).
+    - NOT_FOUND (reason "NOT_FOUND"): no objective of that name.
+    - RESOURCE_EXHAUSTED (reason "OVERLOADED"): the service sheds the request (too many in
+    flight, or too far behind to run the race within the SLA); retry later. Also, without
+    details, for a request over the 4 MiB message size limit.
+    - UNAVAILABLE (reason "UNAVAILABLE"): the instance is draining.
+    - INTERNAL: anything unexpected, with the message "internal error".
+
+    A client deadline shorter than the SLA does not end in DEADLINE_EXCEEDED: the race is cut
+    short and answered just before it (DECISION_REASON_CLIENT_DEADLINE).
     """
 
     def __init__(self, channel):
@@ -44,6 +66,28 @@ class ScoringServiceStub:
 
 class ScoringServiceServicer:
     """ScoringService is the public entry point of Rendezvous.
+
+    Errors: a request that is answered at all is answered with OK, by a model or by the
+    objective's default; a failing, slow or missing model never fails the call (its error is
+    recorded with the outcome, never sent). Statuses the service decides on carry a
+    google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable `reason`; the message is
+    short, fixed text, never exception text.
+
+    - INVALID_ARGUMENT (reason "INVALID_ARGUMENT"): the request does not validate. The status
+    carries a google.rpc.BadRequest with one field violation per problem: "objective"
+    when it is empty; "request_id" too long or with characters other than letters, digits
+    and . _ : -; "subject_id" too long; "features" when there are too many; and, for an
+    objective that declares its features, "features.<name>" per offending feature (a
+    required one missing, a value of the wrong type, a name the objective does not know).
+    - NOT_FOUND (reason "NOT_FOUND"): no objective of that name.
+    - RESOURCE_EXHAUSTED (reason "OVERLOADED"): the service sheds the request (too many in
+    flight, or too far behind to run the race within the SLA); retry later. Also, without
+    details, for a request over the 4 MiB message size limit.
+    - UNAVAILABLE (reason "UNAVAILABLE"): the instance is draining.
+    - INTERNAL: anything unexpected, with the message "internal error".
+
+    A client deadline shorter than the SLA does not end in DEADLINE_EXCEEDED: the race is cut
+    short and answered just before it (DECISION_REASON_CLIENT_DEADLINE).
     """
 
     def Score(self, request, context):
@@ -72,6 +116,28 @@ def add_ScoringServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ScoringService:
     """ScoringService is the public entry point of Rendezvous.
+
+    Errors: a request that is answered at all is answered with OK, by a model or by the
+    objective's default; a failing, slow or missing model never fails the call (its error is
+    recorded with the outcome, never sent). Statuses the service decides on carry a
+    google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable `reason`; the message is
+    short, fixed text, never exception text.
+
+    - INVALID_ARGUMENT (reason "INVALID_ARGUMENT"): the request does not validate. The status
+    carries a google.rpc.BadRequest with one field violation per problem: "objective"
+    when it is empty; "request_id" too long or with characters other than letters, digits
+    and . _ : -; "subject_id" too long; "features" when there are too many; and, for an
+    objective that declares its features, "features.<name>" per offending feature (a
+    required one missing, a value of the wrong type, a name the objective does not know).
+    - NOT_FOUND (reason "NOT_FOUND"): no objective of that name.
+    - RESOURCE_EXHAUSTED (reason "OVERLOADED"): the service sheds the request (too many in
+    flight, or too far behind to run the race within the SLA); retry later. Also, without
+    details, for a request over the 4 MiB message size limit.
+    - UNAVAILABLE (reason "UNAVAILABLE"): the instance is draining.
+    - INTERNAL: anything unexpected, with the message "internal error".
+
+    A client deadline shorter than the SLA does not end in DEADLINE_EXCEEDED: the race is cut
+    short and answered just before it (DECISION_REASON_CLIENT_DEADLINE).
     """
 
     @staticmethod

@@ -27,7 +27,30 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ScoringServiceStub:
-    """ScoringService is the public entry point of Rendezvous."""
+    """ScoringService is the public entry point of Rendezvous.
+
+    Errors: a request that is answered at all is answered with OK, by a model or by the
+    objective's default; a failing, slow or missing model never fails the call (its error is
+    recorded with the outcome, never sent). Statuses the service decides on carry a
+    google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable `reason`; the message is
+    short, fixed text, never exception text.
+
+    - INVALID_ARGUMENT (reason "INVALID_ARGUMENT"): the request does not validate. The status
+      carries a google.rpc.BadRequest with one field violation per problem: "objective"
+      when it is empty; "request_id" too long or with characters other than letters, digits
+      and . _ : -; "subject_id" too long; "features" when there are too many; and, for an
+      objective that declares its features, "features.<name>" per offending feature (a
+      required one missing, a value of the wrong type, a name the objective does not know).
+    - NOT_FOUND (reason "NOT_FOUND"): no objective of that name.
+    - RESOURCE_EXHAUSTED (reason "OVERLOADED"): the service sheds the request (too many in
+      flight, or too far behind to run the race within the SLA); retry later. Also, without
+      details, for a request over the 4 MiB message size limit.
+    - UNAVAILABLE (reason "UNAVAILABLE"): the instance is draining.
+    - INTERNAL: anything unexpected, with the message "internal error".
+
+    A client deadline shorter than the SLA does not end in DEADLINE_EXCEEDED: the race is cut
+    short and answered just before it (DECISION_REASON_CLIENT_DEADLINE).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -40,7 +63,30 @@ class ScoringServiceStub:
 
 @_typing.type_check_only
 class ScoringServiceAsyncStub(ScoringServiceStub):
-    """ScoringService is the public entry point of Rendezvous."""
+    """ScoringService is the public entry point of Rendezvous.
+
+    Errors: a request that is answered at all is answered with OK, by a model or by the
+    objective's default; a failing, slow or missing model never fails the call (its error is
+    recorded with the outcome, never sent). Statuses the service decides on carry a
+    google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable `reason`; the message is
+    short, fixed text, never exception text.
+
+    - INVALID_ARGUMENT (reason "INVALID_ARGUMENT"): the request does not validate. The status
+      carries a google.rpc.BadRequest with one field violation per problem: "objective"
+      when it is empty; "request_id" too long or with characters other than letters, digits
+      and . _ : -; "subject_id" too long; "features" when there are too many; and, for an
+      objective that declares its features, "features.<name>" per offending feature (a
+      required one missing, a value of the wrong type, a name the objective does not know).
+    - NOT_FOUND (reason "NOT_FOUND"): no objective of that name.
+    - RESOURCE_EXHAUSTED (reason "OVERLOADED"): the service sheds the request (too many in
+      flight, or too far behind to run the race within the SLA); retry later. Also, without
+      details, for a request over the 4 MiB message size limit.
+    - UNAVAILABLE (reason "UNAVAILABLE"): the instance is draining.
+    - INTERNAL: anything unexpected, with the message "internal error".
+
+    A client deadline shorter than the SLA does not end in DEADLINE_EXCEEDED: the race is cut
+    short and answered just before it (DECISION_REASON_CLIENT_DEADLINE).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ScoreRequest, _scoring_pb2.ScoreResponse]  # type: ignore[assignment]
@@ -49,7 +95,30 @@ class ScoringServiceAsyncStub(ScoringServiceStub):
     """
 
 class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ScoringService is the public entry point of Rendezvous."""
+    """ScoringService is the public entry point of Rendezvous.
+
+    Errors: a request that is answered at all is answered with OK, by a model or by the
+    objective's default; a failing, slow or missing model never fails the call (its error is
+    recorded with the outcome, never sent). Statuses the service decides on carry a
+    google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable `reason`; the message is
+    short, fixed text, never exception text.
+
+    - INVALID_ARGUMENT (reason "INVALID_ARGUMENT"): the request does not validate. The status
+      carries a google.rpc.BadRequest with one field violation per problem: "objective"
+      when it is empty; "request_id" too long or with characters other than letters, digits
+      and . _ : -; "subject_id" too long; "features" when there are too many; and, for an
+      objective that declares its features, "features.<name>" per offending feature (a
+      required one missing, a value of the wrong type, a name the objective does not know).
+    - NOT_FOUND (reason "NOT_FOUND"): no objective of that name.
+    - RESOURCE_EXHAUSTED (reason "OVERLOADED"): the service sheds the request (too many in
+      flight, or too far behind to run the race within the SLA); retry later. Also, without
+      details, for a request over the 4 MiB message size limit.
+    - UNAVAILABLE (reason "UNAVAILABLE"): the instance is draining.
+    - INTERNAL: anything unexpected, with the message "internal error".
+
+    A client deadline shorter than the SLA does not end in DEADLINE_EXCEEDED: the race is cut
+    short and answered just before it (DECISION_REASON_CLIENT_DEADLINE).
+    """
 
     @_abc_1.abstractmethod
     def Score(

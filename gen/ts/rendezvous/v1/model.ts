@@ -126,10 +126,7 @@ export interface PredictResponse_OutputsEntry {
   value: any | undefined;
 }
 
-/**
- * GetModelMetadataRequest asks for a model's metadata.
- * PredictBatchRequest is several scoring requests for one model.
- */
+/** PredictBatchRequest is several scoring requests for one model. */
 export interface PredictBatchRequest {
   /** requests are scored independently of each other. */
   requests: PredictRequest[];
@@ -149,11 +146,17 @@ export interface PredictResult {
     /** response is the prediction. */
     { $case: "response"; value: PredictResponse }
     | //
-    /** error is why this request got no prediction (e.g. INVALID_ARGUMENT for its features). */
+    /**
+     * error is why this request got no prediction: the status Predict would have ended
+     * with for it (grpc_code, `reason` as in its ErrorInfo, `message` its status message),
+     * e.g. INVALID_ARGUMENT for its features, or INTERNAL with a message that says
+     * nothing of the cause.
+     */
     { $case: "error"; value: ModelError }
     | undefined;
 }
 
+/** GetModelMetadataRequest asks for a model's metadata. */
 export interface GetModelMetadataRequest {
 }
 
@@ -1356,7 +1359,44 @@ export const GetModelMetadataResponse: MessageFns<GetModelMetadataResponse> = {
   },
 };
 
-/** ModelService is what every model container implements, in any language. */
+/**
+ * ModelService is what every model container implements, in any language.
+ *
+ * Serving: a container also serves the standard grpc.health.v1.Health service (for "" and
+ * "rendezvous.v1.ModelService": SERVING once it answers, NOT_SERVING from the moment it
+ * starts draining) and server reflection. Requests and responses are limited to 4 MiB
+ * (`max_message_bytes` in services/core/settings.py), on the container's server and on the
+ * runner's channel alike.
+ *
+ * Errors: a call that fails ends with one of these statuses. A status the model itself
+ * decides on carries a google.rpc.ErrorInfo with domain "rendezvous.v1" and a stable
+ * `reason` (the status code's name, e.g. "INVALID_ARGUMENT", unless a model documents a
+ * more specific one); statuses that gRPC itself produces (deadline, message size,
+ * concurrency limit, UNIMPLEMENTED) carry no details. A status message is short, fixed
+ * text: never exception text, a stack trace or feature values.
+ *
+ * - INVALID_ARGUMENT: the features do not fit the model. The status carries a
+ *   google.rpc.BadRequest with one field violation per offending feature, field
+ *   "features.<name>", sorted by field; the description is "is required" for a feature
+ *   the model requires that is absent and "must be a finite number" for a value that is
+ *   not a finite JSON number (a string, a bool, null, a list, NaN or an infinity). The
+ *   message is "invalid request: " and the fields, comma-separated. Features the model
+ *   does not read are ignored. For a request body that does not parse, the Python
+ *   containers answer INVALID_ARGUMENT too (one violation with an empty field); gRPC
+ *   itself answers INTERNAL in some languages (Go).
+ * - DEADLINE_EXCEEDED: the call's gRPC deadline, or the request's own `deadline`, passed
+ *   before the model had an answer.
+ * - RESOURCE_EXHAUSTED: a request or response over the message size limit, or a call
+ *   beyond the container's concurrency limit (`maximum_concurrent_rpcs`, when set).
+ * - UNAVAILABLE: the container is draining or not ready yet.
+ * - UNIMPLEMENTED: PredictBatch only, which is optional (see PredictBatch).
+ * - INTERNAL: anything unexpected, with the message "internal error"; the cause is in the
+ *   container's log only.
+ *
+ * The runner turns every failure into a ModelError for the task (grpc_code, `reason` the
+ * code's name, `message` the status message), recorded with the outcome; it never
+ * reaches a client of ScoringService.
+ */
 export type ModelServiceService = typeof ModelServiceService;
 export const ModelServiceService = {
   /** Predict scores one enriched request. */
@@ -1370,11 +1410,13 @@ export const ModelServiceService = {
     responseDeserialize: (value: Buffer): PredictResponse => PredictResponse.decode(value),
   },
   /**
-   * GetModelMetadata describes the model: its name, version and inputs.
    * PredictBatch scores several requests in one call: a runner under load sends the tasks
    * that queued up while its previous call was in flight, so the per-call cost is paid once
-   * per batch. Each request succeeds or fails on its own. Optional: to a model that answers
-   * UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+   * per batch. Each request succeeds or fails on its own: a request that Predict would have
+   * failed gets a PredictResult with an error, and the call itself still succeeds. Each
+   * request's own `deadline` bounds it; the call's gRPC deadline is the longest of them.
+   * Optional: to a model that answers UNIMPLEMENTED the runner sends Predict calls
+   * instead, one per task (and remembers it).
    */
   predictBatch: {
     path: "/rendezvous.v1.ModelService/PredictBatch" as const,
@@ -1386,6 +1428,7 @@ export const ModelServiceService = {
       Buffer.from(PredictBatchResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): PredictBatchResponse => PredictBatchResponse.decode(value),
   },
+  /** GetModelMetadata describes the model: its name, version and inputs. */
   getModelMetadata: {
     path: "/rendezvous.v1.ModelService/GetModelMetadata" as const,
     requestStream: false as const,
@@ -1403,13 +1446,16 @@ export interface ModelServiceServer extends UntypedServiceImplementation {
   /** Predict scores one enriched request. */
   predict: handleUnaryCall<PredictRequest, PredictResponse>;
   /**
-   * GetModelMetadata describes the model: its name, version and inputs.
    * PredictBatch scores several requests in one call: a runner under load sends the tasks
    * that queued up while its previous call was in flight, so the per-call cost is paid once
-   * per batch. Each request succeeds or fails on its own. Optional: to a model that answers
-   * UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+   * per batch. Each request succeeds or fails on its own: a request that Predict would have
+   * failed gets a PredictResult with an error, and the call itself still succeeds. Each
+   * request's own `deadline` bounds it; the call's gRPC deadline is the longest of them.
+   * Optional: to a model that answers UNIMPLEMENTED the runner sends Predict calls
+   * instead, one per task (and remembers it).
    */
   predictBatch: handleUnaryCall<PredictBatchRequest, PredictBatchResponse>;
+  /** GetModelMetadata describes the model: its name, version and inputs. */
   getModelMetadata: handleUnaryCall<GetModelMetadataRequest, GetModelMetadataResponse>;
 }
 
@@ -1431,11 +1477,13 @@ export interface ModelServiceClient extends Client {
     callback: (error: ServiceError | null, response: PredictResponse) => void,
   ): ClientUnaryCall;
   /**
-   * GetModelMetadata describes the model: its name, version and inputs.
    * PredictBatch scores several requests in one call: a runner under load sends the tasks
    * that queued up while its previous call was in flight, so the per-call cost is paid once
-   * per batch. Each request succeeds or fails on its own. Optional: to a model that answers
-   * UNIMPLEMENTED the runner sends Predict calls instead, one per task.
+   * per batch. Each request succeeds or fails on its own: a request that Predict would have
+   * failed gets a PredictResult with an error, and the call itself still succeeds. Each
+   * request's own `deadline` bounds it; the call's gRPC deadline is the longest of them.
+   * Optional: to a model that answers UNIMPLEMENTED the runner sends Predict calls
+   * instead, one per task (and remembers it).
    */
   predictBatch(
     request: PredictBatchRequest,
@@ -1452,6 +1500,7 @@ export interface ModelServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: PredictBatchResponse) => void,
   ): ClientUnaryCall;
+  /** GetModelMetadata describes the model: its name, version and inputs. */
   getModelMetadata(
     request: GetModelMetadataRequest,
     callback: (error: ServiceError | null, response: GetModelMetadataResponse) => void,
