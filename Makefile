@@ -21,11 +21,16 @@ export TOOLS_BIN PROTOC_GEN_GO_VERSION PROTOC_GEN_GO_GRPC_VERSION
 # The Go model container (tools/bin, beside the other built tools; rebuilt by every
 # `make setup`, go build's cache makes that cheap). ModelDeployment.command names it.
 MODEL_GO := $(TOOLS_BIN)/rendezvous-model-go
+# The TypeScript generator (tools/tsgen: ts-proto) and the Node model container, each
+# installed from its lockfile by `npm ci`.
+NPM_CI := npm ci --no-audit --no-fund --loglevel=error
+TSGEN := tools/tsgen/node_modules/.installed
+MODEL_TS := services/models/ts
 # Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
 GO_DIRS := services/models/go services/models/artifacts gen/go
 
 .PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
-        unit integration test test-go check \
+        unit integration test test-go ts test-ts check \
         pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
 
 help: ## List the targets
@@ -78,13 +83,13 @@ model-go: ## Build the Go model container into tools/bin/rendezvous-model-go
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv mlserver tools go-plugins model-go browser ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, Chromium, Apache Pulsar
+setup: venv mlserver tools go-plugins model-go ts browser ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, the TS generator and container, Chromium, Apache Pulsar
 	tools/pulsar.sh fetch
 
-gen: venv go-plugins ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
+gen: venv go-plugins $(TSGEN) ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
 	tools/gen.sh
 
-gen-check: venv go-plugins ## Fail if gen/ differs, in any language, from what protos/ generate
+gen-check: venv go-plugins $(TSGEN) ## Fail if gen/ differs, in any language, from what protos/ generate
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	tools/gen.sh "$$tmp"; \
 	stale=0; \
@@ -118,10 +123,25 @@ fmt: venv ## Format Python, Go and protos in place
 unit: venv ## Unit tests only (no broker)
 	$(BIN)/pytest -m 'not integration'
 
+# Stamps live in node_modules, which `npm ci` recreates, so a changed lockfile reinstalls.
+$(TSGEN): tools/tsgen/package-lock.json
+	cd tools/tsgen && $(NPM_CI)
+	touch $@
+
+$(MODEL_TS)/node_modules/.installed: $(MODEL_TS)/package-lock.json
+	cd $(MODEL_TS) && $(NPM_CI)
+	touch $@
+
+ts: $(TSGEN) $(MODEL_TS)/node_modules/.installed ## Install the TS generator and build the Node model container (tsc)
+	cd $(MODEL_TS) && npm run --silent build
+
+test-ts: ts ## The Node model container's tests (node --test, real loopback gRPC)
+	cd $(MODEL_TS) && npm test
+
 test-go: ## Go tests: go test ./... (the Go model container against the Python model)
 	go test -count=1 ./...
 
-test: setup lint gen-check test-go ## Every check: lint, gen drift, Go tests, ghz and bench smoke, unit and integration tests on a real broker
+test: setup lint gen-check test-go test-ts ## Every check: lint, gen drift, Go and TS tests, ghz and bench smoke, unit and integration tests on a real broker
 	tools/ghz-smoke.sh
 	$(PY) -m tools.bench --smoke
 	tools/run-tests.sh
@@ -170,3 +190,4 @@ profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--syst
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down
 	rm -rf $(VENV) $(MLSERVER_VENV) .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf tools/tsgen/node_modules $(MODEL_TS)/node_modules $(MODEL_TS)/dist

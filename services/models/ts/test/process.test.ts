@@ -1,0 +1,113 @@
+// The container as the supervisor starts it: `node dist/main.js` with the RDV_MODEL_* env
+// contract writes its ready file, serves, and stops cleanly on SIGTERM; bad config exits
+// non-zero with a clear message before anything listens.
+import { credentials } from "@grpc/grpc-js";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { after, test } from "node:test";
+import { ModelServiceClient } from "../gen/rendezvous/v1/model";
+import { call, FIXTURE, healthStatus, predictRequest, TOLERANCE } from "./helpers";
+
+const MAIN = resolve(__dirname, "..", "main.js");
+const dirs: string[] = [];
+after(() => dirs.forEach((dir) => rmSync(dir, { recursive: true, force: true })));
+
+function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), "rdv-model-ts-"));
+  dirs.push(dir);
+  return dir;
+}
+
+function start(env: Record<string, string>): { child: ChildProcess; stderr: () => string; exited: Promise<number | null> } {
+  const child = spawn(process.execPath, [MAIN], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  child.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  return { child, stderr: () => stderr, exited };
+}
+
+/** The ready file's content once the container has written it. */
+async function readyFile(path: string, timeoutMs = 10_000): Promise<{ pid: number; endpoint: string } & Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  while (!existsSync(path)) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${path}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return JSON.parse(readFileSync(path, "utf-8"));
+}
+
+test("started with the env contract: ready file, serves, SIGTERM drains and exits 0", async () => {
+  const dir = tempDir();
+  const readyPath = join(dir, "run", "model.ready.json");
+  const proc = start({
+    RDV_MODEL_LISTEN: "127.0.0.1:0",
+    RDV_MODEL_NAME: "diabetes-node",
+    RDV_MODEL_VERSION: "4",
+    RDV_MODEL_ARGS: '{"algorithm": "linear"}',
+    RDV_MODEL_READY_FILE: readyPath,
+  });
+  try {
+    const ready = await readyFile(readyPath);
+    assert.deepEqual(Object.keys(ready), ["pid", "endpoint", "model", "kind", "version"]);
+    assert.equal(ready.pid, proc.child.pid);
+    assert.match(ready.endpoint, /^127\.0\.0\.1:\d+$/);
+    assert.deepEqual([ready.model, ready.kind, ready.version], ["diabetes-node", "diabetes", "4"]);
+    assert.deepEqual(readdirSync(join(dir, "run")), ["model.ready.json"], "no temporary file left behind");
+
+    assert.equal(await healthStatus(ready.endpoint), "SERVING");
+    const client = new ModelServiceClient(ready.endpoint, credentials.createInsecure());
+    try {
+      const features = FIXTURE.rows[2] as Record<string, number>;
+      const response = await call(client.predict.bind(client), predictRequest(features), 5000);
+      assert.ok(Math.abs(response.score - (FIXTURE.scores.linear[2] as number)) <= TOLERANCE);
+      assert.equal(response.modelVersion, "4");
+      const metadata = await call(client.getModelMetadata.bind(client), {});
+      assert.deepEqual([metadata.name, metadata.version, metadata.platform], ["diabetes-node", "4", "node"]);
+    } finally {
+      client.close();
+    }
+
+    const signalled = Date.now();
+    proc.child.kill("SIGTERM");
+    assert.equal(await proc.exited, 0);
+    assert.ok(Date.now() - signalled < 6000);
+    const logs = proc.stderr().trim().split("\n").map((line) => JSON.parse(line) as Record<string, unknown>);
+    assert.deepEqual(logs.map((l) => l["msg"]), ["model-diabetes-node started", "draining", "stopped"]);
+    assert.ok(logs.every((l) => l["service"] === "model" && typeof l["ts"] === "number" && l["level"] === "INFO"));
+  } finally {
+    proc.child.kill("SIGKILL");
+  }
+});
+
+test("bad configuration: exit 2, the reason on stderr, nothing listens, no ready file", async () => {
+  const readyPath = join(tempDir(), "ready.json");
+  for (const [env, reason] of [
+    [{ RDV_MODEL_ARGS: '{"algorithm": "ridge", "depth": 3}' }, /unknown key\(s\) "depth"/],
+    [{ RDV_MODEL_ARGS: '{"algorithm": "lasso"}' }, /algorithm must be one of ridge, linear/],
+    [{ RDV_MODEL_LISTEN: "nowhere" }, /RDV_MODEL_LISTEN="nowhere": expected host:port/],
+    [{ RDV_MODEL_ARGS: '{"artifact": "/nonexistent/diabetes.json"}' }, /cannot read the diabetes artifact/],
+  ] as [Record<string, string>, RegExp][]) {
+    const proc = start({ ...env, RDV_MODEL_READY_FILE: readyPath });
+    assert.equal(await proc.exited, 2, JSON.stringify(env));
+    assert.match(proc.stderr(), reason);
+    assert.match(proc.stderr(), /^rendezvous model \(node\): bad configuration: /);
+    assert.equal(existsSync(readyPath), false);
+  }
+});
+
+test("a port already taken: exit 1 with the reason logged", async () => {
+  const firstReady = join(tempDir(), "a.json");
+  const first = start({ RDV_MODEL_READY_FILE: firstReady });
+  try {
+    const ready = await readyFile(firstReady);
+    const second = start({ RDV_MODEL_LISTEN: ready.endpoint });
+    assert.equal(await second.exited, 1);
+    assert.match(second.stderr(), /cannot serve/);
+  } finally {
+    first.child.kill("SIGTERM");
+    assert.equal(await first.exited, 0);
+  }
+});
