@@ -35,6 +35,7 @@ ARGS = {"algorithm": "ridge"}
 CONTAINERS: dict[str, list[str] | None] = {
     "py-ridge": None,
     "go-ridge": ["tools/bin/rendezvous-model-go"],
+    "node-ridge": ["node", "services/models/ts/dist/main.js"],
 }
 CHALLENGERS = [name for name, command in CONTAINERS.items() if command]
 REQUESTS = 150
