@@ -31,7 +31,7 @@ GO_DIRS := services/models/go services/models/artifacts gen/go
 
 .PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         unit integration test test-go ts test-ts check \
-        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke profile clean
+        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -183,6 +183,9 @@ bench: setup ## Benchmark S0-S3 side by side; writes docs/results/bench/ (BENCH_
 
 bench-smoke: setup ## Every system once at 20 req/s: are the figures complete and sane (part of make test)
 	$(PY) -m tools.bench --smoke
+
+chaos: setup ## The fault matrix: kill -9 each component and the broker under 100 req/s, then a 10 min soak; writes docs/results/reliability.md (CHAOS_ARGS="--soak 0")
+	$(PY) -m tools.chaos $(CHAOS_ARGS)
 
 profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--system S1 --rate 500")
 	$(PY) -m tools.bench.profile $(PROFILE_ARGS)
