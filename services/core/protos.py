@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from rendezvous.v1 import options_pb2
 
@@ -98,9 +98,12 @@ def duration_ms(duration: duration_pb2.Duration) -> float:
 
 
 def redact_pii(message: Message, prefix: str = "") -> list[str]:
-    """Clear every field marked `(rendezvous.v1.pii) = true`, recursively, in place.
+    """Clear every field marked `(rendezvous.v1.pii) = true`, recursively, in place: in
+    singular, repeated and map-valued messages alike.
 
-    Returns the paths of the fields it cleared, so sinks can record what they hid.
+    Returns the paths of the fields it cleared (`a.b[2].c`, `a.m[key].c`), so sinks can
+    record what they hid. Only fields whose type can hold a marked field are visited (a
+    features map of google.protobuf.Value never can), so the walk costs little per message.
     """
     redacted: list[str] = []
     for descriptor, value in message.ListFields():
@@ -109,17 +112,43 @@ def redact_pii(message: Message, prefix: str = "") -> list[str]:
             message.ClearField(descriptor.name)
             redacted.append(path)
             continue
-        if descriptor.type != FieldDescriptor.TYPE_MESSAGE:
-            continue
         entry_type = descriptor.message_type
-        if entry_type is not None and entry_type.GetOptions().map_entry:
-            value_field = entry_type.fields_by_name["value"]
-            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+        if entry_type is None:
+            continue
+        if entry_type.GetOptions().map_entry:
+            if _may_hold_pii(entry_type.fields_by_name["value"].message_type):
                 for key, item in value.items():
                     redacted.extend(redact_pii(item, f"{path}[{key}]."))
+        elif not _may_hold_pii(entry_type):
+            continue
         elif descriptor.is_repeated:
             for index, item in enumerate(value):
                 redacted.extend(redact_pii(item, f"{path}[{index}]."))
         else:
             redacted.extend(redact_pii(value, f"{path}."))
     return redacted
+
+
+# Message full name -> whether it, or a message it contains at any depth, has a PII field.
+_HOLDS_PII: dict[str, bool] = {}
+
+
+def _may_hold_pii(descriptor: Descriptor | None) -> bool:
+    if descriptor is None:
+        return False
+    known = _HOLDS_PII.get(descriptor.full_name)
+    if known is None:
+        known = _HOLDS_PII[descriptor.full_name] = _search_pii(descriptor, set())
+    return known
+
+
+def _search_pii(descriptor: Descriptor, seen: set[str]) -> bool:
+    """Whether a PII field is reachable from `descriptor` (`seen` breaks recursive types)."""
+    seen.add(descriptor.full_name)
+    for field in descriptor.fields:
+        if field.GetOptions().Extensions[_PII]:
+            return True
+        nested = field.message_type
+        if nested is not None and nested.full_name not in seen and _search_pii(nested, seen):
+            return True
+    return False

@@ -98,7 +98,7 @@ class GrpcServer:
             self.tcp_port = self._server.add_insecure_port(tcp_address)
         self.uds_path = uds_path
         if uds_path is not None:
-            uds_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_socket_dir(uds_path.parent)
             with contextlib.suppress(FileNotFoundError):
                 uds_path.unlink()
             # The socket is created under the server's umask: owner-only access.
@@ -137,6 +137,22 @@ class GrpcServer:
         self._stopped = True
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+
+
+def private_socket_dir(directory: Path) -> None:
+    """Make `directory` this user's alone (0700), creating it if needed.
+
+    `mkdir(mode=0o700)` only applies to a directory it creates: one left behind with wider
+    permissions (an older run, another umask) is tightened here. A directory another user
+    owns is refused: whoever owns it could swap the socket for their own.
+    """
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner = directory.stat().st_uid
+    if owner != os.geteuid():
+        raise PermissionError(
+            f"socket directory {directory} belongs to uid {owner}, not to this process"
+        )
+    os.chmod(directory, 0o700)
 
 
 def write_ready_file(path: Path | None, **facts: Any) -> None:
