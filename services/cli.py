@@ -246,6 +246,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         args.pulsar_admin_url,
         settings.control_listen,
         ports,
+        pulsar_env=settings.pulsar.security_env(),
     )
     evaluator = (
         EvaluatorAddress(settings.evaluator_listen, settings.dashboard_listen)
@@ -260,6 +261,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         ports,
         objectives=mesh.objectives,
         evaluator=evaluator,
+        pulsar=settings.pulsar,
     )
     supervisor = Supervisor(
         [control],
