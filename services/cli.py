@@ -1,6 +1,7 @@
 """The `rendezvous` command: bring a mesh up and down, look at it, score through it.
 
 rendezvous up [--mesh FILE] [--pulsar-url URL]   broker (unless given) + every component
+              [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
@@ -65,6 +66,10 @@ def _pulsar_env() -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+# The supervisor's setting (SupervisorSettings.pulsar) it passes on to every process.
+SUPERVISOR_TOKEN_FILE_ENV = "RDV_SUPERVISOR_PULSAR__TOKEN_FILE"
+
+
 # ---------------------------------------------------------------------------- up / down / status
 
 
@@ -75,12 +80,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"The mesh is already up: {current['endpoint']}")
         return 0
     broker_started = False
+    supervisor_env = dict(os.environ)
     if args.pulsar_url is None:
-        subprocess.run([str(PULSAR_SCRIPT), "up"], check=True)
+        # The broker's own choice of authentication: on with --pulsar-auth, else off.
+        broker_env = {**os.environ, "PULSAR_AUTH": "token" if args.pulsar_auth else "none"}
+        subprocess.run([str(PULSAR_SCRIPT), "up"], check=True, env=broker_env)
         broker_started = True
         env = _pulsar_env()
         args.pulsar_url = env["PULSAR_SERVICE_URL"]
         args.pulsar_admin_url = env["PULSAR_ADMIN_URL"]
+        if "PULSAR_TOKEN_FILE" in env:
+            args.pulsar_token_file = Path(env["PULSAR_TOKEN_FILE"])
+    if args.pulsar_token_file is not None:
+        supervisor_env[SUPERVISOR_TOKEN_FILE_ENV] = str(args.pulsar_token_file.resolve())
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log_file = state_dir / "supervisor.log"
@@ -109,6 +121,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             stderr=log,
             start_new_session=True,
             cwd=REPO,
+            env=supervisor_env,
         )
     started = time.monotonic()
     while time.monotonic() - started < args.timeout:
@@ -246,6 +259,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         args.pulsar_admin_url,
         settings.control_listen,
         ports,
+        pulsar_env=settings.pulsar.security_env(),
     )
     evaluator = (
         EvaluatorAddress(settings.evaluator_listen, settings.dashboard_listen)
@@ -260,6 +274,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         ports,
         objectives=mesh.objectives,
         evaluator=evaluator,
+        pulsar=settings.pulsar,
     )
     supervisor = Supervisor(
         [control],
@@ -276,6 +291,10 @@ def cmd_supervise(args: argparse.Namespace) -> int:
             "mesh": str(args.mesh),
             "pulsar_url": args.pulsar_url,
             "pulsar_admin_url": args.pulsar_admin_url,
+            # Where the token is (never the token): for the commands that read the topics.
+            "pulsar_token_file": (
+                str(settings.pulsar.token_file) if settings.pulsar.token_file else None
+            ),
             "owns_broker": args.owns_broker,
         },
         settings=settings,
@@ -367,6 +386,7 @@ def cmd_demo_promote(args: argparse.Namespace) -> int:
             ),
             objective=args.objective,
             pulsar_url=state.get("pulsar_url", "pulsar://127.0.0.1:6650"),
+            pulsar_token_file=state.get("pulsar_token_file"),
             rate=args.rate,
             hold_s=args.hold,
             challenger=args.challenger,
@@ -391,6 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mesh", type=Path, default=DEFAULT_MESH)
     up.add_argument("--pulsar-url", help="use this broker instead of starting one")
     up.add_argument("--pulsar-admin-url", default="http://127.0.0.1:8080")
+    up.add_argument(
+        "--pulsar-auth",
+        action="store_true",
+        help="start the broker with token authentication (tools/pulsar.sh, PULSAR_AUTH=token)",
+    )
+    up.add_argument(
+        "--pulsar-token-file",
+        type=Path,
+        help="the token of a given broker (--pulsar-url) with authentication on",
+    )
     up.add_argument("--timeout", type=float, default=360.0)
     up.set_defaults(handler=cmd_up)
 

@@ -342,8 +342,10 @@ async def run_drill(  # noqa: PLR0917 (the drill's knobs, all from the command l
     challenger: str,
     ready_timeout_s: float = 120.0,
     outcome_wait_s: float = 30.0,
+    pulsar_token_file: str | None = None,
 ) -> DrillReport:
-    """Traffic, then add / promote / roll back, then the checks."""
+    """Traffic, then add / promote / roll back, then the checks. `pulsar_token_file`: the
+    broker's token, when it runs with authentication."""
     run_id = f"promote-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     report = DrillReport(objective=objective, rate=rate)
@@ -411,7 +413,13 @@ async def run_drill(  # noqa: PLR0917 (the drill's knobs, all from the command l
     measure_switches(report.changes, report.answers, challenger, incumbent)
 
     answered = {a.request_id for a in report.answers if a.code == "OK"}
-    bus = PulsarBus(PulsarSettings(service_url=pulsar_url), "demo-promote")
+    bus = PulsarBus(
+        PulsarSettings(
+            service_url=pulsar_url,
+            token_file=Path(pulsar_token_file) if pulsar_token_file else None,
+        ),
+        "demo-promote",
+    )
     try:
         found = [
             await _read_request_ids(

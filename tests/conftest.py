@@ -4,17 +4,21 @@
 unit tests never need the broker. When a healthy broker is already up (`tools/pulsar.sh
 status` exits 0, e.g. because `tools/run-tests.sh` started it), the fixture uses it and
 leaves it running; otherwise it starts one with `tools/pulsar.sh up` and stops it when the
-session ends.
+session ends. `broker_started` starts a broker of a test module's own (other ports, a run
+dir of its own, `PULSAR_AUTH=token`, ...). A broker with token authentication hands its
+token file to the settings and the admin helpers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,15 +56,24 @@ class PulsarBroker:
 
     service_url: str
     admin_url: str
+    # The clients' token when the broker runs with token authentication.
+    token_file: Path | None = None
 
     def settings(self, **overrides: Any) -> PulsarSettings:
         """PulsarSettings pointing at this broker, tuned for tests (short nack delay)."""
-        return quick_settings(service_url=self.service_url, admin_url=self.admin_url, **overrides)
+        values: dict[str, Any] = {"service_url": self.service_url, "admin_url": self.admin_url}
+        if self.token_file is not None:
+            values["token_file"] = self.token_file
+        return quick_settings(**{**values, **overrides})
+
+    def admin_headers(self) -> dict[str, str]:
+        """What every admin REST call carries (the bearer token when there is one)."""
+        return {"Accept": "application/json", **self.settings().admin_headers()}
 
     def admin_get(self, path: str) -> Any:
         """GET `path` from the admin REST API (e.g. `/admin/v2/persistent/public/default`)."""
         url = self.admin_url.rstrip("/") + "/" + path.lstrip("/")
-        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        request = urllib.request.Request(url, headers=self.admin_headers())
         with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT_S) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -74,9 +87,9 @@ class PulsarBroker:
         return self.admin_get(f"/admin/v2/persistent/{rest}/stats")
 
 
-def _broker_urls() -> PulsarBroker:
+def _broker_urls(env: Mapping[str, str] | None = None) -> PulsarBroker:
     """Where tools/pulsar.sh says the broker listens (it reads PULSAR_BROKER_PORT etc.)."""
-    printed = _pulsar_sh("env", ADMIN_TIMEOUT_S)
+    printed = _pulsar_sh("env", ADMIN_TIMEOUT_S, env)
     values = dict(
         line.split("=", 1) for line in printed.stdout.splitlines() if line.startswith("PULSAR_")
     )
@@ -84,15 +97,21 @@ def _broker_urls() -> PulsarBroker:
         pytest.fail(
             f"tools/pulsar.sh env printed no URLs (exit {printed.returncode}):\n{printed.stdout}"
         )
+    token_file = values.get("PULSAR_TOKEN_FILE")
     return PulsarBroker(
-        service_url=values["PULSAR_SERVICE_URL"], admin_url=values["PULSAR_ADMIN_URL"]
+        service_url=values["PULSAR_SERVICE_URL"],
+        admin_url=values["PULSAR_ADMIN_URL"],
+        token_file=Path(token_file) if token_file else None,
     )
 
 
-def _pulsar_sh(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def _pulsar_sh(
+    command: str, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(PULSAR_SH), command],
         cwd=REPO,
+        env={**os.environ, **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -102,24 +121,30 @@ def _pulsar_sh(command: str, timeout: float) -> subprocess.CompletedProcess[str]
     )
 
 
+@contextmanager
+def broker_started(env: Mapping[str, str] | None = None) -> Iterator[PulsarBroker]:
+    """A fresh broker (`tools/pulsar.sh up` with `env` on top of this process's
+    environment) until the block ends."""
+    if not PULSAR_SH.exists():
+        pytest.fail(f"{PULSAR_SH} is missing: integration tests need the real broker")
+    up = _pulsar_sh("up", BROKER_START_TIMEOUT_S, env)
+    try:
+        if up.returncode != 0:
+            # `up` may have left a half-started broker behind (stopped on the way out).
+            pytest.fail(f"tools/pulsar.sh up failed (exit {up.returncode}):\n{up.stdout}")
+        yield _broker_urls(env)
+    finally:
+        _pulsar_sh("down", BROKER_STOP_TIMEOUT_S, env)
+
+
 @pytest.fixture(scope="session")
 def pulsar() -> Iterator[PulsarBroker]:
     """The real broker: reused when healthy, otherwise started here and stopped at the end."""
-    if not PULSAR_SH.exists():
-        pytest.fail(f"{PULSAR_SH} is missing: integration tests need the real broker")
-    started_here = False
-    if _pulsar_sh("status", ADMIN_TIMEOUT_S * 3).returncode != 0:
-        up = _pulsar_sh("up", BROKER_START_TIMEOUT_S)
-        if up.returncode != 0:
-            # `up` may have left a half-started broker behind.
-            _pulsar_sh("down", BROKER_STOP_TIMEOUT_S)
-            pytest.fail(f"tools/pulsar.sh up failed (exit {up.returncode}):\n{up.stdout}")
-        started_here = True
-    try:
+    if PULSAR_SH.exists() and _pulsar_sh("status", ADMIN_TIMEOUT_S * 3).returncode == 0:
         yield _broker_urls()
-    finally:
-        if started_here:
-            _pulsar_sh("down", BROKER_STOP_TIMEOUT_S)
+        return
+    with broker_started() as broker:
+        yield broker
 
 
 @pytest.fixture

@@ -6,12 +6,15 @@
 #   tools/pulsar.sh down     stop it (SIGTERM, then SIGKILL)
 #   tools/pulsar.sh restart  stop it and start it again with its data (topics, cursors) kept
 #   tools/pulsar.sh status   exit 0 and print the URLs if healthy, non-zero otherwise
-#   tools/pulsar.sh env      print PULSAR_SERVICE_URL / PULSAR_ADMIN_URL lines
+#   tools/pulsar.sh env      print PULSAR_SERVICE_URL / PULSAR_ADMIN_URL (/ PULSAR_TOKEN_FILE) lines
 #
 # Environment (all optional):
 #   PULSAR_VERSION        distribution version                  (default 4.0.8)
 #   PULSAR_BROKER_PORT    binary protocol port                  (default 6650)
 #   PULSAR_WEB_PORT       HTTP admin port                       (default 8080)
+#   PULSAR_RUN_DIR        config, data, logs, tokens            (default .run/pulsar)
+#   PULSAR_AUTH           none | token: token authentication and authorization on `up`
+#                         (a fresh secret key and tokens in PULSAR_RUN_DIR/auth, 0600)
 #   PULSAR_START_TIMEOUT  seconds `up` waits for readiness      (default 180)
 #   PULSAR_STOP_TIMEOUT   seconds `down` waits before SIGKILL   (default 15)
 #   PULSAR_MEM, PULSAR_GC JVM heap/GC flags (defaults sized for 2 cores)
@@ -35,9 +38,22 @@ readonly ARTIFACT_ID=pulsar-server-distribution
 readonly CACHE_DIR="${REPO_ROOT}/.cache/pulsar"
 readonly PULSAR_HOME_DIR="${CACHE_DIR}/apache-pulsar-${PULSAR_VERSION}"
 readonly UNPACKED_MARKER="${PULSAR_HOME_DIR}/.rendezvous-unpacked"
-readonly RUN_DIR="${REPO_ROOT}/.run/pulsar"
+PULSAR_AUTH="${PULSAR_AUTH:-none}"
+RUN_DIR="${PULSAR_RUN_DIR:-${REPO_ROOT}/.run/pulsar}"
+[[ "${RUN_DIR}" == /* ]] || RUN_DIR="${REPO_ROOT}/${RUN_DIR}"
+readonly RUN_DIR
 # Outside RUN_DIR, which `up` wipes.
-readonly LOCK_FILE="${REPO_ROOT}/.run/pulsar.lock"
+readonly LOCK_FILE="${RUN_DIR}.lock"
+# Token authentication (PULSAR_AUTH=token): the HS256 secret key, the token of the broker's
+# own internal client, the clients' token (subject `rendezvous`; both are superusers) and
+# a curl header file with it, so that no token ever appears on a command line.
+readonly AUTH_DIR="${RUN_DIR}/auth"
+readonly SECRET_KEY_FILE="${AUTH_DIR}/secret.key"
+readonly BROKER_TOKEN_FILE="${AUTH_DIR}/broker.token"
+readonly CLIENT_TOKEN_FILE="${AUTH_DIR}/client.token"
+readonly ADMIN_HEADER_FILE="${AUTH_DIR}/admin.header"
+readonly BROKER_ROLE=broker
+readonly CLIENT_ROLE=rendezvous
 readonly PID_FILE="${RUN_DIR}/pulsar.pid"
 readonly LOG_DIR="${RUN_DIR}/logs"
 readonly CONF_TEMPLATE="${REPO_ROOT}/deploy/pulsar/standalone.conf"
@@ -55,7 +71,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
@@ -66,6 +82,7 @@ validate_env() {
         is_uint "${!name}" || die "${name} must be a non-negative integer, got '${!name}'"
     done
     [[ "${PULSAR_VERSION}" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "PULSAR_VERSION must look like 4.0.8, got '${PULSAR_VERSION}'"
+    [[ "${PULSAR_AUTH}" == none || "${PULSAR_AUTH}" == token ]] || die "PULSAR_AUTH must be none or token, got '${PULSAR_AUTH}'"
 }
 
 now() { date +%s.%N; }
@@ -230,8 +247,16 @@ rss_mib() {
     awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "?"
 }
 
+# curl on the admin API, with the bearer token when the broker runs with authentication
+# (read by curl from the header file: never on a command line).
+admin_curl() {
+    local auth=()
+    [[ -f "${ADMIN_HEADER_FILE}" ]] && auth=(-H "@${ADMIN_HEADER_FILE}")
+    curl "${auth[@]}" "$@"
+}
+
 http_code() {
-    curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true
+    admin_curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true
 }
 
 port_in_use() {
@@ -240,7 +265,7 @@ port_in_use() {
 
 broker_healthy() {
     [[ "$(http_code "${ADMIN_URL}/admin/v2/brokers/health")" == 200 ]] || return 1
-    curl -sf --max-time 5 "${ADMIN_URL}/admin/v2/namespaces/public" 2>/dev/null | grep -q '"public/default"'
+    admin_curl -sf --max-time 5 "${ADMIN_URL}/admin/v2/namespaces/public" 2>/dev/null | grep -q '"public/default"'
 }
 
 python_bin() {
@@ -259,13 +284,20 @@ round_trip() {
     topic="persistent://public/default/rendezvous-selfcheck-$(date +%s%N)"
     payload="ping-$$-${RANDOM}"
     py="$(python_bin)"
+    local token_file=""
+    [[ -f "${CLIENT_TOKEN_FILE}" ]] && token_file="${CLIENT_TOKEN_FILE}"
     if "${py}" -c 'import pulsar' >/dev/null 2>&1; then
-        timeout -k 5 "${budget}" "${py}" - "${SERVICE_URL}" "${topic}" "${payload}" <<'PY' >>"${LOG_DIR}/selfcheck.log" 2>&1
+        timeout -k 5 "${budget}" "${py}" - "${SERVICE_URL}" "${topic}" "${payload}" "${token_file}" <<'PY' >>"${LOG_DIR}/selfcheck.log" 2>&1
 import sys
 import pulsar
 
-url, topic, payload = sys.argv[1], sys.argv[2], sys.argv[3].encode()
-client = pulsar.Client(url, operation_timeout_seconds=10, connection_timeout_ms=5000,
+url, topic, payload, token_file = sys.argv[1], sys.argv[2], sys.argv[3].encode(), sys.argv[4]
+auth = None
+if token_file:
+    with open(token_file) as f:
+        auth = pulsar.AuthenticationToken(f.read().strip())
+client = pulsar.Client(url, authentication=auth, operation_timeout_seconds=10,
+                       connection_timeout_ms=5000,
                        logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
 try:
     consumer = client.subscribe(topic, "selfcheck",
@@ -281,10 +313,14 @@ finally:
 PY
     else
         # No pulsar-client Python package: use the distribution's CLI (a JVM per call, slower).
-        local client="${PULSAR_HOME_DIR}/bin/pulsar-client" out
+        local client=("${PULSAR_HOME_DIR}/bin/pulsar-client" --url "${SERVICE_URL}") out
+        if [[ -n "${token_file}" ]]; then
+            client+=(--auth-plugin org.apache.pulsar.client.impl.auth.AuthenticationToken
+                --auth-params "file://${token_file}")
+        fi
         out="$(mktemp)"
-        if timeout -k 5 "${budget}" "${client}" --url "${SERVICE_URL}" produce "${topic}" -m "${payload}" >>"${LOG_DIR}/selfcheck.log" 2>&1 &&
-            timeout -k 5 "${budget}" "${client}" --url "${SERVICE_URL}" consume "${topic}" -s selfcheck \
+        if timeout -k 5 "${budget}" "${client[@]}" produce "${topic}" -m "${payload}" >>"${LOG_DIR}/selfcheck.log" 2>&1 &&
+            timeout -k 5 "${budget}" "${client[@]}" consume "${topic}" -s selfcheck \
                 -p Earliest -n 1 >"${out}" 2>&1; then
             cat "${out}" >>"${LOG_DIR}/selfcheck.log"
             grep -q "${payload}" "${out}" && rm -f "${out}" && return 0
@@ -320,6 +356,54 @@ render_conf() {
         ! grep -qx "webServicePort=${PULSAR_WEB_PORT}" "${RENDERED_CONF}"; then
         die "could not render ports into ${RENDERED_CONF}"
     fi
+    if [[ "${PULSAR_AUTH}" == token ]]; then
+        set_conf authenticationEnabled true
+        set_conf authenticationProviders org.apache.pulsar.broker.authentication.AuthenticationProviderToken
+        set_conf tokenSecretKey "file://${SECRET_KEY_FILE}"
+        set_conf authorizationEnabled true
+        set_conf superUserRoles "${BROKER_ROLE},${CLIENT_ROLE}"
+        # The standalone's internal client (it creates public/default through the admin API).
+        set_conf brokerClientAuthenticationPlugin org.apache.pulsar.client.impl.auth.AuthenticationToken
+        set_conf brokerClientAuthenticationParameters "file://${BROKER_TOKEN_FILE}"
+    fi
+}
+
+# Set KEY=VALUE in the rendered config: the template's line is replaced (one line per key;
+# Pulsar would take the last of several), or the line is added.
+set_conf() {
+    local key="$1" value="$2" tmp="${RENDERED_CONF}.tmp"
+    awk -v key="${key}" -v value="${value}" '
+        BEGIN { done = 0 }
+        index($0, key "=") == 1 { if (!done) print key "=" value; done = 1; next }
+        { print }
+        END { if (!done) print key "=" value }
+    ' "${RENDERED_CONF}" >"${tmp}"
+    mv "${tmp}" "${RENDERED_CONF}"
+}
+
+# A fresh secret key and tokens with the distribution's own `bin/pulsar tokens` (a JVM each,
+# ~4 s: the two tokens are made in parallel). Kept across `restart`, made anew by `up`.
+make_tokens() {
+    [[ -s "${SECRET_KEY_FILE}" && -s "${BROKER_TOKEN_FILE}" && -s "${CLIENT_TOKEN_FILE}" &&
+        -s "${ADMIN_HEADER_FILE}" ]] && return 0
+    local tokens=("${PULSAR_HOME_DIR}/bin/pulsar" tokens) started
+    started="$(now)"
+    (
+        umask 077
+        mkdir -p "${AUTH_DIR}"
+        # A short-lived JVM: small heap, serial GC, C1 only (starts faster than the broker's flags).
+        export PULSAR_MEM="-Xms32m -Xmx128m" PULSAR_GC="-XX:+UseSerialGC -XX:TieredStopAtLevel=1" PULSAR_LOG_DIR="${LOG_DIR}"
+        "${tokens[@]}" create-secret-key --output "${SECRET_KEY_FILE}" >>"${LOG_DIR}/tokens.log" 2>&1
+        "${tokens[@]}" create --secret-key "file://${SECRET_KEY_FILE}" --subject "${BROKER_ROLE}" \
+            >"${BROKER_TOKEN_FILE}" 2>>"${LOG_DIR}/tokens.log" &
+        local broker=$!
+        "${tokens[@]}" create --secret-key "file://${SECRET_KEY_FILE}" --subject "${CLIENT_ROLE}" \
+            >"${CLIENT_TOKEN_FILE}" 2>>"${LOG_DIR}/tokens.log"
+        wait "${broker}"
+        printf 'Authorization: Bearer %s\n' "$(tr -d '[:space:]' <"${CLIENT_TOKEN_FILE}")" >"${ADMIN_HEADER_FILE}"
+    ) || die "bin/pulsar tokens failed; see ${LOG_DIR#"${REPO_ROOT}"/}/tokens.log"
+    [[ -s "${BROKER_TOKEN_FILE}" && -s "${CLIENT_TOKEN_FILE}" ]] || die "bin/pulsar tokens wrote no token"
+    log "token authentication on: secret key and tokens in ${AUTH_DIR#"${REPO_ROOT}"/} ($(elapsed_since "${started}")s)"
 }
 
 # Serialise up/down across processes (e.g. a test fixture and a developer both calling `up`):
@@ -373,6 +457,7 @@ cmd_up() {
         rm -rf "${RUN_DIR}"
         mkdir -p "${RUN_DIR}/data" "${LOG_DIR}"
     fi
+    [[ "${PULSAR_AUTH}" == token ]] && make_tokens
     render_conf
 
     # Sized for 2 cores / a small dev box. ZGC, as the distribution has it, but without
@@ -431,7 +516,7 @@ cmd_up() {
                 fi
                 ;;
             public/default)
-                if curl -sf --max-time 5 "${ADMIN_URL}/admin/v2/namespaces/public" 2>/dev/null |
+                if admin_curl -sf --max-time 5 "${ADMIN_URL}/admin/v2/namespaces/public" 2>/dev/null |
                     grep -q '"public/default"'; then
                     healthy_at="$(elapsed_since "${started}")"
                     stage="round trip"
@@ -462,6 +547,8 @@ cmd_down() {
 # Stop and start the same broker, keeping its data (what a broker restart is in production).
 cmd_restart() {
     take_lock
+    # The same broker: with authentication if it had it.
+    [[ -s "${CLIENT_TOKEN_FILE}" ]] && PULSAR_AUTH=token
     stop_broker
     KEEP_DATA=1 cmd_up
 }
@@ -512,6 +599,10 @@ cmd_status() {
 cmd_env() {
     printf 'PULSAR_SERVICE_URL=%s\n' "${SERVICE_URL}"
     printf 'PULSAR_ADMIN_URL=%s\n' "${ADMIN_URL}"
+    # The file, never the token: clients read it (PulsarSettings.token_file).
+    if [[ -s "${CLIENT_TOKEN_FILE}" ]]; then
+        printf 'PULSAR_TOKEN_FILE=%s\n' "${CLIENT_TOKEN_FILE}"
+    fi
 }
 
 main() {

@@ -20,6 +20,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Protocol
 
+from services.core.settings import PulsarSettings
+
 log = logging.getLogger(__name__)
 
 # Pulsar's way of saying "keep every message, whatever its age or the topic's size".
@@ -47,24 +49,33 @@ def topic_path(topic: str) -> str:
 
 
 class PulsarAdmin:
-    """`TopicAdmin` over the broker's admin REST API (`PulsarSettings.admin_url`)."""
+    """`TopicAdmin` over the broker's admin REST API (`PulsarSettings.admin_url`), with the
+    settings' bearer token and TLS trust on every call."""
 
-    def __init__(self, admin_url: str, *, timeout_s: float, attempts: int, retry_s: float):
-        self._base = admin_url.rstrip("/") + "/admin/v2/"
+    def __init__(self, pulsar: PulsarSettings, *, timeout_s: float, attempts: int, retry_s: float):
+        self._pulsar = pulsar
+        self._base = pulsar.admin_url.rstrip("/") + "/admin/v2/"
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._retry_s = retry_s
 
     def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self._base + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+            # Inside: an unreadable token file is an AdminError like an unreachable broker.
+            request = urllib.request.Request(
+                self._base + path,
+                data=data,
+                method=method,
+                headers={
+                    "Content-Type": "application/json",
+                    "Accept": "application/json",
+                    **self._pulsar.admin_headers(),
+                },
+            )
+            with urllib.request.urlopen(
+                request, timeout=self._timeout_s, context=self._pulsar.admin_ssl_context()
+            ) as response:
                 raw = response.read()
                 return response.status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as exc:

@@ -33,7 +33,7 @@ class ControlComponent(Component):
     ) -> None:
         if admin is None:
             admin = PulsarAdmin(
-                settings.pulsar.admin_url,
+                settings.pulsar,
                 timeout_s=settings.admin_timeout_s,
                 attempts=settings.admin_attempts,
                 retry_s=settings.retry_delay_s,

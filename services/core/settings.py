@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import uuid
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -65,6 +66,61 @@ class PulsarSettings(BaseModel):
     listener_threads: int = 1
     # Pause after closing the client before the process may exit (see PulsarBus.close).
     close_grace_s: float = 0.1
+    # Token authentication (a JWT the broker's AuthenticationProviderToken accepts), for the
+    # client and as `Authorization: Bearer` on every admin REST call. `token_file` is read
+    # when the client is created and at each admin call; a literal `token` wins over it.
+    # Neither is ever logged (SecretStr; `repr` shows only the file's path).
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    # TLS (pulsar+ssl:// and https:// URLs): the CA bundle that signed the broker's
+    # certificate (None: the system's), whether to accept any certificate, and whether the
+    # certificate must name the host connected to (the client's default is off).
+    tls_trust_certs_file: Path | None = None
+    tls_allow_insecure: bool = False
+    tls_validate_hostname: bool = True
+
+    def auth_token(self) -> str | None:
+        """The token to present, or None when authentication is off."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            return self.token_file.read_text().strip()
+        return None
+
+    def admin_headers(self) -> dict[str, str]:
+        """Headers every admin REST call carries (the bearer token when there is one)."""
+        token = self.auth_token()
+        return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+    def admin_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of admin REST calls over https (None: urllib's default)."""
+        if not self.admin_url.startswith("https:"):
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.tls_trust_certs_file) if self.tls_trust_certs_file else None
+        )
+        if self.tls_allow_insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context.check_hostname = self.tls_validate_hostname
+        return context
+
+    def security_env(self) -> dict[str, str]:
+        """The authentication and TLS settings that are set, as the environment variables
+        (without the `RDV_<SERVICE>_` prefix) that give another process the same ones."""
+        env: dict[str, str] = {}
+        if self.token is not None:
+            env["PULSAR__TOKEN"] = self.token.get_secret_value()
+        if self.token_file is not None:
+            env["PULSAR__TOKEN_FILE"] = str(self.token_file)
+        if self.tls_trust_certs_file is not None:
+            env["PULSAR__TLS_TRUST_CERTS_FILE"] = str(self.tls_trust_certs_file)
+        if self.tls_allow_insecure:
+            env["PULSAR__TLS_ALLOW_INSECURE"] = "true"
+        if not self.tls_validate_hostname:
+            env["PULSAR__TLS_VALIDATE_HOSTNAME"] = "false"
+        return env
 
 
 class ServiceSettings(BaseSettings):

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.core.settings import REPO_ROOT
+from services.core.settings import REPO_ROOT, PulsarSettings
 from services.supervisor.live import LiveMesh
 from services.supervisor.plan import CONTROL, STAGE_MODELS, ProcessSpec, diff
 
@@ -44,7 +44,13 @@ log = logging.getLogger(__name__)
 class SupervisorSettings(BaseSettings):
     """How patient the supervisor is (env RDV_SUPERVISOR_*)."""
 
-    model_config = SettingsConfigDict(env_prefix="RDV_SUPERVISOR_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="RDV_SUPERVISOR_", extra="forbid", env_nested_delimiter="__"
+    )
+
+    # The broker's authentication and TLS (RDV_SUPERVISOR_PULSAR__TOKEN_FILE, ...), for the
+    # supervisor's client and passed on to every process; its URLs come from the command line.
+    pulsar: PulsarSettings = Field(default_factory=PulsarSettings)
 
     # Long enough for the rendezvous' warm-up (RendezvousSettings.warmup_max_s) on a cold broker.
     ready_timeout_s: float = 240.0

@@ -50,8 +50,12 @@ class LiveMesh:
         objectives: Iterable[str] = (),
         retry_delay_s: float = 0.5,
         evaluator: EvaluatorAddress | None = None,
+        pulsar: PulsarSettings | None = None,
     ) -> None:
-        self.pulsar = PulsarSettings(service_url=pulsar_url, admin_url=pulsar_admin_url)
+        # `pulsar`: authentication and TLS, for the supervisor's own client and every process.
+        self.pulsar = (pulsar or PulsarSettings()).model_copy(
+            update={"service_url": pulsar_url, "admin_url": pulsar_admin_url}
+        )
         self.state_dir = state_dir
         self.rendezvous_listen = rendezvous_listen
         self.ports = ports
@@ -114,6 +118,7 @@ class LiveMesh:
             self.rendezvous_listen,
             self.ports,
             evaluator=self.evaluator,
+            pulsar_env=self.pulsar.security_env(),
         )
 
     def write_directory(self, specs: list[ProcessSpec]) -> None:

@@ -139,10 +139,18 @@ def model_directory(state_dir: Path) -> Path:
 class _Planner:
     """Builds ProcessSpecs with stable ports, ready files and logs under one state dir."""
 
-    def __init__(self, state_dir: Path, pulsar_url: str, pulsar_admin_url: str, ports: Ports):
+    def __init__(
+        self,
+        state_dir: Path,
+        pulsar_url: str,
+        pulsar_admin_url: str,
+        ports: Ports,
+        pulsar_env: Mapping[str, str] | None,
+    ):
         self.state_dir = state_dir
         self.pulsar_url = pulsar_url
         self.pulsar_admin_url = pulsar_admin_url
+        self.pulsar_env = dict(pulsar_env or {})
         self.ports = ports
         self.specs: list[ProcessSpec] = []
 
@@ -166,6 +174,7 @@ class _Planner:
             f"{prefix}READY_FILE": str(ready_file),
             f"{prefix}PULSAR__SERVICE_URL": self.pulsar_url,
             f"{prefix}PULSAR__ADMIN_URL": self.pulsar_admin_url,
+            **{f"{prefix}{key}": value for key, value in self.pulsar_env.items()},
             f"{prefix}METRICS_PORT": str(metrics_port),
             **{f"{prefix}{key}": value for key, value in settings.items()},
         }
@@ -200,9 +209,11 @@ def plan_control(  # noqa: PLR0917 (mirrors plan's arguments)
     pulsar_admin_url: str,
     listen: str,
     ports: Ports,
+    pulsar_env: Mapping[str, str] | None = None,
 ) -> ProcessSpec:
-    """The control component: the one writer of the control topic, seeded from `mesh_file`."""
-    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports)
+    """The control component: the one writer of the control topic, seeded from `mesh_file`.
+    `pulsar_env`: the broker's authentication and TLS settings, as in `plan`."""
+    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports, pulsar_env)
     return planner.add(
         CONTROL,
         "services.control",
@@ -232,11 +243,14 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
     rendezvous_listen: str,
     ports: Ports | None = None,
     evaluator: EvaluatorAddress | None = None,
+    pulsar_env: Mapping[str, str] | None = None,
 ) -> list[ProcessSpec]:
     """Every process serving `configs` (the control component aside), models first, the
     collector last. `ports` keeps addresses across plans (a fresh one when not given).
-    `evaluator` adds the evaluator (off the answer path; it reads the results topics)."""
-    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports or Ports())
+    `evaluator` adds the evaluator (off the answer path; it reads the results topics).
+    `pulsar_env` (`PulsarSettings.security_env()`: token, TLS) goes to every process under
+    its own prefix."""
+    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports or Ports(), pulsar_env)
     add = planner.add
     socket_path = state_dir / RENDEZVOUS_INSTANCE / "delivery.sock"
     directory = model_directory(state_dir)

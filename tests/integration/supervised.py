@@ -2,7 +2,8 @@
 
 The supervisor runs as `rendezvous supervise` would run it for `rendezvous up`, on the test
 session's broker, with a control plane on a port of its own (beside whatever listens on the
-default one), and is stopped (SIGTERM, then SIGKILL) when the block ends.
+default one), and is stopped (SIGTERM, then SIGKILL) when the block ends. A broker with
+token authentication gives the supervisor its token file.
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def supervised_mesh(
             "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_EVALUATOR_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_DASHBOARD_LISTEN": f"127.0.0.1:{free_port()}",
+            # The broker's token, for the supervisor and (passed on) every process.
+            **(
+                {"RDV_SUPERVISOR_PULSAR__TOKEN_FILE": str(pulsar.token_file)}
+                if pulsar.token_file
+                else {}
+            ),
             **(env or {}),
         },
         stdin=subprocess.DEVNULL,

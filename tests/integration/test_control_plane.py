@@ -51,7 +51,7 @@ def admin_call(broker: PulsarBroker, method: str, path: str, body: Any = None) -
         broker.admin_url.rstrip("/") + "/admin/v2/" + path,
         data=data,
         method=method,
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
+        headers={"Content-Type": "application/json", **broker.admin_headers()},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         raw = response.read()

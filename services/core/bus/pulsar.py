@@ -243,6 +243,23 @@ class _PulsarReader(Reader[M]):
             await self._reader.close()
 
 
+def _security_options(settings: PulsarSettings) -> dict[str, Any]:
+    """The client's authentication and TLS options from `settings` (none when unset)."""
+    import pulsar
+
+    options: dict[str, Any] = {}
+    token = settings.auth_token()
+    if token is not None:
+        options["authentication"] = pulsar.AuthenticationToken(token)
+    if settings.service_url.startswith("pulsar+ssl:"):
+        options["use_tls"] = True
+        options["tls_allow_insecure_connection"] = settings.tls_allow_insecure
+        options["tls_validate_hostname"] = settings.tls_validate_hostname
+        if settings.tls_trust_certs_file is not None:
+            options["tls_trust_certs_file_path"] = str(settings.tls_trust_certs_file)
+    return options
+
+
 class PulsarBus(Bus):
     """The adapter over a real Apache Pulsar broker."""
 
@@ -267,9 +284,12 @@ class PulsarBus(Bus):
                 # client emits, and a broker restart emits bursts of them (measured: answers
                 # 20-40 ms past the SLA while they crossed into the interpreter).
                 logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+                **_security_options(settings),
             )
         except refused as exc:
             raise _pulsar_error(exc) from exc
+        except OSError as exc:
+            raise BusError(f"pulsar: cannot read the token file: {exc}") from exc
 
     async def _create_publisher(
         self, topic: str, batching: bool, max_delay_ms: int, *, exclusive: bool = False
