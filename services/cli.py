@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from services.control import cli as objective_commands
+from services.core.channels import state_client_tls
 from services.core.settings import REPO_ROOT
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
@@ -200,8 +201,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
 
     async def probe() -> list[bool]:
+        tls = state_client_tls(state)
         return list(
-            await asyncio.gather(*(check_health(p["endpoint"]) for p in state["processes"]))
+            await asyncio.gather(
+                *(check_health(p["endpoint"], tls=tls) for p in state["processes"])
+            )
         )
 
     healthy = asyncio.run(probe())
@@ -321,11 +325,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
     from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
 
+    from services.core.channels import mesh_client_tls, sync_channel
     from services.core.protos import set_values
 
     request = scoring_pb2.ScoreRequest(objective=args.objective, subject_id=args.subject or "")
     set_values(request.features, json.loads(args.features) if args.features else _sample_features())
-    with grpc.insecure_channel(_target(args)) as channel:
+    with sync_channel(_target(args), mesh_client_tls(args.state_dir)) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
             response = stub.Score(request, timeout=args.timeout)
@@ -347,6 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             requests=args.requests,
             rate=args.rate,
             evaluator=(state or {}).get("evaluator_endpoint") or "127.0.0.1:50053",
+            tls=state_client_tls(state or {}),
         )
     )
 
@@ -370,6 +376,7 @@ def cmd_demo_promote(args: argparse.Namespace) -> int:
             rate=args.rate,
             hold_s=args.hold,
             challenger=args.challenger,
+            tls=state_client_tls(state),
         )
     )
     print_report(report)

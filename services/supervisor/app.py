@@ -34,7 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.core.settings import REPO_ROOT
+from services.core.channels import aio_channel
+from services.core.settings import REPO_ROOT, TlsSettings
 from services.supervisor.live import LiveMesh
 from services.supervisor.plan import CONTROL, STAGE_MODELS, ProcessSpec, diff
 
@@ -73,10 +74,12 @@ class SupervisorSettings(BaseSettings):
     model_stop_grace_s: float = Field(default=10.0, ge=0)
 
 
-async def check_health(endpoint: str, service: str = "", timeout: float = 1.0) -> bool:
-    """True when the process at `endpoint` reports SERVING."""
+async def check_health(
+    endpoint: str, service: str = "", timeout: float = 1.0, tls: TlsSettings | None = None
+) -> bool:
+    """True when the process at `endpoint` reports SERVING (over TLS per `tls`)."""
     try:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with aio_channel(endpoint, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = await stub.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
