@@ -1,6 +1,6 @@
 """The `rendezvous` command: bring a mesh up and down, look at it, score through it.
 
-rendezvous up [--mesh FILE] [--pulsar-url URL]   broker (unless given) + every component
+rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls]   broker (unless given) + every component
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from services.control import cli as objective_commands
-from services.core.channels import state_client_tls
+from services.core.channels import STATE_TLS_KEY, state_client_tls
 from services.core.settings import REPO_ROOT
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
+from services.supervisor.certs import DEFAULT_CERTS_DIR
 
 REPO = REPO_ROOT
 DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
@@ -101,6 +102,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ]
     if broker_started:
         command.append("--owns-broker")
+    if args.tls:
+        command += ["--tls", "--certs-dir", str(args.certs_dir.resolve())]
     with log_file.open("ab") as log:
         # A session of its own: the mesh outlives this command, `rendezvous down` ends it.
         supervisor = subprocess.Popen(
@@ -140,9 +143,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"live dashboard at {state.get('dashboard_url') or '-'}"
         )
     body = json.dumps({"objective": "demo", "features": _sample_features()})
+    tls = state_client_tls(state)
+    transport = (
+        f"-cacert {tls.ca_file} -cert {tls.client_cert_file} -key {tls.client_key_file}"
+        if tls.client_enabled
+        else "-plaintext"
+    )
     print(
-        f"\nScoringService at {endpoint} (gRPC, reflection on). Try:\n"
-        f"  tools/bin/grpcurl -plaintext -d '{body}' \\\n"
+        f"\nScoringService at {endpoint} (gRPC{', mTLS' if tls.client_enabled else ''}, "
+        f"reflection on). Try:\n"
+        f"  tools/bin/grpcurl {transport} -d '{body}' \\\n"
         f"    {endpoint} rendezvous.v1.ScoringService/Score\n"
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
@@ -234,6 +244,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from services.core.mesh import load_mesh
     from services.core.telemetry import configure_logging
     from services.supervisor.app import Supervisor, SupervisorSettings
+    from services.supervisor.certs import client_only, ensure_certs, mesh_tls
     from services.supervisor.live import LiveMesh
     from services.supervisor.plan import EvaluatorAddress, Ports, plan_control
 
@@ -243,6 +254,10 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     mesh = load_mesh(args.mesh)
     settings = SupervisorSettings()
     ports = Ports()
+    tls = None
+    if args.tls:
+        ensure_certs(args.certs_dir)
+        tls = mesh_tls(args.certs_dir)
     control = plan_control(
         args.mesh,
         args.state_dir,
@@ -250,6 +265,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         args.pulsar_admin_url,
         settings.control_listen,
         ports,
+        tls,
     )
     evaluator = (
         EvaluatorAddress(settings.evaluator_listen, settings.dashboard_listen)
@@ -264,6 +280,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         ports,
         objectives=mesh.objectives,
         evaluator=evaluator,
+        tls=tls,
     )
     supervisor = Supervisor(
         [control],
@@ -281,6 +298,8 @@ def cmd_supervise(args: argparse.Namespace) -> int:
             "pulsar_url": args.pulsar_url,
             "pulsar_admin_url": args.pulsar_admin_url,
             "owns_broker": args.owns_broker,
+            # What the command-line tools need to call a TLS mesh (services.core.channels).
+            STATE_TLS_KEY: client_only(tls).model_dump(mode="json") if tls else None,
         },
         settings=settings,
         live=live,
@@ -399,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pulsar-url", help="use this broker instead of starting one")
     up.add_argument("--pulsar-admin-url", default="http://127.0.0.1:8080")
     up.add_argument("--timeout", type=float, default=360.0)
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS on every gRPC server and client (certificates made in --certs-dir if missing)",
+    )
+    up.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -449,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     supervise.add_argument("--pulsar-url", required=True)
     supervise.add_argument("--pulsar-admin-url", required=True)
     supervise.add_argument("--owns-broker", action="store_true")
+    supervise.add_argument("--tls", action="store_true")
+    supervise.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
     supervise.set_defaults(handler=cmd_supervise)
     return parser
 

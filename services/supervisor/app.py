@@ -162,7 +162,7 @@ class Supervised:
             if self._stopping:
                 return False
             if self.spec.ready_file.exists() and await check_health(
-                self.spec.endpoint, self.spec.health_service
+                self.spec.endpoint, self.spec.health_service, tls=self.spec.client_tls
             ):
                 self.status = "ready"
                 return True
@@ -309,7 +309,12 @@ class Supervisor:
             log.error("the control topic does not hold the mesh's objectives")
             return False
         async with self._apply_lock:
-            specs = live.plan()
+            try:
+                specs = live.plan()
+            except ValueError as error:
+                # A mesh this supervisor cannot run (e.g. a command container under TLS).
+                log.error("cannot plan the mesh", extra={"reason": str(error)})
+                return False
             live.write_directory(specs)
             started = [Supervised(spec, self.settings) for spec in specs]
             self.processes.extend(started)
@@ -322,7 +327,14 @@ class Supervisor:
         async with self._apply_lock:
             if self.phase not in ("ready", "starting"):
                 return
-            specs = live.plan()
+            try:
+                specs = live.plan()
+            except ValueError as error:
+                log.error(
+                    "cannot apply the new version; the mesh runs on as it was",
+                    extra={"reason": str(error)},
+                )
+                return
             planned = {spec.name: spec for spec in specs}
             for name in [name for name in self._retiring if name in planned]:
                 # Removed and added back within the grace: it never stopped.

@@ -21,7 +21,7 @@ from pathlib import Path
 from services.core.bus import Bus, connect
 from services.core.control_topic import ControlFollower
 from services.core.control_topic import ObjectiveConfig as ControlConfig
-from services.core.settings import PulsarSettings
+from services.core.settings import PulsarSettings, TlsSettings
 from services.runner.live import write_model_directory
 from services.supervisor.plan import (
     EvaluatorAddress,
@@ -50,7 +50,9 @@ class LiveMesh:
         objectives: Iterable[str] = (),
         retry_delay_s: float = 0.5,
         evaluator: EvaluatorAddress | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
+        self.tls = tls
         self.pulsar = PulsarSettings(service_url=pulsar_url, admin_url=pulsar_admin_url)
         self.state_dir = state_dir
         self.rendezvous_listen = rendezvous_listen
@@ -114,6 +116,7 @@ class LiveMesh:
             self.rendezvous_listen,
             self.ports,
             evaluator=self.evaluator,
+            tls=self.tls,
         )
 
     def write_directory(self, specs: list[ProcessSpec]) -> None:
