@@ -31,7 +31,7 @@ GO_DIRS := services/models/go services/models/artifacts gen/go
 
 .PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         unit integration test test-go ts test-ts check \
-        pulsar-up pulsar-down up down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
+        pulsar-up pulsar-down up up-tls down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -157,8 +157,11 @@ pulsar-down: ## Stop the broker
 ghz-smoke: setup ## Start a model container and call it through reflection with ghz
 	tools/ghz-smoke.sh
 
-up: setup ## Bring the whole mesh up (broker included) and print the endpoint
-	$(BIN)/rendezvous up
+up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere)
+	$(BIN)/rendezvous up $(if $(TLS),--tls)
+
+up-tls: ## Bring the mesh up with mTLS on every gRPC server and client (certificates in .run/certs)
+	$(MAKE) up TLS=1
 
 down: ## Stop the mesh and the broker it started
 	$(BIN)/rendezvous down

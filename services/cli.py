@@ -1,6 +1,6 @@
 """The `rendezvous` command: bring a mesh up and down, look at it, score through it.
 
-rendezvous up [--mesh FILE] [--pulsar-url URL]   broker (unless given) + every component
+rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls]   broker (unless given) + every component
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from services.control import cli as objective_commands
+from services.core.channels import STATE_TLS_KEY, state_client_tls
 from services.core.settings import REPO_ROOT
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
+from services.supervisor.certs import DEFAULT_CERTS_DIR
 
 REPO = REPO_ROOT
 DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
@@ -112,6 +114,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ]
     if broker_started:
         command.append("--owns-broker")
+    if args.tls:
+        command += ["--tls", "--certs-dir", str(args.certs_dir.resolve())]
     with log_file.open("ab") as log:
         # A session of its own: the mesh outlives this command, `rendezvous down` ends it.
         supervisor = subprocess.Popen(
@@ -152,9 +156,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"live dashboard at {state.get('dashboard_url') or '-'}"
         )
     body = json.dumps({"objective": "demo", "features": _sample_features()})
+    tls = state_client_tls(state)
+    transport = (
+        f"-cacert {tls.ca_file} -cert {tls.client_cert_file} -key {tls.client_key_file}"
+        if tls.client_enabled
+        else "-plaintext"
+    )
     print(
-        f"\nScoringService at {endpoint} (gRPC, reflection on). Try:\n"
-        f"  tools/bin/grpcurl -plaintext -d '{body}' \\\n"
+        f"\nScoringService at {endpoint} (gRPC{', mTLS' if tls.client_enabled else ''}, "
+        f"reflection on). Try:\n"
+        f"  tools/bin/grpcurl {transport} -d '{body}' \\\n"
         f"    {endpoint} rendezvous.v1.ScoringService/Score\n"
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
@@ -213,8 +224,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
 
     async def probe() -> list[bool]:
+        tls = state_client_tls(state)
         return list(
-            await asyncio.gather(*(check_health(p["endpoint"]) for p in state["processes"]))
+            await asyncio.gather(
+                *(check_health(p["endpoint"], tls=tls) for p in state["processes"])
+            )
         )
 
     healthy = asyncio.run(probe())
@@ -243,6 +257,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from services.core.mesh import load_mesh
     from services.core.telemetry import configure_logging
     from services.supervisor.app import Supervisor, SupervisorSettings
+    from services.supervisor.certs import client_only, ensure_certs, mesh_tls
     from services.supervisor.live import LiveMesh
     from services.supervisor.plan import EvaluatorAddress, Ports, plan_control
 
@@ -252,6 +267,10 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     mesh = load_mesh(args.mesh)
     settings = SupervisorSettings()
     ports = Ports()
+    tls = None
+    if args.tls:
+        ensure_certs(args.certs_dir)
+        tls = mesh_tls(args.certs_dir)
     control = plan_control(
         args.mesh,
         args.state_dir,
@@ -260,6 +279,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         settings.control_listen,
         ports,
         pulsar_env=settings.pulsar.security_env(),
+        tls=tls,
     )
     evaluator = (
         EvaluatorAddress(settings.evaluator_listen, settings.dashboard_listen)
@@ -275,6 +295,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         objectives=mesh.objectives,
         evaluator=evaluator,
         pulsar=settings.pulsar,
+        tls=tls,
     )
     supervisor = Supervisor(
         [control],
@@ -296,6 +317,8 @@ def cmd_supervise(args: argparse.Namespace) -> int:
                 str(settings.pulsar.token_file) if settings.pulsar.token_file else None
             ),
             "owns_broker": args.owns_broker,
+            # What the command-line tools need to call a TLS mesh (services.core.channels).
+            STATE_TLS_KEY: client_only(tls).model_dump(mode="json") if tls else None,
         },
         settings=settings,
         live=live,
@@ -340,11 +363,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
     from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
 
+    from services.core.channels import mesh_client_tls, sync_channel
     from services.core.protos import set_values
 
     request = scoring_pb2.ScoreRequest(objective=args.objective, subject_id=args.subject or "")
     set_values(request.features, json.loads(args.features) if args.features else _sample_features())
-    with grpc.insecure_channel(_target(args)) as channel:
+    with sync_channel(_target(args), mesh_client_tls(args.state_dir)) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
             response = stub.Score(request, timeout=args.timeout)
@@ -366,6 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             requests=args.requests,
             rate=args.rate,
             evaluator=(state or {}).get("evaluator_endpoint") or "127.0.0.1:50053",
+            tls=state_client_tls(state or {}),
         )
     )
 
@@ -390,6 +415,7 @@ def cmd_demo_promote(args: argparse.Namespace) -> int:
             rate=args.rate,
             hold_s=args.hold,
             challenger=args.challenger,
+            tls=state_client_tls(state),
         )
     )
     print_report(report)
@@ -422,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the token of a given broker (--pulsar-url) with authentication on",
     )
     up.add_argument("--timeout", type=float, default=360.0)
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS on every gRPC server and client (certificates made in --certs-dir if missing)",
+    )
+    up.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -472,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     supervise.add_argument("--pulsar-url", required=True)
     supervise.add_argument("--pulsar-admin-url", required=True)
     supervise.add_argument("--owns-broker", action="store_true")
+    supervise.add_argument("--tls", action="store_true")
+    supervise.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
     supervise.set_defaults(handler=cmd_supervise)
     return parser
 

@@ -28,7 +28,9 @@ from rendezvous.v1 import (
     scoring_pb2_grpc,
 )
 
+from services.core.channels import aio_channel
 from services.core.protos import duration_ms, now_timestamp, set_values
+from services.core.settings import TlsSettings
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -54,13 +56,17 @@ def diabetes_rows() -> list[dict[str, float]]:
 
 
 async def record_feedback(
-    target: str, objective: str, observed: Sequence[tuple[str, float]], concurrency: int = 16
+    target: str,
+    objective: str,
+    observed: Sequence[tuple[str, float]],
+    concurrency: int = 16,
+    tls: TlsSettings | None = None,
 ) -> Counter[str]:
     """Record each (request id, observed value) with FeedbackService at `target`; the count of
     each outcome ("OK" or a status code name)."""
     outcomes: Counter[str] = Counter()
     gate = asyncio.Semaphore(concurrency)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with aio_channel(target, tls) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
 
         async def one(request_id: str, value: float) -> None:
@@ -80,11 +86,11 @@ async def record_feedback(
     return outcomes
 
 
-async def _send_all(
-    target: str, objective: str, requests: int, rate: float, run_id: str
+async def _send_all(  # noqa: PLR0917 (the run's knobs)
+    target: str, objective: str, requests: int, rate: float, run_id: str, tls: TlsSettings | None
 ) -> list[scoring_pb2.ScoreResponse | grpc.aio.AioRpcError]:
     rows = diabetes_rows()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with aio_channel(target, tls) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         started = time.monotonic()
         calls = []
@@ -99,14 +105,19 @@ async def _send_all(
         return list(await asyncio.gather(*calls, return_exceptions=True))  # type: ignore[arg-type]
 
 
-async def _report_when_complete(
-    evaluator: str, objective: str, since: timestamp_pb2.Timestamp, expected: int, wait_s: float
+async def _report_when_complete(  # noqa: PLR0917 (the run's coordinates)
+    evaluator: str,
+    objective: str,
+    since: timestamp_pb2.Timestamp,
+    expected: int,
+    wait_s: float,
+    tls: TlsSettings | None,
 ) -> evaluation_pb2.GetEvaluationReportResponse:
     """The evaluator's report of the run's window once it holds the run's outcomes and their
     feedback (it reads the topics as they come), or the last one after `wait_s`."""
     request = evaluation_pb2.GetEvaluationReportRequest(objective=objective, start_time=since)
     deadline = time.monotonic() + wait_s
-    async with grpc.aio.insecure_channel(evaluator) as channel:
+    async with aio_channel(evaluator, tls) as channel:
         stub = evaluation_pb2_grpc.EvaluationServiceStub(channel)
         while True:
             report: evaluation_pb2.GetEvaluationReportResponse = await stub.GetEvaluationReport(
@@ -118,13 +129,20 @@ async def _report_when_complete(
             await asyncio.sleep(0.5)
 
 
-async def run_demo(target: str, objective: str, requests: int, rate: float, evaluator: str) -> int:
+async def run_demo(  # noqa: PLR0917 (the command line's knobs)
+    target: str,
+    objective: str,
+    requests: int,
+    rate: float,
+    evaluator: str,
+    tls: TlsSettings | None = None,
+) -> int:
     from services.evaluator.html import summary_text
 
     run_id = f"demo-{uuid.uuid4().hex[:8]}"
     since = now_timestamp()
     print(f"Sending {requests} requests at {rate:g}/s to {target} (objective {objective!r}) ...")
-    results = await _send_all(target, objective, requests, rate, run_id)
+    results = await _send_all(target, objective, requests, rate, run_id, tls)
     responses = [r for r in results if isinstance(r, scoring_pb2.ScoreResponse)]
     failures = Counter(r.code().name for r in results if isinstance(r, grpc.aio.AioRpcError))
     elapsed = [duration_ms(r.elapsed) for r in responses]
@@ -141,10 +159,10 @@ async def run_demo(target: str, objective: str, requests: int, rate: float, eval
         for r in responses
     ]
     print(f"Recording {len(observed)} observed targets with FeedbackService at {evaluator} ...")
-    recorded = await record_feedback(evaluator, objective, observed)
+    recorded = await record_feedback(evaluator, objective, observed, tls=tls)
     print(f"feedback: {dict(recorded)}")
     print("Waiting for the evaluator (late predictions are kept for the grace window) ...\n")
-    report = await _report_when_complete(evaluator, objective, since, len(responses), 30.0)
+    report = await _report_when_complete(evaluator, objective, since, len(responses), 30.0, tls)
     print(summary_text(report))
     print(f"\nMore: rendezvous report --objective {objective} (HTML), the live dashboard")
     return 0 if responses and not failures and recorded.get("OK") == len(observed) else 1

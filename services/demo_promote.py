@@ -41,8 +41,9 @@ from rendezvous.v1 import (
 from services.control.cli import author
 from services.control.edits import promote
 from services.core.bus import PulsarBus
+from services.core.channels import aio_channel
 from services.core.protos import set_values
-from services.core.settings import PulsarSettings
+from services.core.settings import PulsarSettings, TlsSettings
 from services.demo import diabetes_rows, quantile
 
 # How many missing request ids the report lists (with their send times and versions).
@@ -133,8 +134,17 @@ class DrillReport:
 class _Traffic:
     """Open-loop Score calls at a fixed rate until stopped; every answer recorded."""
 
-    def __init__(self, target: str, objective: str, rate: float, run_id: str, t0: float) -> None:
+    def __init__(  # noqa: PLR0917 (the drill's coordinates)
+        self,
+        target: str,
+        objective: str,
+        rate: float,
+        run_id: str,
+        t0: float,
+        tls: TlsSettings | None = None,
+    ) -> None:
         self.target = target
+        self.tls = tls
         self.objective = objective
         self.rate = rate
         self.run_id = run_id
@@ -145,7 +155,7 @@ class _Traffic:
 
     async def run(self, timeout_s: float) -> None:
         rows = diabetes_rows()
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with aio_channel(self.target, self.tls) as channel:
             stub: scoring_pb2_grpc.ScoringServiceAsyncStub = scoring_pb2_grpc.ScoringServiceStub(
                 channel
             )
@@ -343,13 +353,14 @@ async def run_drill(  # noqa: PLR0917 (the drill's knobs, all from the command l
     ready_timeout_s: float = 120.0,
     outcome_wait_s: float = 30.0,
     pulsar_token_file: str | None = None,
+    tls: TlsSettings | None = None,
 ) -> DrillReport:
     """Traffic, then add / promote / roll back, then the checks. `pulsar_token_file`: the
     broker's token, when it runs with authentication."""
     run_id = f"promote-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     report = DrillReport(objective=objective, rate=rate)
-    async with grpc.aio.insecure_channel(control_target) as channel:
+    async with aio_channel(control_target, tls) as channel:
         control: control_pb2_grpc.ControlPlaneServiceAsyncStub = (
             control_pb2_grpc.ControlPlaneServiceStub(channel)
         )
@@ -360,7 +371,7 @@ async def run_drill(  # noqa: PLR0917 (the drill's knobs, all from the command l
         ).config
         incumbents = [m.name for m in current.models if m.role == common_pb2.MODEL_ROLE_INCUMBENT]
         incumbent = incumbents[0]
-        traffic = _Traffic(target, objective, rate, run_id, t0)
+        traffic = _Traffic(target, objective, rate, run_id, t0, tls)
         sending = asyncio.create_task(traffic.run(timeout_s=5.0))
         try:
             await asyncio.sleep(hold_s)

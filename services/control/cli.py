@@ -119,12 +119,13 @@ class Session:
     """One command's connection to the control plane."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import grpc
         from rendezvous.v1 import control_pb2_grpc
 
         self.args = args
         self.objective: str = args.objective
-        self.channel = grpc.insecure_channel(control_target(args))
+        from services.core.channels import mesh_client_tls, sync_channel
+
+        self.channel = sync_channel(control_target(args), mesh_client_tls(Path(args.state_dir)))
         self.stub = control_pb2_grpc.ControlPlaneServiceStub(self.channel)
         self.timeout: float = args.timeout
 

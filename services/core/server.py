@@ -4,6 +4,9 @@
 error interceptor, the standard health service (which drains to NOT_SERVING
 before stop) and server reflection (what ghz, grpcurl and Kubernetes probes
 expect). The component lifecycle that owns it is `services.core.lifecycle`.
+
+Its TCP port is plaintext, TLS or mTLS per `TlsSettings` (`server_credentials`); its
+unix-domain socket is always local and plaintext (file permissions protect it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core.channels import read_pem
 from services.core.errors import ErrorInterceptor
+from services.core.settings import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,21 @@ class _ReflectionPool:
 Registrar = Callable[[grpc.aio.Server], None]
 
 
+def server_credentials(tls: TlsSettings | None) -> grpc.ServerCredentials | None:
+    """TLS credentials for a server's TCP port (mTLS with `client_ca_file`), or None."""
+    if tls is None or not tls.server_enabled:
+        return None
+    key = read_pem(tls.key_file, "server key (tls.key_file)")
+    cert = read_pem(tls.cert_file, "server certificate (tls.cert_file)")
+    assert key is not None and cert is not None  # both set: TlsSettings checks the pair
+    client_ca = read_pem(tls.client_ca_file, "client CA (tls.client_ca_file)")
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class GrpcServer:
     """A grpc.aio server with health, reflection and error mapping built in."""
 
@@ -69,6 +89,7 @@ class GrpcServer:
         max_message_bytes: int = 4 * 1024 * 1024,
         maximum_concurrent_rpcs: int | None = None,
         extra_options: Iterable[tuple[str, Any]] = (),
+        tls: TlsSettings | None = None,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -95,7 +116,12 @@ class GrpcServer:
         self.tcp_port: int | None = None
         self.tcp_address = tcp_address
         if tcp_address is not None:
-            self.tcp_port = self._server.add_insecure_port(tcp_address)
+            credentials = server_credentials(tls)
+            self.tcp_port = (
+                self._server.add_insecure_port(tcp_address)
+                if credentials is None
+                else self._server.add_secure_port(tcp_address, credentials)
+            )
         self.uds_path = uds_path
         if uds_path is not None:
             private_socket_dir(uds_path.parent)

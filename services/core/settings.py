@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -123,6 +123,55 @@ class PulsarSettings(BaseModel):
         return env
 
 
+class TlsSettings(BaseModel):
+    """TLS on a service's gRPC server and on the channels it opens (plain TCP when unset).
+
+    Read as part of a service's settings (`RDV_<SERVICE>_TLS__CERT_FILE` ...). The server
+    side is on when `cert_file` and `key_file` are set; `client_ca_file` then makes it mTLS
+    (a client must present a certificate that CA signed). The client side is on when
+    `ca_file` (the CA a server's certificate must chain to) is set; `client_cert_file` and
+    `client_key_file` are what it presents to an mTLS server. The unix-domain socket
+    between a rendezvous and its collector never uses TLS (file permissions protect it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("tls.client_cert_file and tls.client_key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file (mTLS) needs tls.cert_file and tls.key_file")
+        if self.client_cert_file is not None and self.ca_file is None:
+            raise ValueError("tls.client_cert_file needs tls.ca_file (the CA servers chain to)")
+        return self
+
+    @property
+    def server_enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def client_enabled(self) -> bool:
+        return self.ca_file is not None
+
+    def env(self) -> dict[str, str]:
+        """The set fields as a service's environment, without its `RDV_<SERVICE>_` prefix."""
+        return {
+            f"TLS__{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
+
+
 class ServiceSettings(BaseSettings):
     """What every component shares: identity, endpoints, logging, tracing, metrics."""
 
@@ -133,6 +182,7 @@ class ServiceSettings(BaseSettings):
     instance: str = Field(default_factory=_default_instance)
     listen: str = "127.0.0.1:0"
     pulsar: PulsarSettings = Field(default_factory=PulsarSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     mesh_file: Path | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -63,7 +63,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from rendezvous.v1 import common_pb2, feedback_pb2, objective_pb2, task_pb2
 
-from services.core.settings import REPO_ROOT, PulsarSettings, ServiceSettings
+from services.core.settings import REPO_ROOT, PulsarSettings, ServiceSettings, TlsSettings
 from services.models.settings import ModelKind
 
 if TYPE_CHECKING:
@@ -433,14 +433,23 @@ class CallResult:
 class ModelCaller:
     """Predict calls to the replayed model, each with its own deadline."""
 
-    def __init__(self, endpoint: str, objective: str, timeout_s: float, max_bytes: int) -> None:
-        import grpc
+    def __init__(
+        self,
+        endpoint: str,
+        objective: str,
+        timeout_s: float,
+        max_bytes: int,
+        tls: TlsSettings | None = None,
+    ) -> None:
         from rendezvous.v1 import model_pb2_grpc
+
+        from services.core.channels import aio_channel
 
         self._objective = objective
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = aio_channel(
             endpoint,
+            tls,
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -1048,8 +1057,13 @@ async def _replay(
         scores[result.request_id] = result.score
 
     async with model_endpoint(options.source, settings) as endpoint:
+        # A container started here serves plaintext; one at --endpoint per RDV_REPLAY_TLS__*.
         caller = ModelCaller(
-            endpoint, options.objective, options.call_timeout_s, settings.max_message_bytes
+            endpoint,
+            options.objective,
+            options.call_timeout_s,
+            settings.max_message_bytes,
+            settings.tls if options.source.endpoint is not None else None,
         )
         report.started = datetime.now(UTC).isoformat()
         started = time.monotonic()

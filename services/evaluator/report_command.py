@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.core.channels import mesh_client_tls
+from services.core.settings import TlsSettings
 from services.evaluator.replay import UsageError, mesh_state, parse_time
 
 DEFAULT_EVALUATOR = "127.0.0.1:50053"
@@ -56,11 +58,12 @@ def _request(args: argparse.Namespace) -> Any:
     return request
 
 
-async def _fetch(endpoint: str, request: Any) -> Any:
-    import grpc
+async def _fetch(endpoint: str, request: Any, tls: TlsSettings) -> Any:
     from rendezvous.v1 import evaluation_pb2_grpc
 
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+    from services.core.channels import aio_channel
+
+    async with aio_channel(endpoint, tls) as channel:
         stub = evaluation_pb2_grpc.EvaluationServiceStub(channel)
         return await stub.GetEvaluationReport(request, timeout=REPORT_TIMEOUT_S)
 
@@ -79,7 +82,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     endpoint = _evaluator(args)
     try:
-        response = asyncio.run(_fetch(endpoint, request))
+        response = asyncio.run(_fetch(endpoint, request, mesh_client_tls(Path(args.state_dir))))
     except grpc.aio.AioRpcError as error:
         if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             print(

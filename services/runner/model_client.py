@@ -25,6 +25,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, task_pb2
 
+from services.core.channels import aio_channel
+from services.core.settings import TlsSettings
 from services.core.telemetry import inject
 from services.runner.admission import call_timeout_s
 
@@ -71,10 +73,13 @@ class ChannelOptions:
     max_reconnect_backoff_ms: int
     max_message_bytes: int
     max_timeout_s: float
+    # The container's TLS, when it serves TLS (the runner's RDV_RUNNER_TLS__*).
+    tls: TlsSettings | None = None
 
     def open(self, endpoint: str) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(
+        return aio_channel(
             endpoint,
+            self.tls,
             options=[
                 ("grpc.initial_reconnect_backoff_ms", self.initial_reconnect_backoff_ms),
                 ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),

@@ -86,6 +86,7 @@ def model_client(settings: RunnerSettings) -> ScoringClient:
         max_reconnect_backoff_ms=settings.max_reconnect_backoff_ms,
         max_message_bytes=settings.max_message_bytes,
         max_timeout_s=settings.max_model_timeout_s,
+        tls=settings.tls,
     )
     if settings.kind == OIP_KIND:
         return OipClient(settings.endpoint, OipArgs.model_validate(settings.args), options)

@@ -34,7 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.core.settings import REPO_ROOT, PulsarSettings
+from services.core.channels import aio_channel
+from services.core.settings import REPO_ROOT, PulsarSettings, TlsSettings
 from services.supervisor.live import LiveMesh
 from services.supervisor.plan import CONTROL, STAGE_MODELS, ProcessSpec, diff
 
@@ -79,10 +80,12 @@ class SupervisorSettings(BaseSettings):
     model_stop_grace_s: float = Field(default=10.0, ge=0)
 
 
-async def check_health(endpoint: str, service: str = "", timeout: float = 1.0) -> bool:
-    """True when the process at `endpoint` reports SERVING."""
+async def check_health(
+    endpoint: str, service: str = "", timeout: float = 1.0, tls: TlsSettings | None = None
+) -> bool:
+    """True when the process at `endpoint` reports SERVING (over TLS per `tls`)."""
     try:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with aio_channel(endpoint, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = await stub.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -165,7 +168,7 @@ class Supervised:
             if self._stopping:
                 return False
             if self.spec.ready_file.exists() and await check_health(
-                self.spec.endpoint, self.spec.health_service
+                self.spec.endpoint, self.spec.health_service, tls=self.spec.client_tls
             ):
                 self.status = "ready"
                 return True
@@ -312,7 +315,12 @@ class Supervisor:
             log.error("the control topic does not hold the mesh's objectives")
             return False
         async with self._apply_lock:
-            specs = live.plan()
+            try:
+                specs = live.plan()
+            except ValueError as error:
+                # A mesh this supervisor cannot run (e.g. a command container under TLS).
+                log.error("cannot plan the mesh", extra={"reason": str(error)})
+                return False
             live.write_directory(specs)
             started = [Supervised(spec, self.settings) for spec in specs]
             self.processes.extend(started)
@@ -325,7 +333,14 @@ class Supervisor:
         async with self._apply_lock:
             if self.phase not in ("ready", "starting"):
                 return
-            specs = live.plan()
+            try:
+                specs = live.plan()
+            except ValueError as error:
+                log.error(
+                    "cannot apply the new version; the mesh runs on as it was",
+                    extra={"reason": str(error)},
+                )
+                return
             planned = {spec.name: spec for spec in specs}
             for name in [name for name in self._retiring if name in planned]:
                 # Removed and added back within the grace: it never stopped.

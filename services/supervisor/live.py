@@ -21,7 +21,7 @@ from pathlib import Path
 from services.core.bus import Bus, connect
 from services.core.control_topic import ControlFollower
 from services.core.control_topic import ObjectiveConfig as ControlConfig
-from services.core.settings import PulsarSettings
+from services.core.settings import PulsarSettings, TlsSettings
 from services.runner.live import write_model_directory
 from services.supervisor.plan import (
     EvaluatorAddress,
@@ -51,11 +51,13 @@ class LiveMesh:
         retry_delay_s: float = 0.5,
         evaluator: EvaluatorAddress | None = None,
         pulsar: PulsarSettings | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
         # `pulsar`: authentication and TLS, for the supervisor's own client and every process.
         self.pulsar = (pulsar or PulsarSettings()).model_copy(
             update={"service_url": pulsar_url, "admin_url": pulsar_admin_url}
         )
+        self.tls = tls
         self.state_dir = state_dir
         self.rendezvous_listen = rendezvous_listen
         self.ports = ports
@@ -119,6 +121,7 @@ class LiveMesh:
             self.ports,
             evaluator=self.evaluator,
             pulsar_env=self.pulsar.security_env(),
+            tls=self.tls,
         )
 
     def write_directory(self, specs: list[ProcessSpec]) -> None:

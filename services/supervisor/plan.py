@@ -12,7 +12,10 @@ Every process gets a fixed loopback port chosen once and kept by name in `Ports`
 restarted model container comes back where its runner looks for it, and planning again
 gives a running process the same settings), a ready file, and its settings as
 `RDV_<SERVICE>_*` environment variables: the same settings objects the services read in
-production, nothing supervisor-specific. The endpoints of the local model containers are
+production, nothing supervisor-specific. With TLS (`rendezvous up --tls`) every process gets
+the same `RDV_<SERVICE>_TLS__*` settings: its server on mTLS, its clients presenting the
+client certificate. Polyglot model containers (a `command`) are plaintext-only for now, so a
+TLS plan refuses them. The endpoints of the local model containers are
 written to the model directory (`model_directory`), where live runner hosts look them up.
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 from rendezvous.v1 import common_pb2, objective_pb2
 
 from services.core.protos import values_dict
+from services.core.settings import TlsSettings
 from services.runner.live import replica_group
 from services.runner.settings import group_subscription
 
@@ -69,6 +73,8 @@ class ProcessSpec:
     # A program to run instead of `python -m module` (a polyglot model container), from the
     # repository root.
     command: list[str] = field(default_factory=list)
+    # How to reach the process's server (its health check): plaintext when None.
+    client_tls: TlsSettings | None = None
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -146,8 +152,11 @@ class _Planner:
         pulsar_admin_url: str,
         ports: Ports,
         pulsar_env: Mapping[str, str] | None,
+        *,
+        tls: TlsSettings | None = None,
     ):
         self.state_dir = state_dir
+        self.tls = tls
         self.pulsar_url = pulsar_url
         self.pulsar_admin_url = pulsar_admin_url
         self.pulsar_env = dict(pulsar_env or {})
@@ -176,6 +185,7 @@ class _Planner:
             f"{prefix}PULSAR__ADMIN_URL": self.pulsar_admin_url,
             **{f"{prefix}{key}": value for key, value in self.pulsar_env.items()},
             f"{prefix}METRICS_PORT": str(metrics_port),
+            **{f"{prefix}{key}": value for key, value in (self.tls or TlsSettings()).env().items()},
             **{f"{prefix}{key}": value for key, value in settings.items()},
         }
         spec = ProcessSpec(
@@ -189,6 +199,7 @@ class _Planner:
             role=role,
             latency_critical=latency_critical,
             labels={"metrics": f"127.0.0.1:{metrics_port}", **(labels or {})},
+            client_tls=self.tls,
         )
         self.specs.append(spec)
         return spec
@@ -210,10 +221,12 @@ def plan_control(  # noqa: PLR0917 (mirrors plan's arguments)
     listen: str,
     ports: Ports,
     pulsar_env: Mapping[str, str] | None = None,
+    tls: TlsSettings | None = None,
 ) -> ProcessSpec:
     """The control component: the one writer of the control topic, seeded from `mesh_file`.
-    `pulsar_env`: the broker's authentication and TLS settings, as in `plan`."""
-    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports, pulsar_env)
+    `pulsar_env`: the broker's authentication and TLS settings, as in `plan`; `tls` puts it on
+    mTLS."""
+    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports, pulsar_env, tls=tls)
     return planner.add(
         CONTROL,
         "services.control",
@@ -244,13 +257,16 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
     ports: Ports | None = None,
     evaluator: EvaluatorAddress | None = None,
     pulsar_env: Mapping[str, str] | None = None,
+    tls: TlsSettings | None = None,
 ) -> list[ProcessSpec]:
     """Every process serving `configs` (the control component aside), models first, the
     collector last. `ports` keeps addresses across plans (a fresh one when not given).
     `evaluator` adds the evaluator (off the answer path; it reads the results topics).
     `pulsar_env` (`PulsarSettings.security_env()`: token, TLS) goes to every process under
-    its own prefix."""
-    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports or Ports(), pulsar_env)
+    its own prefix; `tls` puts every process on mTLS."""
+    planner = _Planner(
+        state_dir, pulsar_url, pulsar_admin_url, ports or Ports(), pulsar_env, tls=tls
+    )
     add = planner.add
     socket_path = state_dir / RENDEZVOUS_INSTANCE / "delivery.sock"
     directory = model_directory(state_dir)
@@ -266,6 +282,13 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             # A container per model name (names are what predictions and the directory carry).
             if deployment.name in containers:
                 continue
+            if deployment.command and tls is not None:
+                raise ValueError(
+                    f"model {deployment.name!r} of {objective!r} runs a command "
+                    f"({deployment.command[0]}): polyglot containers serve plaintext only, "
+                    "so a TLS mesh cannot run it; run the mesh without --tls, or give the "
+                    "model an endpoint behind a TLS-terminating proxy"
+                )
             containers.add(deployment.name)
             spec = add(
                 f"model-{deployment.name}",

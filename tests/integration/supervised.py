@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +56,11 @@ def supervised_mesh(
     root: Path,
     document: dict[str, Any],
     env: dict[str, str] | None = None,
+    supervise_args: Sequence[str] = (),
 ) -> Iterator[RunningMesh]:
     """Run the mesh `document` (a mesh file's content; `rendezvous.listen` is where it
-    answers) until the block ends; yields once the supervisor says it is ready."""
+    answers) until the block ends; yields once the supervisor says it is ready.
+    `supervise_args` are more options of `rendezvous supervise` (e.g. `--tls`)."""
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(yaml.safe_dump(document))
     state_dir = root / "state"
@@ -77,6 +79,7 @@ def supervised_mesh(
             pulsar.service_url,
             "--pulsar-admin-url",
             pulsar.admin_url,
+            *supervise_args,
         ],
         cwd=REPO,
         env={
