@@ -119,6 +119,21 @@ class FailedPrecondition(ServiceError):
         return [packed, *super().details()]
 
 
+class Unauthenticated(ServiceError):
+    """No bearer token, or one that does not verify (signature, issuer, audience, expiry)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """A valid token without the scope the call needs. The message never names the
+    objective, so a caller cannot tell an unknown objective from a forbidden one."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
 class Unavailable(ServiceError):
     """The service is draining or not ready."""
 

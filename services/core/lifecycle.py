@@ -62,6 +62,7 @@ class Component:
             uds_path=uds_path,
             max_message_bytes=settings.max_message_bytes,
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+            auth=settings.auth,
         )
         self._bus = bus
         self._stack = contextlib.AsyncExitStack()
