@@ -1,6 +1,6 @@
 """The `rendezvous` command: bring a mesh up and down, look at it, score through it.
 
-rendezvous up [--mesh FILE] [--pulsar-url URL]   broker (unless given) + every component
+rendezvous up [--mesh FILE] [--pulsar-url URL] [--auth]   broker + every component
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
@@ -10,6 +10,9 @@ rendezvous run COMPONENT                          run one component in the foreg
 rendezvous objective show|history|diff|apply|promote|split|rollback   the control plane
 rendezvous report [--objective O] [--since T]      evaluation: terminal summary + HTML page
 rendezvous replay --model NAME --kind K            archived traffic through a model not live
+rendezvous token --subject S --scope SCOPE         mint a bearer token (mesh with auth on)
+
+Client commands send `--token`, else $RDV_TOKEN, as `authorization: Bearer` (auth on).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services import token_command
 from services.control import cli as objective_commands
+from services.core import client
 from services.core.settings import REPO_ROOT
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
@@ -84,6 +89,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log_file = state_dir / "supervisor.log"
+    supervisor_env = {
+        **os.environ,
+        **(token_command.mesh_auth_env(state_dir) if args.auth else {}),
+    }
     command = [
         sys.executable,
         "-m",
@@ -109,6 +118,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             stderr=log,
             start_new_session=True,
             cwd=REPO,
+            env=supervisor_env,
         )
     started = time.monotonic()
     while time.monotonic() - started < args.timeout:
@@ -146,6 +156,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
     )
+    if args.auth:
+        print(
+            f"\nAuth is on (key: {token_command.mesh_secret(state_dir)}). Get a token first:\n"
+            "  export RDV_TOKEN=$(.venv/bin/rendezvous token --subject $USER "
+            "--scope 'score:*' --scope control:read --scope evaluate:demo --scope feedback:demo)"
+        )
     return 0
 
 
@@ -325,7 +341,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     request = scoring_pb2.ScoreRequest(objective=args.objective, subject_id=args.subject or "")
     set_values(request.features, json.loads(args.features) if args.features else _sample_features())
-    with grpc.insecure_channel(_target(args)) as channel:
+    with client.channel(_target(args)) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
             response = stub.Score(request, timeout=args.timeout)
@@ -392,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pulsar-url", help="use this broker instead of starting one")
     up.add_argument("--pulsar-admin-url", default="http://127.0.0.1:8080")
     up.add_argument("--timeout", type=float, default=360.0)
+    up.add_argument(
+        "--auth", action="store_true", help="bearer-token auth on, with a key under the state dir"
+    )
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -408,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--features", help="JSON object of features (default: a diabetes row)")
     score.add_argument("--subject")
     score.add_argument("--timeout", type=float, default=5.0)
+    client.add_token_option(score)
     score.set_defaults(handler=cmd_score)
 
     demo = sub.add_parser("demo", help="drive traffic and report per model")
@@ -415,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--objective", default="demo")
     demo.add_argument("--requests", type=int, default=300)
     demo.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    client.add_token_option(demo)
     demo.set_defaults(handler=cmd_demo)
 
     drill = sub.add_parser(
@@ -427,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--hold", type=float, default=8.0, help="seconds between changes")
     drill.add_argument("--challenger", default="diabetes-ridge-v2")
     drill.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    client.add_token_option(drill)
     drill.set_defaults(handler=cmd_demo_promote)
 
     run = sub.add_parser("run", help="run one component in the foreground")
@@ -436,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     objective_commands.add_parser(sub)
     replay_command.add_parser(sub)
     report_command.add_parser(sub)
+    token_command.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)
@@ -450,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     # Behave like a Unix tool when piped into `head`.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    client.use_token_option(args)
     handler: Any = args.handler
     return int(handler(args))
 

@@ -28,6 +28,7 @@ from rendezvous.v1 import (
     scoring_pb2_grpc,
 )
 
+from services.core import client
 from services.core.protos import duration_ms, now_timestamp, set_values
 
 
@@ -60,7 +61,7 @@ async def record_feedback(
     each outcome ("OK" or a status code name)."""
     outcomes: Counter[str] = Counter()
     gate = asyncio.Semaphore(concurrency)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with client.aio_channel(target) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
 
         async def one(request_id: str, value: float) -> None:
@@ -84,7 +85,7 @@ async def _send_all(
     target: str, objective: str, requests: int, rate: float, run_id: str
 ) -> list[scoring_pb2.ScoreResponse | grpc.aio.AioRpcError]:
     rows = diabetes_rows()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with client.aio_channel(target) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         started = time.monotonic()
         calls = []
@@ -106,7 +107,7 @@ async def _report_when_complete(
     feedback (it reads the topics as they come), or the last one after `wait_s`."""
     request = evaluation_pb2.GetEvaluationReportRequest(objective=objective, start_time=since)
     deadline = time.monotonic() + wait_s
-    async with grpc.aio.insecure_channel(evaluator) as channel:
+    async with client.aio_channel(evaluator) as channel:
         stub = evaluation_pb2_grpc.EvaluationServiceStub(channel)
         while True:
             report: evaluation_pb2.GetEvaluationReportResponse = await stub.GetEvaluationReport(

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from services.core import client
+
 DEFAULT_TARGET = "127.0.0.1:50052"
 AUTHOR_ENV = "RDV_AUTHOR"
 # Exit status for a command line the tool refuses before asking the control plane.
@@ -119,12 +121,11 @@ class Session:
     """One command's connection to the control plane."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import grpc
         from rendezvous.v1 import control_pb2_grpc
 
         self.args = args
         self.objective: str = args.objective
-        self.channel = grpc.insecure_channel(control_target(args))
+        self.channel = client.channel(control_target(args))
         self.stub = control_pb2_grpc.ControlPlaneServiceStub(self.channel)
         self.timeout: float = args.timeout
 
@@ -360,6 +361,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--target", help="the control plane (default: the running mesh's)")
     parser.add_argument("--objective", default="demo")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds per call")
+    client.add_token_option(parser)
     parser.set_defaults(handler=run)
     commands = parser.add_subparsers(dest="objective_command", required=True)
 

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.core import client
 from services.evaluator.replay import UsageError, mesh_state, parse_time
 
 DEFAULT_EVALUATOR = "127.0.0.1:50053"
@@ -57,10 +58,9 @@ def _request(args: argparse.Namespace) -> Any:
 
 
 async def _fetch(endpoint: str, request: Any) -> Any:
-    import grpc
     from rendezvous.v1 import evaluation_pb2_grpc
 
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+    async with client.aio_channel(endpoint) as channel:
         stub = evaluation_pb2_grpc.EvaluationServiceStub(channel)
         return await stub.GetEvaluationReport(request, timeout=REPORT_TIMEOUT_S)
 
@@ -121,4 +121,5 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--json", type=Path, dest="json_file", help="write the figures here")
     parser.add_argument("--bucket-width", type=float, help="timeline resolution, seconds")
     parser.add_argument("--evaluator", help="HOST:PORT (default: the running mesh's)")
+    client.add_token_option(parser)
     parser.set_defaults(handler=cmd_report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -20,11 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr, ValidationError
 from rendezvous.v1 import control_pb2, control_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 
+from services import cli
 from services.control.plane import ControlPlane
 from services.control.service import SERVICE_NAME as CONTROL_SERVICE
 from services.control.service import ControlPlaneServicer
 from services.control.service import registrar as control_registrar
 from services.control.settings import ControlSettings
+from services.core import client
 from services.core.auth import mint_token, token_metadata
 from services.core.errors import NotFound
 from services.core.server import GrpcServer
@@ -269,3 +272,34 @@ def test_auth_is_off_by_default_and_on_needs_a_key(monkeypatch: pytest.MonkeyPat
 def test_a_short_secret_is_refused() -> None:
     with pytest.raises(ValueError):
         mint_token(AuthSettings(secret=SecretStr("short")), "alice", [], ttl_s=60)
+
+
+async def test_client_channels_send_the_token_from_the_environment(
+    served: tuple[str, _Plane],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    endpoint, _ = served
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    argv = ["token", "--subject", "carol", "--scope", "score:demo", "--ttl", "5m"]
+    assert cli.main([*argv, "--secret-file", str(secret_file)]) == 0
+    minted = capsys.readouterr().out.strip()
+    monkeypatch.setenv(client.TOKEN_ENV, minted)
+    request = scoring_pb2.ScoreRequest(objective="demo")
+    async with client.aio_channel(endpoint) as channel:
+        reply = await scoring_pb2_grpc.ScoringServiceStub(channel).Score(request)
+    assert reply.request_id == "answered"
+
+    def blocking_score() -> str:
+        with client.channel(endpoint) as blocking:
+            return str(scoring_pb2_grpc.ScoringServiceStub(blocking).Score(request).request_id)
+
+    # The blocking channel (the objective commands') in a thread: the server shares this loop.
+    assert await asyncio.to_thread(blocking_score) == "answered"
+    monkeypatch.delenv(client.TOKEN_ENV)
+    async with client.aio_channel(endpoint) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scoring_pb2_grpc.ScoringServiceStub(channel).Score(request)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
