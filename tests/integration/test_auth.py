@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import pytest
@@ -25,45 +24,20 @@ from services.supervisor.plan import free_port
 from services.token_command import mesh_auth_env, mesh_secret
 from tests.conftest import PulsarBroker
 from tests.integration.supervised import RunningMesh, supervised_mesh
+from tests.integration.test_lifecycle import FEATURES as LIFECYCLE_FEATURES
+from tests.integration.test_lifecycle import mesh_document
 
 pytestmark = pytest.mark.integration
 
 CALL_TIMEOUT_S = 10.0
-FEATURES = {
-    "age": 0.038,
-    "sex": 0.05,
-    "bmi": 0.062,
-    "bp": 0.022,
-    "s1": -0.044,
-    "s2": -0.035,
-    "s3": -0.043,
-    "s4": -0.003,
-    "s5": 0.02,
-    "s6": -0.018,
-}
-
-
-def mesh_document(objective: str, listen: str) -> dict[str, Any]:
-    return {
-        "rendezvous": {"listen": listen},
-        "objectives": {
-            objective: {
-                "sla_ms": 100,
-                "late_grace_ms": 1000,
-                "features": [{"name": name} for name in FEATURES],
-                "models": [
-                    {
-                        "name": "ridge-a",
-                        "role": "incumbent",
-                        "kind": "diabetes",
-                        "args": {"algorithm": "ridge"},
-                    },
-                ],
-                "policy": [{"until_ms": 90, "accept": ["ridge-a"]}],
-                "default": {"score": 152.13},
-            }
-        },
-    }
+# A diabetes row (the objective's features).
+FEATURES = dict(
+    zip(
+        LIFECYCLE_FEATURES,
+        (0.038, 0.05, 0.062, 0.022, -0.044, -0.035, -0.043, -0.003, 0.02, -0.018),
+        strict=True,
+    )
+)
 
 
 @pytest.fixture(scope="module")
