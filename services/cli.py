@@ -1,6 +1,6 @@
 """The `rendezvous` command: bring a mesh up and down, look at it, score through it.
 
-rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls]   broker (unless given) + every component
+rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls] [--auth]   broker + every component
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
@@ -11,6 +11,9 @@ rendezvous run COMPONENT                          run one component in the foreg
 rendezvous objective show|history|diff|apply|promote|split|rollback   the control plane
 rendezvous report [--objective O] [--since T]      evaluation: terminal summary + HTML page
 rendezvous replay --model NAME --kind K            archived traffic through a model not live
+rendezvous token --subject S --scope SCOPE         mint a bearer token (mesh with auth on)
+
+Client commands send `--token`, else $RDV_TOKEN, as `authorization: Bearer` (auth on).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services import token_command
 from services.control import cli as objective_commands
+from services.core import client
 from services.core.channels import STATE_TLS_KEY, state_client_tls
 from services.core.settings import REPO_ROOT
 from services.evaluator import replay as replay_command
@@ -98,6 +103,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log_file = state_dir / "supervisor.log"
+    supervisor_env = {
+        **os.environ,
+        **(token_command.mesh_auth_env(state_dir) if args.auth else {}),
+    }
     command = [
         sys.executable,
         "-m",
@@ -170,6 +179,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
     )
+    if args.auth:
+        print(
+            f"\nAuth is on (key: {token_command.mesh_secret(state_dir)}). Get a token first:\n"
+            "  export RDV_TOKEN=$(.venv/bin/rendezvous token --subject $USER "
+            "--scope 'score:*' --scope control:read --scope evaluate:demo --scope feedback:demo)"
+        )
     return 0
 
 
@@ -363,12 +378,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
     from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
 
-    from services.core.channels import mesh_client_tls, sync_channel
+    from services.core.channels import mesh_client_tls
     from services.core.protos import set_values
 
     request = scoring_pb2.ScoreRequest(objective=args.objective, subject_id=args.subject or "")
     set_values(request.features, json.loads(args.features) if args.features else _sample_features())
-    with sync_channel(_target(args), mesh_client_tls(args.state_dir)) as channel:
+    with client.channel(_target(args), mesh_client_tls(args.state_dir)) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
             response = stub.Score(request, timeout=args.timeout)
@@ -454,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="mTLS on every gRPC server and client (certificates made in --certs-dir if missing)",
     )
     up.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
+    up.add_argument(
+        "--auth", action="store_true", help="bearer-token auth on, with a key under the state dir"
+    )
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -470,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--features", help="JSON object of features (default: a diabetes row)")
     score.add_argument("--subject")
     score.add_argument("--timeout", type=float, default=5.0)
+    client.add_token_option(score)
     score.set_defaults(handler=cmd_score)
 
     demo = sub.add_parser("demo", help="drive traffic and report per model")
@@ -477,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--objective", default="demo")
     demo.add_argument("--requests", type=int, default=300)
     demo.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    client.add_token_option(demo)
     demo.set_defaults(handler=cmd_demo)
 
     drill = sub.add_parser(
@@ -489,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--hold", type=float, default=8.0, help="seconds between changes")
     drill.add_argument("--challenger", default="diabetes-ridge-v2")
     drill.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    client.add_token_option(drill)
     drill.set_defaults(handler=cmd_demo_promote)
 
     run = sub.add_parser("run", help="run one component in the foreground")
@@ -498,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     objective_commands.add_parser(sub)
     replay_command.add_parser(sub)
     report_command.add_parser(sub)
+    token_command.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)
@@ -514,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     # Behave like a Unix tool when piped into `head`.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    client.use_token_option(args)
     handler: Any = args.handler
     return int(handler(args))
 

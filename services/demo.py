@@ -28,7 +28,7 @@ from rendezvous.v1 import (
     scoring_pb2_grpc,
 )
 
-from services.core.channels import aio_channel
+from services.core import client
 from services.core.protos import duration_ms, now_timestamp, set_values
 from services.core.settings import TlsSettings
 
@@ -66,7 +66,7 @@ async def record_feedback(
     each outcome ("OK" or a status code name)."""
     outcomes: Counter[str] = Counter()
     gate = asyncio.Semaphore(concurrency)
-    async with aio_channel(target, tls) as channel:
+    async with client.aio_channel(target, tls) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
 
         async def one(request_id: str, value: float) -> None:
@@ -90,7 +90,7 @@ async def _send_all(  # noqa: PLR0917 (the run's knobs)
     target: str, objective: str, requests: int, rate: float, run_id: str, tls: TlsSettings | None
 ) -> list[scoring_pb2.ScoreResponse | grpc.aio.AioRpcError]:
     rows = diabetes_rows()
-    async with aio_channel(target, tls) as channel:
+    async with client.aio_channel(target, tls) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         started = time.monotonic()
         calls = []
@@ -117,7 +117,7 @@ async def _report_when_complete(  # noqa: PLR0917 (the run's coordinates)
     feedback (it reads the topics as they come), or the last one after `wait_s`."""
     request = evaluation_pb2.GetEvaluationReportRequest(objective=objective, start_time=since)
     deadline = time.monotonic() + wait_s
-    async with aio_channel(evaluator, tls) as channel:
+    async with client.aio_channel(evaluator, tls) as channel:
         stub = evaluation_pb2_grpc.EvaluationServiceStub(channel)
         while True:
             report: evaluation_pb2.GetEvaluationReportResponse = await stub.GetEvaluationReport(

@@ -40,8 +40,8 @@ from rendezvous.v1 import (
 
 from services.control.cli import author
 from services.control.edits import promote
+from services.core import client
 from services.core.bus import PulsarBus
-from services.core.channels import aio_channel
 from services.core.protos import set_values
 from services.core.settings import PulsarSettings, TlsSettings
 from services.demo import diabetes_rows, quantile
@@ -155,7 +155,7 @@ class _Traffic:
 
     async def run(self, timeout_s: float) -> None:
         rows = diabetes_rows()
-        async with aio_channel(self.target, self.tls) as channel:
+        async with client.aio_channel(self.target, self.tls) as channel:
             stub: scoring_pb2_grpc.ScoringServiceAsyncStub = scoring_pb2_grpc.ScoringServiceStub(
                 channel
             )
@@ -360,7 +360,7 @@ async def run_drill(  # noqa: PLR0917 (the drill's knobs, all from the command l
     run_id = f"promote-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     report = DrillReport(objective=objective, rate=rate)
-    async with aio_channel(control_target, tls) as channel:
+    async with client.aio_channel(control_target, tls) as channel:
         control: control_pb2_grpc.ControlPlaneServiceAsyncStub = (
             control_pb2_grpc.ControlPlaneServiceStub(channel)
         )

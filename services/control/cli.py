@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from services.core import client
+
 DEFAULT_TARGET = "127.0.0.1:50052"
 AUTHOR_ENV = "RDV_AUTHOR"
 # Exit status for a command line the tool refuses before asking the control plane.
@@ -123,9 +125,9 @@ class Session:
 
         self.args = args
         self.objective: str = args.objective
-        from services.core.channels import mesh_client_tls, sync_channel
+        from services.core.channels import mesh_client_tls
 
-        self.channel = sync_channel(control_target(args), mesh_client_tls(Path(args.state_dir)))
+        self.channel = client.channel(control_target(args), mesh_client_tls(Path(args.state_dir)))
         self.stub = control_pb2_grpc.ControlPlaneServiceStub(self.channel)
         self.timeout: float = args.timeout
 
@@ -361,6 +363,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--target", help="the control plane (default: the running mesh's)")
     parser.add_argument("--objective", default="demo")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds per call")
+    client.add_token_option(parser)
     parser.set_defaults(handler=run)
     commands = parser.add_subparsers(dest="objective_command", required=True)
 

@@ -3,7 +3,8 @@
 Errors (services/core/errors.py): INVALID_ARGUMENT with a field violation per problem,
 FAILED_PRECONDITION with a PreconditionFailure for a stale `expected_version` or a model no
 runner serves yet, NOT_FOUND for an unknown objective or version, UNAVAILABLE until the
-plane has caught up with the topic.
+plane has caught up with the topic. With auth on (services/core/auth.py) the change's author
+is the token's subject, never the author the client sent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import grpc
 from rendezvous.v1 import control_pb2, control_pb2_grpc
 
 from services.control.plane import ControlPlane
+from services.core.auth import current_principal
 from services.core.errors import InvalidArgument
 
 SERVICE_NAME: str = control_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"].full_name
@@ -58,6 +60,10 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServiceServicer):
             raise InvalidArgument([("config", "the new configuration is required")])
         if request.expected_version < 0:
             raise InvalidArgument([("expected_version", "must not be negative")])
+        principal = current_principal()
+        if principal is not None:
+            # With auth on, the author is who the token says, whatever the client wrote.
+            request.config.change.author = principal.subject
         stored = await self._plane.update(
             request.config, request.expected_version, request.validate_only
         )

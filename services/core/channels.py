@@ -57,23 +57,33 @@ def _secure(target: str, tls: TlsSettings | None) -> grpc.ChannelCredentials | N
 
 
 def aio_channel(
-    target: str, tls: TlsSettings | None = None, options: ChannelOptions = ()
+    target: str,
+    tls: TlsSettings | None = None,
+    options: ChannelOptions = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to `target`: TLS per `tls`, plaintext without it."""
+    """A grpc.aio channel to `target`: TLS per `tls`, plaintext without it; `interceptors`
+    (e.g. the bearer token of `services.core.client`) on every call."""
     credentials = _secure(target, tls)
+    chain = list(interceptors) or None
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=list(options))
-    return grpc.aio.secure_channel(target, credentials, options=list(options))
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=chain)
+    return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=chain)
 
 
 def sync_channel(
-    target: str, tls: TlsSettings | None = None, options: ChannelOptions = ()
+    target: str,
+    tls: TlsSettings | None = None,
+    options: ChannelOptions = (),
+    interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
 ) -> grpc.Channel:
     """A blocking grpc channel to `target`: TLS per `tls`, plaintext without it."""
     credentials = _secure(target, tls)
     if credentials is None:
-        return grpc.insecure_channel(target, options=list(options))
-    return grpc.secure_channel(target, credentials, options=list(options))
+        opened = grpc.insecure_channel(target, options=list(options))
+    else:
+        opened = grpc.secure_channel(target, credentials, options=list(options))
+    return grpc.intercept_channel(opened, *interceptors) if interceptors else opened
 
 
 def state_client_tls(state: Mapping[str, Any]) -> TlsSettings:

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "rendezvous.v1"
 
+# What a server interceptor is handed: the next interceptor's (or the server's) handler lookup.
+Continuation = Callable[
+    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
+]
+
 
 class ServiceError(Exception):
     """An error meant for the client: a status, a safe message and details."""
@@ -119,6 +124,21 @@ class FailedPrecondition(ServiceError):
         return [packed, *super().details()]
 
 
+class Unauthenticated(ServiceError):
+    """No bearer token, or one that does not verify (signature, issuer, audience, expiry)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """A valid token without the scope the call needs. The message never names the
+    objective, so a caller cannot tell an unknown objective from a forbidden one."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
 class Unavailable(ServiceError):
     """The service is draining or not ready."""
 
@@ -172,9 +192,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)

@@ -63,6 +63,7 @@ class Component:
             max_message_bytes=settings.max_message_bytes,
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
             tls=settings.tls,
+            auth=settings.auth,
         )
         self._bus = bus
         self._stack = contextlib.AsyncExitStack()

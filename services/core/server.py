@@ -3,7 +3,8 @@
 `GrpcServer` wraps a grpc.aio server with the parts every component has: the
 error interceptor, the standard health service (which drains to NOT_SERVING
 before stop) and server reflection (what ghz, grpcurl and Kubernetes probes
-expect). The component lifecycle that owns it is `services.core.lifecycle`.
+expect), and the auth interceptor (`services.core.auth`) when the service's auth
+settings enable it. The component lifecycle that owns it is `services.core.lifecycle`.
 
 Its TCP port is plaintext, TLS or mTLS per `TlsSettings` (`server_credentials`); its
 unix-domain socket is always local and plaintext (file permissions protect it).
@@ -26,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core.channels import read_pem
 from services.core.errors import ErrorInterceptor
-from services.core.settings import TlsSettings
+from services.core.settings import AuthSettings, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class GrpcServer:
         maximum_concurrent_rpcs: int | None = None,
         extra_options: Iterable[tuple[str, Any]] = (),
         tls: TlsSettings | None = None,
+        auth: AuthSettings | None = None,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -97,8 +99,14 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             *extra_options,
         ]
+        # The auth interceptor runs inside the error one, which maps its refusals.
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if auth is not None and auth.enabled:
+            from services.core.auth import AuthInterceptor
+
+            interceptors.append(AuthInterceptor(auth))
         self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=options,
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         )

@@ -172,6 +172,55 @@ class TlsSettings(BaseModel):
         }
 
 
+# Methods any caller may call when auth is on: health (probes, supervisors) and reflection.
+DEFAULT_OPEN_METHODS = (
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+)
+# Methods called without a token over the component's Unix socket only (its file mode,
+# owner-only, is the access control): the collector's delivery stream to the rendezvous.
+DEFAULT_LOCAL_METHODS = ("/rendezvous.v1.DeliveryService/Deliver",)
+
+
+class AuthSettings(BaseModel):
+    """Bearer-token (JWT) authentication and scope authorization of a service's gRPC calls.
+
+    Off by default (the local demo). On, every call but `open_methods` (and `local_methods`
+    over the Unix socket) needs `authorization: Bearer <jwt>` signed by one of the configured
+    keys, with this issuer and audience, unexpired; `services.core.auth` decides the scopes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # HS256: the shared secret, inline (env) or in a file (`rendezvous up --auth` writes one).
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    # RS256 / ES256 (by the key's type): the issuer's public key, PEM.
+    public_key_file: Path | None = None
+    # Only for minting (`rendezvous token`) with RS256 / ES256: the private key, PEM.
+    private_key_file: Path | None = None
+    issuer: str = "rendezvous"
+    audience: str = "rendezvous"
+    # Clock skew tolerated on exp / nbf / iat.
+    leeway_s: float = Field(default=30.0, ge=0)
+    # HS256 secrets shorter than this are refused (RFC 7518 3.2: at least the hash size).
+    min_secret_bytes: int = Field(default=32, ge=32)
+    open_methods: list[str] = Field(default_factory=lambda: list(DEFAULT_OPEN_METHODS))
+    local_methods: list[str] = Field(default_factory=lambda: list(DEFAULT_LOCAL_METHODS))
+
+    @model_validator(mode="after")
+    def _has_a_key(self) -> AuthSettings:
+        if self.enabled and not (self.secret or self.secret_file or self.public_key_file):
+            raise ValueError(
+                "auth is enabled but no key is configured: set auth.secret, "
+                "auth.secret_file or auth.public_key_file"
+            )
+        return self
+
+
 class ServiceSettings(BaseSettings):
     """What every component shares: identity, endpoints, logging, tracing, metrics."""
 
@@ -183,6 +232,7 @@ class ServiceSettings(BaseSettings):
     listen: str = "127.0.0.1:0"
     pulsar: PulsarSettings = Field(default_factory=PulsarSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     mesh_file: Path | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"

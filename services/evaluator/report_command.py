@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.core import client
 from services.core.channels import mesh_client_tls
 from services.core.settings import TlsSettings
 from services.evaluator.replay import UsageError, mesh_state, parse_time
@@ -61,9 +62,7 @@ def _request(args: argparse.Namespace) -> Any:
 async def _fetch(endpoint: str, request: Any, tls: TlsSettings) -> Any:
     from rendezvous.v1 import evaluation_pb2_grpc
 
-    from services.core.channels import aio_channel
-
-    async with aio_channel(endpoint, tls) as channel:
+    async with client.aio_channel(endpoint, tls) as channel:
         stub = evaluation_pb2_grpc.EvaluationServiceStub(channel)
         return await stub.GetEvaluationReport(request, timeout=REPORT_TIMEOUT_S)
 
@@ -124,4 +123,5 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--json", type=Path, dest="json_file", help="write the figures here")
     parser.add_argument("--bucket-width", type=float, help="timeline resolution, seconds")
     parser.add_argument("--evaluator", help="HOST:PORT (default: the running mesh's)")
+    client.add_token_option(parser)
     parser.set_defaults(handler=cmd_report)
