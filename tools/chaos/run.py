@@ -133,10 +133,11 @@ async def inject(name: str, mesh: Mesh, broker: Broker) -> None:
     target = KILLS[name]
     if target is None:
         _signal(_broker_pid(), signal.SIGKILL)
-        # The broker is nobody's child here: bring it back as an operator would.
+        # The broker is nobody's child here: bring it back as an operator would, on its own
+        # data (`restart` keeps topics and cursors; `up` would start from nothing).
         await asyncio.to_thread(
             subprocess.run,
-            [str(PULSAR_SH), "up"],
+            [str(PULSAR_SH), "restart"],
             env=broker.env,
             check=True,
             stdout=subprocess.DEVNULL,
@@ -223,6 +224,24 @@ async def soak(mesh: Mesh, load: Load, seconds: float) -> dict[str, Any]:
     return {"sent": sent, "rss_growth_pct": growth, "rss_samples": samples}
 
 
+async def account(broker: Broker, phase: Phase) -> FaultFigures:
+    """The phase's row: its ledger against what the results and archive topics hold."""
+    # The last outcomes leave late_grace after their answers.
+    await asyncio.sleep(LATE_GRACE_S + 2)
+    outcome_ids = await read_ids(broker, lambda b: b.topics.results(OBJECTIVE), "outcome")
+    archive_ids = await read_ids(broker, lambda b: b.topics.archive(OBJECTIVE), "archive")
+    ids = {s.request_id for s in phase.sent}
+    return figures(
+        phase.fault.name,
+        phase.sent,
+        phase.fault,
+        (i for i in outcome_ids if i in ids),
+        (i for i in archive_ids if i in ids),
+        LATE_GRACE_S,
+        rendezvous_killed=phase.fault.name == "rendezvous",
+    )
+
+
 async def matrix(  # noqa: PLR0917 (the run's knobs)
     broker: Broker,
     work_dir: Path,
@@ -235,34 +254,21 @@ async def matrix(  # noqa: PLR0917 (the run's knobs)
     """Start the chaos mesh, run every fault and the soak, read the topics back."""
     mesh = Mesh(broker, work_dir, CHAOS_MESH)
     mesh.start()
-    phases: list[Phase] = []
+    rows: list[FaultFigures] = []
     soaked: dict[str, Any] | None = None
     try:
         load = Load(mesh.endpoint, rate, time.monotonic())
         for name in faults:
-            phases.append(await run_phase(name, mesh, broker, load, seconds, lead_s))
+            phase = await run_phase(name, mesh, broker, load, seconds, lead_s)
+            # Looked up after each phase, so a later fault cannot blur an earlier one's figures.
+            rows.append(await account(broker, phase))
         if soak_s > 0:
             soaked = await soak(mesh, load, soak_s)
-        # The last outcomes leave late_grace after their answers.
-        await asyncio.sleep(LATE_GRACE_S + 2)
-        outcome_ids = await read_ids(broker, lambda b: b.topics.results(OBJECTIVE), "outcome")
-        archive_ids = await read_ids(broker, lambda b: b.topics.archive(OBJECTIVE), "archive")
+            await asyncio.sleep(LATE_GRACE_S + 2)
+            outcome_ids = await read_ids(broker, lambda b: b.topics.results(OBJECTIVE), "outcome")
+            archive_ids = await read_ids(broker, lambda b: b.topics.archive(OBJECTIVE), "archive")
     finally:
         mesh.stop()
-    rows: list[FaultFigures] = []
-    for phase in phases:
-        ids = {s.request_id for s in phase.sent}
-        rows.append(
-            figures(
-                phase.fault.name,
-                phase.sent,
-                phase.fault,
-                (i for i in outcome_ids if i in ids),
-                (i for i in archive_ids if i in ids),
-                LATE_GRACE_S,
-                rendezvous_killed=phase.fault.name == "rendezvous",
-            )
-        )
     result: dict[str, Any] = {"rate": rate, "seconds": seconds, "faults": [asdict(r) for r in rows]}
     if soaked is not None:
         sent = soaked["sent"]
