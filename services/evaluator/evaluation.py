@@ -34,6 +34,7 @@ from services.core.protos import now_timestamp
 from services.core.telemetry import counter, gauge
 from services.core.topic_follower import TopicFollower
 from services.evaluator import report as reports
+from services.evaluator import stats
 from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.store import ObjectiveStore
 
@@ -294,6 +295,7 @@ class Evaluation:
                     "objective": name,
                     "canary": canary,
                     "psi": round(figure.statistic, 4),
+                    "level": stats.drift_level(figure.statistic),
                     "threshold": drift.threshold,
                     "recent_scores": figure.recent_count,
                     "reference_scores": figure.reference_count,

@@ -12,12 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from ddsketch import DDSketch
-from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
-from ddsketch.pb.proto import DDSketchProto
 
 # ---------------------------------------------------------------------------------------
 # Latency quantiles
@@ -75,24 +73,6 @@ class LatencySketch:
     def quantiles(self, qs: Iterable[float] = REPORT_QUANTILES) -> dict[float, float | None]:
         """The approximate values at several quantiles, keyed by quantile."""
         return {q: self.quantile(q) for q in qs}
-
-    def to_bytes(self) -> bytes:
-        """Serialize (the library's protobuf) to ship a sketch between processes."""
-        # The library's proto helpers carry no annotations.
-        message: Any = DDSketchProto.to_proto(self._sketch)  # type: ignore[no-untyped-call]
-        return bytes(message.SerializeToString())
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LatencySketch:
-        """Rebuild a sketch serialized by `to_bytes`."""
-        message: Any = DDSketchMessage()
-        message.ParseFromString(data)
-        restored = DDSketchProto.from_proto(message)  # type: ignore[no-untyped-call]
-        sketch = cls()
-        # The base class the proto restores to has the accuracy only privately.
-        sketch.relative_accuracy = float(restored._relative_accuracy)
-        sketch._sketch = restored
-        return sketch
 
 
 # ---------------------------------------------------------------------------------------
