@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# `make helm-check`: the container images and the Helm chart, checked without a cluster or
+# a Docker engine, offline.
+#
+#   1. hadolint lints deploy/docker/*.Dockerfile;
+#   2. for each Kubernetes version in K8S_SCHEMA_VERSIONS, `helm lint --strict` and
+#      `helm template` render deploy/helm/rendezvous with its default values and with each
+#      ci/*-values.yaml, and kubeconform validates every rendered manifest (-strict: no
+#      unknown field, no duplicate key) against that version's schemas and KEDA's CRDs,
+#      from the local copies `make setup` made (tools/k8s_schemas.py);
+#   3. a release the chart must refuse (TLS with a plaintext-only model container) fails;
+#   4. tools/chart_check.py checks the rendered releases against the code: settings names and
+#      values, modules, the answer path's QoS and socket, the mesh, the autoscalers.
+# Rendered manifests are left in .run/helm-check/ to read.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TOOLS_BIN=${TOOLS_BIN:-$PWD/tools/bin}
+HELM=${HELM:-$TOOLS_BIN/helm}
+KUBECONFORM=${KUBECONFORM:-$TOOLS_BIN/kubeconform}
+HADOLINT=${HADOLINT:-.venv/bin/hadolint}
+PYTHON=${PYTHON:-.venv/bin/python}
+K8S_SCHEMAS=${K8S_SCHEMAS:-$PWD/.cache/k8s-schemas}
+K8S_SCHEMA_VERSIONS=${K8S_SCHEMA_VERSIONS:-1.29.0 1.37.0}
+CHART=deploy/helm/rendezvous
+OUT=.run/helm-check
+RELEASE=rdv
+NAMESPACE=rendezvous
+
+log() { printf 'helm-check: %s\n' "$*" >&2; }
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+log "hadolint"
+"$HADOLINT" deploy/docker/*.Dockerfile
+
+values_files=("$CHART"/ci/*-values.yaml)
+rendered=()
+for version in $K8S_SCHEMA_VERSIONS; do
+    [[ -d "$K8S_SCHEMAS/v$version-standalone-strict" ]] || {
+        log "no schemas for Kubernetes $version in $K8S_SCHEMAS: run 'make setup'"; exit 1; }
+    for values in default "${values_files[@]}"; do
+        args=()
+        name=default
+        if [[ "$values" != default ]]; then
+            args=(-f "$values")
+            name=$(basename "$values" -values.yaml)
+        fi
+        log "helm lint + template: $name values, Kubernetes $version"
+        "$HELM" lint --strict --quiet --kube-version "$version" "$CHART" "${args[@]}"
+        out="$OUT/$name-$version.yaml"
+        "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version "$version" \
+            "${args[@]}" > "$out"
+        rendered+=("$out")
+    done
+    log "kubeconform: Kubernetes $version"
+    "$KUBECONFORM" -strict -summary -kubernetes-version "$version" \
+        -schema-location "$K8S_SCHEMAS/{{ .NormalizedKubernetesVersion }}-standalone{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json" \
+        -schema-location "$K8S_SCHEMAS/crds/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json" \
+        "$OUT"/*-"$version".yaml
+done
+
+log "a TLS release with a plaintext-only model container must be refused"
+if refusal=$("$HELM" template "$RELEASE" "$CHART" --kube-version "${K8S_SCHEMA_VERSIONS%% *}" \
+        --set grpcTls.enabled=true 2>&1); then
+    log "helm template rendered a TLS release with the Go and Node containers"; exit 1
+fi
+grep -q "serves plaintext gRPC only" <<<"$refusal" || { log "unexpected refusal: $refusal"; exit 1; }
+
+log "chart-check"
+"$PYTHON" -m tools.chart_check "${rendered[@]}"
+log "ok"
