@@ -65,8 +65,15 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- toYaml $context -}}
 {{- end -}}
 
+{{/*
+Pod annotations: Prometheus's, the user's, and for pods that read the mesh file at start only
+(control plane, decoys: `mesh` true) its checksum, so that a changed file restarts them.
+Runner hosts read the model directory live: adding a model restarts nothing.
+*/}}
 {{- define "rdv.podAnnotations" -}}
-checksum/config: {{ include (print .root.Template.BasePath "/configmap.yaml") .root | sha256sum }}
+{{- if .mesh }}
+checksum/mesh: {{ toYaml .root.Values.mesh | sha256sum }}
+{{- end }}
 {{- if and .root.Values.metrics.enabled .root.Values.metrics.annotations .metrics }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .root.Values.metrics.port | quote }}
