@@ -260,9 +260,7 @@ def check_mesh(release: Release) -> None:
         host, _, port = endpoint.rpartition(":")
         service = services.get(host.split(".")[0])
         if service is None or int(port) not in {p["port"] for p in service["spec"]["ports"]}:
-            release.fail(
-                f"model directory: {name} -> {endpoint} is no Service port of the release"
-            )
+            release.fail(f"model directory: {name} -> {endpoint} is no Service port of the release")
     hosts = runner_hosts(release)
     decoys = {
         env_of(c).get("RDV_DECOY_OBJECTIVE")
