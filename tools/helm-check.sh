@@ -8,7 +8,9 @@
 #      ci/*-values.yaml, and kubeconform validates every rendered manifest (-strict: no
 #      unknown field, no duplicate key) against that version's schemas and KEDA's CRDs,
 #      from the local copies `make setup` made (tools/k8s_schemas.py);
-#   3. a release the chart must refuse (TLS with a plaintext-only model container) fails;
+#   3. kubeconform refuses a rendered Deployment and ScaledObject given an unknown field (the
+#      schemas are strict), and a release the chart must refuse (TLS with a plaintext-only
+#      model container) fails;
 #   4. tools/chart_check.py checks the rendered releases against the code: settings names and
 #      values, modules, the answer path's QoS and socket, the mesh, the autoscalers.
 # Rendered manifests are left in .run/helm-check/ to read.
@@ -35,6 +37,13 @@ mkdir -p "$OUT"
 log "hadolint"
 "$HADOLINT" deploy/docker/*.Dockerfile
 
+kubeconform() {
+    "$KUBECONFORM" -strict -summary -kubernetes-version "$1" \
+        -schema-location "$K8S_SCHEMAS/{{ .NormalizedKubernetesVersion }}-standalone{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json" \
+        -schema-location "$K8S_SCHEMAS/crds/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json" \
+        "${@:2}"
+}
+
 values_files=("$CHART"/ci/*-values.yaml)
 rendered=()
 for version in $K8S_SCHEMA_VERSIONS; do
@@ -55,10 +64,25 @@ for version in $K8S_SCHEMA_VERSIONS; do
         rendered+=("$out")
     done
     log "kubeconform: Kubernetes $version"
-    "$KUBECONFORM" -strict -summary -kubernetes-version "$version" \
-        -schema-location "$K8S_SCHEMAS/{{ .NormalizedKubernetesVersion }}-standalone{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json" \
-        -schema-location "$K8S_SCHEMAS/crds/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json" \
-        "$OUT"/*-"$version".yaml
+    kubeconform "$version" "$OUT"/*-"$version".yaml
+done
+
+# The schemas are strict: a field Kubernetes or KEDA does not know is an error, not a pass.
+log "kubeconform refuses unknown fields (the schemas are strict)"
+for kind in Deployment ScaledObject; do
+    probe="$OUT/unknown-field-$kind.yaml"
+    "$PYTHON" - "$OUT/default-${K8S_SCHEMA_VERSIONS%% *}.yaml" "$kind" > "$probe" <<'PY'
+import sys
+import yaml
+
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == sys.argv[2]]
+docs[0]["spec"]["notAField"] = True
+print(yaml.safe_dump(docs[0]))
+PY
+    if kubeconform "${K8S_SCHEMA_VERSIONS%% *}" "$probe" > "$probe.out" 2>&1; then
+        log "kubeconform accepted a $kind with an unknown field"; cat "$probe.out" >&2; exit 1
+    fi
+    grep -q "notAField" "$probe.out" || { log "unexpected kubeconform error: $(cat "$probe.out")"; exit 1; }
 done
 
 log "a TLS release with a plaintext-only model container must be refused"
