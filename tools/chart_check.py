@@ -334,6 +334,9 @@ def check_autoscalers(release: Release) -> None:
 
 def check(release: Release) -> list[str]:
     for workload in release.of_kind("Deployment"):
+        if workload["spec"]["template"]["spec"].get("enableServiceLinks", True):
+            # Service links would add <SERVICE>_* variables, RDV_<SERVICE>_* among them.
+            release.fail(f"{workload['metadata']['name']}: enableServiceLinks must be false")
         for container in pod_containers(workload):
             where = f"{workload['metadata']['name']}/{container['name']}"
             check_container_settings(release, where, container)

@@ -56,7 +56,7 @@ def _container(
 def _deployment(
     name: str, containers: list[dict[str, Any]], init: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    spec: dict[str, Any] = {"containers": containers}
+    spec: dict[str, Any] = {"containers": containers, "enableServiceLinks": False}
     if init:
         spec["initContainers"] = init
     return {"kind": "Deployment", "metadata": {"name": name}, "spec": {"template": {"spec": spec}}}
@@ -210,6 +210,10 @@ def _probe_port(o: list[dict[str, Any]]) -> None:
     _containers(o, "model-ridge")["model"]["readinessProbe"] = {"grpc": {"port": 50099}}
 
 
+def _service_links(o: list[dict[str, Any]]) -> None:
+    del _find(o, "model-ridge")["spec"]["template"]["spec"]["enableServiceLinks"]
+
+
 def _bad_mesh(o: list[dict[str, Any]]) -> None:
     mesh = copy.deepcopy(MESH)
     mesh["objectives"]["demo"]["policy"][0]["accept"] = ["nobody"]
@@ -237,6 +241,7 @@ BREAKAGES: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
         "a KEDA-scaled Deployment must not set replicas",
     ),
     "probe on a closed port": (_probe_port, "readinessProbe asks port 50099"),
+    "service links": (_service_links, "model-ridge: enableServiceLinks must be false"),
     "mesh that does not load": (_bad_mesh, "the mesh file does not load"),
 }
 

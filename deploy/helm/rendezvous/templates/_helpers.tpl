@@ -84,9 +84,16 @@ prometheus.io/path: /metrics
 {{- end }}
 {{- end -}}
 
-{{/* Placement shared by every pod (a component's own values win). */}}
+{{/*
+What every pod shares: placement (a component's own values win), security, and no Service
+links: Kubernetes would put <SERVICE>_PORT variables for every Service of the namespace in
+the environment, and a Service named like rdv-rendezvous-... becomes RDV_RENDEZVOUS_...,
+the very prefix the settings read. No pod calls the Kubernetes API: no token either.
+*/}}
 {{- define "rdv.placement" -}}
 {{- $spec := .spec | default dict -}}
+enableServiceLinks: false
+automountServiceAccountToken: false
 {{- with (default .root.Values.nodeSelector $spec.nodeSelector) }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
