@@ -11,7 +11,7 @@
 # and golang:1.26-bookworm (Go 1.26.5, Jul 2026). Bump tag and digest together.
 #
 # No HEALTHCHECK: Kubernetes ignores it (the chart's probes ask each server's
-# grpc.health.v1 service), and one image serves nine programs on different ports.
+# grpc.health.v1 service), and one image runs eight servers, each on its own port.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b
 ARG GOLANG_IMAGE=golang:1.26-bookworm@sha256:551752d3ad9de9923190bf5280500617ed8fee287ffb4b0220e770ef89346258
