@@ -46,7 +46,7 @@ GO_DIRS := services/models/go services/models/artifacts gen/go
         pulsar-up pulsar-down up up-tls down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
