@@ -3,7 +3,7 @@
 The supervisor runs as `rendezvous supervise` would run it for `rendezvous up`, on the test
 session's broker, with a control plane on a port of its own (beside whatever listens on the
 default one), and is stopped (SIGTERM, then SIGKILL) when the block ends. A broker with
-token authentication gives the supervisor its token file.
+token authentication gives the supervisor its token file, one on TLS its CA.
 """
 
 from __future__ import annotations
@@ -108,12 +108,8 @@ def supervised_mesh(
             "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_EVALUATOR_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_DASHBOARD_LISTEN": f"127.0.0.1:{free_port()}",
-            # The broker's token, for the supervisor and (passed on) every process.
-            **(
-                {"RDV_SUPERVISOR_PULSAR__TOKEN_FILE": str(pulsar.token_file)}
-                if pulsar.token_file
-                else {}
-            ),
+            # The broker's token and CA, for the supervisor and (passed on) every process.
+            **pulsar.supervisor_env(),
             **(env or {}),
         },
         stdin=subprocess.DEVNULL,
