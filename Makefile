@@ -171,7 +171,7 @@ $(MODEL_TS)/node_modules/.installed: $(MODEL_TS)/package-lock.json
 ts: $(TSGEN) $(MODEL_TS)/node_modules/.installed ## Install the TS generator and build the Node model container (tsc)
 	cd $(MODEL_TS) && npm run --silent build
 
-test-ts: ts ## The Node model container's tests (node --test, real loopback gRPC)
+test-ts: venv ts ## The Node model container's tests (node --test, real loopback gRPC; TLS with tools/certs.py's certificates)
 	cd $(MODEL_TS) && npm test
 
 test-go: ## Go tests: go test ./... (the Go model container against the Python model)

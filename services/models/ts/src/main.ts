@@ -6,6 +6,7 @@ import { DiabetesModel } from "./diabetes";
 import { Logger } from "./log";
 import { writeReadyFile } from "./ready";
 import { startModelServer } from "./server";
+import { serverCredentials, tlsMode } from "./tls";
 
 export const SHUTDOWN_GRACE_MS = 5000;
 export const EXIT_BAD_CONFIG = 2;
@@ -14,10 +15,12 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
   const log = new Logger("model", "rendezvous.models.ts");
   let config;
   let model;
+  let credentials;
   try {
     config = readConfig(env);
-    // Built first, so a bad artifact fails before anything listens.
+    // Built first, so a bad artifact or TLS file fails before anything listens.
     model = new DiabetesModel(config.name, config.version, config.args);
+    credentials = serverCredentials(config.tls);
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`rendezvous model (node): bad configuration: ${err.message}\n`);
@@ -29,7 +32,7 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
   const facts = { model: config.name, kind: KIND, version: config.version };
   let server;
   try {
-    server = await startModelServer(model, { listen: config.listen, version: config.version, log });
+    server = await startModelServer(model, { listen: config.listen, version: config.version, log, credentials });
   } catch (err) {
     log.error("cannot serve", { listen: `${config.listen.host}:${config.listen.port}` }, err);
     return 1;
@@ -46,6 +49,7 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
     endpoint: server.endpoint,
     ...facts,
     algorithm: model.artifact.algorithm,
+    tls: tlsMode(config.tls),
     platform: `node ${process.version}`,
   });
   const signal = await signalled;
