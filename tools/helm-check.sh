@@ -9,8 +9,8 @@
 #      unknown field, no duplicate key) against that version's schemas and KEDA's CRDs,
 #      from the local copies `make setup` made (tools/k8s_schemas.py);
 #   3. kubeconform refuses a rendered Deployment and ScaledObject given an unknown field (the
-#      schemas are strict), and a release the chart must refuse (TLS with a plaintext-only
-#      model container) fails;
+#      schemas are strict), and a release the chart must refuse (bearer-token auth without
+#      a key) fails;
 #   4. tools/chart_check.py checks the rendered releases against the code: settings names and
 #      values, modules, the answer path's QoS and socket, the mesh, the autoscalers.
 # Rendered manifests are left in .run/helm-check/ to read.
@@ -85,12 +85,13 @@ PY
     grep -q "notAField" "$probe.out" || { log "unexpected kubeconform error: $(cat "$probe.out")"; exit 1; }
 done
 
-log "a TLS release with a plaintext-only model container must be refused"
+log "a release with bearer-token auth and no key must be refused"
 if refusal=$("$HELM" template "$RELEASE" "$CHART" --kube-version "${K8S_SCHEMA_VERSIONS%% *}" \
-        --set grpcTls.enabled=true 2>&1); then
-    log "helm template rendered a TLS release with the Go and Node containers"; exit 1
+        --set auth.enabled=true --set auth.hs256Key= --set auth.publicKeyKey= 2>&1); then
+    log "helm template rendered a release with auth on and no key"; exit 1
 fi
-grep -q "serves plaintext gRPC only" <<<"$refusal" || { log "unexpected refusal: $refusal"; exit 1; }
+grep -q "auth.enabled needs auth.hs256Key or auth.publicKeyKey" <<<"$refusal" \
+    || { log "unexpected refusal: $refusal"; exit 1; }
 
 log "chart-check"
 "$PYTHON" -m tools.chart_check "${rendered[@]}"

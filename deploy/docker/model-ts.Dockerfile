@@ -8,9 +8,17 @@
 # (node:22-bookworm-slim, Node 22.23.2, Sep 2026, docker-library/repo-info): Node 22 is the
 # supported LTS line (the local mesh and its tests run the same code on Node >= 20).
 #
-# No HEALTHCHECK: Kubernetes ignores it and probes grpc.health.v1 itself.
+# No HEALTHCHECK: Kubernetes ignores it and probes grpc.health.v1 itself (kubelet's gRPC
+# probe, or grpc-health-probe on a TLS mesh: kubelet's speaks no TLS).
 
 ARG NODE_IMAGE=node:22-bookworm-slim@sha256:48e4b67d85f87bd551df43704e24d252f56cc5f8e9718841aace50f19948f0f9
+ARG GOLANG_IMAGE=golang:1.26-bookworm@sha256:551752d3ad9de9923190bf5280500617ed8fee287ffb4b0220e770ef89346258
+
+# grpc-health-probe, a static binary, for the chart's probes on a TLS mesh.
+FROM ${GOLANG_IMAGE} AS healthprobe
+ARG GRPC_HEALTH_PROBE_VERSION=v0.4.62
+RUN CGO_ENABLED=0 GOBIN=/out go install -trimpath -ldflags="-s -w" \
+        github.com/grpc-ecosystem/grpc-health-probe@${GRPC_HEALTH_PROBE_VERSION}
 
 FROM ${NODE_IMAGE} AS build
 # The repository's layout: services/models/ts/gen links to ../../../gen/ts, and the compiled
@@ -32,6 +40,7 @@ COPY services/models/artifacts/diabetes-linear.json services/models/artifacts/di
 COPY --from=build /src/services/models/ts/package.json ./
 COPY --from=build /src/services/models/ts/node_modules ./node_modules
 COPY --from=build /src/services/models/ts/dist ./dist
+COPY --from=healthprobe /out/grpc-health-probe /usr/local/bin/grpc-health-probe
 # The base image's unprivileged `node` user, by number (runAsNonRoot can check a number).
 USER 1000:1000
 EXPOSE 50051

@@ -17,7 +17,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d
 ARG GOLANG_IMAGE=golang:1.26-bookworm@sha256:551752d3ad9de9923190bf5280500617ed8fee287ffb4b0220e770ef89346258
 
 # grpc-health-probe: kubelet's own gRPC probe speaks no TLS, so a mesh on (m)TLS probes
-# with this static binary instead (the chart's exec probes, `grpcTls.enabled`).
+# with this static binary instead (the chart's exec probes, `grpcTls.enabled`); the Go and
+# Node images carry the same one at the same path.
 FROM ${GOLANG_IMAGE} AS healthprobe
 ARG GRPC_HEALTH_PROBE_VERSION=v0.4.62
 RUN CGO_ENABLED=0 GOBIN=/out go install -trimpath -ldflags="-s -w" \

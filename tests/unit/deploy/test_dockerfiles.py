@@ -181,7 +181,9 @@ def test_every_python_module_the_image_and_chart_run_exists_in_the_image() -> No
     assert {"services.rendezvous", "services.collector", "services.runner"} <= modules
     copied = {
         source
-        for sources, _, source_stage, _ in parse(DOCKER_DIR / "python.Dockerfile")[1].copies
+        for stage in parse(DOCKER_DIR / "python.Dockerfile")
+        if stage.name == "build"
+        for sources, _, source_stage, _ in stage.copies
         if source_stage is None
         for source in sources
     }
@@ -210,7 +212,7 @@ def test_the_python_image_copies_every_package_pyproject_installs() -> None:
 
 def test_the_go_image_copies_every_in_repository_package_the_container_imports() -> None:
     module = (REPO_ROOT / "go.mod").read_text().split()[1]
-    build = parse(DOCKER_DIR / "model-go.Dockerfile")[0]
+    build = next(s for s in parse(DOCKER_DIR / "model-go.Dockerfile") if s.name == "build")
     copied = [source for sources, *_ in build.copies for source in sources]
     pending, seen = ["services/models/go"], set()
     while pending:
@@ -251,7 +253,7 @@ def test_the_node_image_serves_the_compiled_entry_point_with_the_artifacts_where
     # The generated code the tsconfig compiles comes through services/models/ts/gen -> gen/ts.
     link = REPO_ROOT / "services/models/ts/gen"
     assert link.is_symlink() and link.resolve() == (REPO_ROOT / "gen/ts").resolve()
-    build = stages[0]
+    build = next(stage for stage in stages if stage.name == "build")
     copied_to = {destination(c) for c in build.copies}
     gen_target = PurePosixPath(build.workdir, "gen").parent / PurePosixPath(str(link.readlink()))
     assert str(PurePosixPath(*_normalise(gen_target.parts))) in copied_to
@@ -265,6 +267,22 @@ def _normalise(parts: tuple[str, ...]) -> list[str]:
         elif part != ".":
             out.append(part)
     return out
+
+
+def test_every_image_carries_the_health_probe_the_chart_runs_on_a_tls_mesh() -> None:
+    helpers = (CHART_TEMPLATES / "_helpers.tpl").read_text()
+    probe = re.search(r"- (/\S*grpc-health-probe)\n", helpers)
+    assert probe, "the chart's TLS probe names no grpc-health-probe path"
+    for dockerfile in DOCKERFILES:
+        stages = parse(dockerfile)
+        final = stages[-1]
+        copied = [c for c in final.copies if c[1] == probe.group(1)]
+        assert copied, f"{dockerfile.name}: no {probe.group(1)} in the final image"
+        sources, _, source_stage, _ = copied[0]
+        builder = next(stage for stage in stages if stage.name == source_stage)
+        assert any("grpc-health-probe@" in run and "GOBIN=/out" in run for run in builder.runs), (
+            f"{dockerfile.name}: stage {source_stage} does not build {sources[0]}"
+        )
 
 
 def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:

@@ -272,14 +272,14 @@ settings (map), extra (list of env entries set by the chart).
 
 {{/*
 A gRPC health probe on `port` (service ""): kubelet's own gRPC probe, or, on a TLS mesh,
-grpc-health-probe with the mesh's certificate (kubelet's speaks no TLS).
-Arguments: root, port, plaintext (bool: a Go or Node container, never on TLS).
+grpc-health-probe (in every image, at this path) with the mesh's certificate: kubelet's
+speaks no TLS. Arguments: root, port.
 */}}
 {{- define "rdv.grpcProbe" -}}
-{{- if and .root.Values.grpcTls.enabled (not .plaintext) -}}
+{{- if .root.Values.grpcTls.enabled -}}
 exec:
   command:
-    - grpc-health-probe
+    - /usr/local/bin/grpc-health-probe
     - {{ printf "-addr=127.0.0.1:%v" .port }}
     - -tls
     - -tls-ca-cert=/etc/rendezvous/grpc-tls/ca.crt
@@ -335,13 +335,6 @@ spec:
 {{/* The refusals that make a release fail to render instead of failing at run time. */}}
 {{- define "rdv.validate" -}}
 {{- $v := .Values -}}
-{{- if $v.grpcTls.enabled -}}
-{{- range $v.models -}}
-{{- if ne (default "python" .runtime) "python" -}}
-{{- fail (printf "model %q runs on %s, which serves plaintext gRPC only; grpcTls.enabled needs python models (or put the model behind a TLS-terminating proxy and give it an endpoint in the mesh)" .name .runtime) -}}
-{{- end -}}
-{{- end -}}
-{{- end -}}
 {{- if and $v.auth.enabled (not (or $v.auth.hs256Key $v.auth.publicKeyKey)) -}}
 {{- fail "auth.enabled needs auth.hs256Key or auth.publicKeyKey" -}}
 {{- end -}}
