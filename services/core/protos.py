@@ -1,4 +1,5 @@
-"""Small helpers over the generated messages: JSON values, time, PII redaction."""
+"""Small helpers over the generated messages: JSON values, time, clearing marked fields
+(PII redaction, the readable copy of a sealed record)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from google.protobuf.message import Message
 from rendezvous.v1 import options_pb2
 
 _PII = options_pb2.pii
+_SUBJECT_DATA = options_pb2.subject_data
 
 
 def to_value(value: Any) -> struct_pb2.Value:
@@ -105,50 +107,63 @@ def redact_pii(message: Message, prefix: str = "") -> list[str]:
     record what they hid. Only fields whose type can hold a marked field are visited (a
     features map of google.protobuf.Value never can), so the walk costs little per message.
     """
-    redacted: list[str] = []
+    return clear_marked(message, _PII, prefix)
+
+
+def clear_subject_data(message: Message) -> list[str]:
+    """Clear every field marked `(rendezvous.v1.subject_data) = true`, recursively, in place
+    (the readable copy around a sealed record); the paths cleared, as `redact_pii` gives."""
+    return clear_marked(message, _SUBJECT_DATA)
+
+
+def clear_marked(message: Message, option: Any, prefix: str = "") -> list[str]:
+    """Clear every field whose options set the boolean extension `option`, at any depth."""
+    cleared: list[str] = []
     for descriptor, value in message.ListFields():
         path = f"{prefix}{descriptor.name}"
-        if descriptor.GetOptions().Extensions[_PII]:
+        if descriptor.GetOptions().Extensions[option]:
             message.ClearField(descriptor.name)
-            redacted.append(path)
+            cleared.append(path)
             continue
         entry_type = descriptor.message_type
         if entry_type is None:
             continue
         if entry_type.GetOptions().map_entry:
-            if _may_hold_pii(entry_type.fields_by_name["value"].message_type):
+            if _may_hold(entry_type.fields_by_name["value"].message_type, option):
                 for key, item in value.items():
-                    redacted.extend(redact_pii(item, f"{path}[{key}]."))
-        elif not _may_hold_pii(entry_type):
+                    cleared.extend(clear_marked(item, option, f"{path}[{key}]."))
+        elif not _may_hold(entry_type, option):
             continue
         elif descriptor.is_repeated:
             for index, item in enumerate(value):
-                redacted.extend(redact_pii(item, f"{path}[{index}]."))
+                cleared.extend(clear_marked(item, option, f"{path}[{index}]."))
         else:
-            redacted.extend(redact_pii(value, f"{path}."))
-    return redacted
+            cleared.extend(clear_marked(value, option, f"{path}."))
+    return cleared
 
 
-# Message full name -> whether it, or a message it contains at any depth, has a PII field.
-_HOLDS_PII: dict[str, bool] = {}
+# (option name, message full name) -> whether the message, or a message it contains at any
+# depth, has a field marked with the option.
+_HOLDS: dict[tuple[str, str], bool] = {}
 
 
-def _may_hold_pii(descriptor: Descriptor | None) -> bool:
+def _may_hold(descriptor: Descriptor | None, option: Any) -> bool:
     if descriptor is None:
         return False
-    known = _HOLDS_PII.get(descriptor.full_name)
+    key = (option.full_name, descriptor.full_name)
+    known = _HOLDS.get(key)
     if known is None:
-        known = _HOLDS_PII[descriptor.full_name] = _search_pii(descriptor, set())
+        known = _HOLDS[key] = _search(descriptor, option, set())
     return known
 
 
-def _search_pii(descriptor: Descriptor, seen: set[str]) -> bool:
-    """Whether a PII field is reachable from `descriptor` (`seen` breaks recursive types)."""
+def _search(descriptor: Descriptor, option: Any, seen: set[str]) -> bool:
+    """Whether a marked field is reachable from `descriptor` (`seen` breaks recursive types)."""
     seen.add(descriptor.full_name)
     for field in descriptor.fields:
-        if field.GetOptions().Extensions[_PII]:
+        if field.GetOptions().Extensions[option]:
             return True
         nested = field.message_type
-        if nested is not None and nested.full_name not in seen and _search_pii(nested, seen):
+        if nested is not None and nested.full_name not in seen and _search(nested, option, seen):
             return True
     return False

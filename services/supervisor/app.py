@@ -75,6 +75,12 @@ class SupervisorSettings(BaseSettings):
     # its live dashboard (HTTP; "" serves none).
     evaluator_listen: str = "127.0.0.1:50053"
     dashboard_listen: str = "127.0.0.1:8053"
+    # Where the keyring (KeyringService: subject keys, erasure) listens; "" runs none, and
+    # records about subjects are then written readable and cannot be erased.
+    keyring_listen: str = "127.0.0.1:50054"
+    # The token the mesh's own processes present to the keyring when its auth is on
+    # (`rendezvous up --auth` mints one with the scope privacy:keys).
+    keyring_token_file: Path | None = None
     # How long a removed model's container keeps running after the change: the runner hosts
     # drain it first (RunnerSettings.drain_timeout_s, 5 s by default).
     model_stop_grace_s: float = Field(default=10.0, ge=0)

@@ -49,6 +49,10 @@ class RunningMesh:
     def control_endpoint(self) -> str:
         return str(self.state()["control_endpoint"])
 
+    @property
+    def keyring_endpoint(self) -> str:
+        return str(self.state()["keyring_endpoint"])
+
 
 @contextmanager
 def supervised_mesh(
@@ -87,6 +91,7 @@ def supervised_mesh(
             "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_EVALUATOR_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_DASHBOARD_LISTEN": f"127.0.0.1:{free_port()}",
+            "RDV_SUPERVISOR_KEYRING_LISTEN": f"127.0.0.1:{free_port()}",
             # The broker's token, for the supervisor and (passed on) every process.
             **(
                 {"RDV_SUPERVISOR_PULSAR__TOKEN_FILE": str(pulsar.token_file)}

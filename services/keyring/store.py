@@ -1,0 +1,179 @@
+"""The keyring's durable store: SQLite, one file, every write synced before it is reported.
+
+    subject_keys(key_id PRIMARY KEY, objective, pseudonym, wrapped, created_ns)
+                 UNIQUE(objective, pseudonym): one current key per subject and objective
+    erasures(id, pseudonym, objective, key_ids, erased_ns, requested_by, reason, published)
+                 the audit trail, and the outbox of the erasure topic
+
+Data keys are stored wrapped (AES-256-GCM under the master key, the key id as associated
+data), so the file alone opens nothing. `synchronous=FULL` makes a commit durable before it
+returns (a key handed out is never lost in a crash, an erasure reported done stays done);
+`secure_delete` overwrites a deleted key's bytes in the file instead of leaving them in a
+free page; the rollback journal (not WAL) holds a deleted page only until the commit.
+
+Blocking: callers run it in a worker thread (`asyncio.to_thread`); one lock serializes
+the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.core.privacy import KEY_BYTES, NONCE_BYTES
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subject_keys (
+    key_id TEXT PRIMARY KEY,
+    objective TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    wrapped BLOB NOT NULL,
+    created_ns INTEGER NOT NULL,
+    UNIQUE (objective, pseudonym)
+);
+CREATE TABLE IF NOT EXISTS erasures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pseudonym TEXT NOT NULL,
+    objective TEXT NOT NULL,
+    key_ids TEXT NOT NULL,
+    erased_ns INTEGER NOT NULL,
+    requested_by TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass(frozen=True)
+class ErasureRow:
+    """One erasure as recorded."""
+
+    id: int
+    pseudonym: str
+    objective: str
+    key_ids: list[str]
+    erased_ns: int
+    requested_by: str
+    reason: str
+
+
+class KeyStore:
+    """Keys by (objective, pseudonym) and by id; erasures and their announcement."""
+
+    def __init__(self, path: Path, master_key: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        self._master = AESGCM(master_key)
+        # Autocommit mode: every transaction below is an explicit BEGIN IMMEDIATE ... COMMIT.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        for pragma in ("journal_mode=DELETE", "synchronous=FULL", "secure_delete=ON"):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _wrap(self, key_id: str, key: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._master.encrypt(nonce, key, key_id.encode())
+
+    def _unwrap(self, key_id: str, wrapped: bytes) -> bytes:
+        return self._master.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], key_id.encode())
+
+    def subject_key(self, objective: str, pseudonym: str) -> tuple[str, bytes]:
+        """The subject's key for `objective`, made and committed on first use."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key_id, wrapped FROM subject_keys WHERE objective = ? AND pseudonym = ?",
+                (objective, pseudonym),
+            ).fetchone()
+            if row is not None:
+                return row[0], self._unwrap(row[0], row[1])
+            key_id, key = uuid.uuid4().hex, os.urandom(KEY_BYTES)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO subject_keys VALUES (?, ?, ?, ?, ?)",
+                    (key_id, objective, pseudonym, self._wrap(key_id, key), time.time_ns()),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return key_id, key
+
+    def keys(self, key_ids: list[str]) -> dict[str, bytes]:
+        """The keys of those ids that exist."""
+        found: dict[str, bytes] = {}
+        with self._lock:
+            for key_id in key_ids:
+                row = self._db.execute(
+                    "SELECT wrapped FROM subject_keys WHERE key_id = ?", (key_id,)
+                ).fetchone()
+                if row is not None:
+                    found[key_id] = self._unwrap(key_id, row[0])
+        return found
+
+    def erase(self, pseudonym: str, objective: str, requested_by: str, reason: str) -> ErasureRow:
+        """Delete the subject's keys (of `objective`, or all with ""), record the erasure;
+        one transaction, committed (and synced) before it returns."""
+        where = "pseudonym = ?" + (" AND objective = ?" if objective else "")
+        args: tuple[str, ...] = (pseudonym, objective) if objective else (pseudonym,)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                key_ids = [
+                    row[0]
+                    for row in self._db.execute(
+                        f"SELECT key_id FROM subject_keys WHERE {where}",
+                        args,
+                    )
+                ]
+                self._db.execute(f"DELETE FROM subject_keys WHERE {where}", args)
+                erased_ns = time.time_ns()
+                cursor = self._db.execute(
+                    "INSERT INTO erasures (pseudonym, objective, key_ids, erased_ns, "
+                    "requested_by, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                    (pseudonym, objective, json.dumps(key_ids), erased_ns, requested_by, reason),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        assert cursor.lastrowid is not None
+        return ErasureRow(
+            cursor.lastrowid, pseudonym, objective, key_ids, erased_ns, requested_by, reason
+        )
+
+    def unpublished(self) -> list[ErasureRow]:
+        """Erasures not yet announced on the erasure topic, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, pseudonym, objective, key_ids, erased_ns, requested_by, reason "
+                "FROM erasures WHERE published = 0 ORDER BY id"
+            ).fetchall()
+        return [
+            ErasureRow(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6])
+            for row in rows
+        ]
+
+    def mark_published(self, erasure_id: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE erasures SET published = 1 WHERE id = ?", (erasure_id,))
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            keys = self._db.execute("SELECT COUNT(*) FROM subject_keys").fetchone()[0]
+            erasures = self._db.execute("SELECT COUNT(*) FROM erasures").fetchone()[0]
+        return {"keys": int(keys), "erasures": int(erasures)}
