@@ -11,8 +11,9 @@ returns (a key handed out is never lost in a crash, an erasure reported done sta
 `secure_delete` overwrites a deleted key's bytes in the file instead of leaving them in a
 free page; the rollback journal (not WAL) holds a deleted page only until the commit.
 
-Blocking: callers run it in a worker thread (`asyncio.to_thread`); one lock serializes
-the connection.
+Reads are quick (no disk sync) and run on the caller's thread; writes (a new key, an
+erasure) wait for the disk and run in a worker thread (`asyncio.to_thread`). One lock
+serializes the connection.
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ class KeyStore:
 
     def _unwrap(self, key_id: str, wrapped: bytes) -> bytes:
         return self._master.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], key_id.encode())
+
+    def existing_key(self, objective: str, pseudonym: str) -> tuple[str, bytes] | None:
+        """The subject's key for `objective` if it has one (a read: no disk sync)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key_id, wrapped FROM subject_keys WHERE objective = ? AND pseudonym = ?",
+                (objective, pseudonym),
+            ).fetchone()
+        return None if row is None else (row[0], self._unwrap(row[0], row[1]))
 
     def subject_key(self, objective: str, pseudonym: str) -> tuple[str, bytes]:
         """The subject's key for `objective`, made and committed on first use."""
