@@ -208,14 +208,6 @@ class PrivacySettings(BaseModel):
     def enabled(self) -> bool:
         return bool(self.keyring)
 
-    def env(self) -> dict[str, str]:
-        """The set fields as a service's environment, without its `RDV_<SERVICE>_` prefix."""
-        return {
-            f"PRIVACY__{name.upper()}": str(value)
-            for name, value in self.model_dump().items()
-            if name in self.model_fields_set and value is not None
-        }
-
 
 # Methods any caller may call when auth is on: health (probes, supervisors) and reflection.
 DEFAULT_OPEN_METHODS = (
