@@ -33,7 +33,7 @@ from services.core.errors import InvalidArgument, Unavailable
 from services.core.lifecycle import Component, cancel_and_wait, run
 from services.core.privacy import Pseudonyms, read_key_file
 from services.core.protos import timestamp_from_ns
-from services.core.telemetry import counter
+from services.core.telemetry import counter, histogram
 from services.keyring.settings import KeyringSettings
 from services.keyring.store import ErasureRow, KeyStore
 
@@ -44,6 +44,11 @@ PSEUDONYM = re.compile(r"^[0-9a-f]{64}$")
 
 KEY_REQUESTS = counter("rdv_keyring_key_requests", "Keys handed out, by method", ("method",))
 ERASURES = counter("rdv_keyring_erasures", "Erasures, by outcome", ("outcome",))
+KEY_BATCH = histogram(
+    "rdv_keyring_new_keys_per_commit",
+    "New subject keys committed by one disk sync",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 
 
 class TopicRetention(Protocol):
@@ -71,6 +76,9 @@ class Keyring(Component):
         self._publisher: Publisher[keyring_pb2.Erasure] | None = None
         self._announcing = asyncio.Lock()
         self._pending = asyncio.Event()
+        # New keys asked for and not yet committed, and the writer's wake-up.
+        self._wanted: dict[tuple[str, str], asyncio.Future[tuple[str, bytes]]] = {}
+        self._wanted_event = asyncio.Event()
         self._admin = admin or PulsarAdmin(
             settings.pulsar,
             timeout_s=settings.admin_timeout_s,
@@ -89,7 +97,8 @@ class Keyring(Component):
         # Anything recorded before a crash goes out now, then whenever an announce failed.
         self._pending.set()
         outbox = self.watch(asyncio.create_task(self._outbox(), name="keyring:outbox"))
-        stack.push_async_callback(cancel_and_wait, [outbox])
+        writer = self.watch(asyncio.create_task(self._create_keys(), name="keyring:keys"))
+        stack.push_async_callback(cancel_and_wait, [outbox, writer])
 
     def facts(self) -> dict[str, Any]:
         counts = self.store.counts() if self.store is not None else {}
@@ -114,10 +123,40 @@ class Keyring(Component):
         # seen before): read at once; only a new key waits for the disk, in a thread.
         found = store.existing_key(objective, pseudonym)
         if found is None:
-            found = await asyncio.to_thread(store.subject_key, objective, pseudonym)
+            found = await self._new_key(objective, pseudonym)
         key_id, key = found
         KEY_REQUESTS.labels("GetSubjectKey").inc()
         return keyring_pb2.SubjectKey(key_id=key_id, key=key)
+
+    async def _new_key(self, objective: str, pseudonym: str) -> tuple[str, bytes]:
+        """A new key, committed with every other new key asked for meanwhile: one disk sync
+        per batch, not per key (a subject's first request asks twice, the rendezvous and
+        the decoy; a burst of new subjects asks at once)."""
+        wanted = (objective, pseudonym)
+        waiting = self._wanted.get(wanted)
+        if waiting is None:
+            waiting = self._wanted[wanted] = asyncio.get_running_loop().create_future()
+            self._wanted_event.set()
+        return await asyncio.shield(waiting)
+
+    async def _create_keys(self) -> None:
+        """The one writer of new keys: whatever was asked for since the last commit, at once."""
+        store = self._store()
+        while True:
+            await self._wanted_event.wait()
+            self._wanted_event.clear()
+            batch, self._wanted = self._wanted, {}
+            try:
+                made = await asyncio.to_thread(store.create_keys, list(batch))
+            except Exception:
+                log.exception("making subject keys failed", extra={"keys": len(batch)})
+                for waiting in batch.values():
+                    waiting.set_exception(Unavailable("the key store cannot be written"))
+                    waiting.exception()  # retrieved: a caller may have gone away
+                continue
+            KEY_BATCH.observe(len(batch))
+            for wanted, waiting in batch.items():
+                waiting.set_result(made[wanted])
 
     async def keys(self, key_ids: list[str]) -> keyring_pb2.GetKeysResponse:
         if len(key_ids) > self.settings.max_key_ids:

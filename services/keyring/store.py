@@ -8,8 +8,10 @@
 Data keys are stored wrapped (AES-256-GCM under the master key, the key id as associated
 data), so the file alone opens nothing. `synchronous=FULL` makes a commit durable before it
 returns (a key handed out is never lost in a crash, an erasure reported done stays done);
-`secure_delete` overwrites a deleted key's bytes in the file instead of leaving them in a
-free page; the rollback journal (not WAL) holds a deleted page only until the commit.
+in WAL mode a commit is one disk sync, and `create_keys` makes many keys in one commit (the
+keyring batches the asks that arrive together). `secure_delete` overwrites a deleted key's
+bytes instead of leaving them in a free page, and after every erasure the log is
+checkpointed into the database and truncated, so no earlier copy of the page survives in it.
 
 Reads are quick (no disk sync) and run on the caller's thread; writes (a new key, an
 erasure) wait for the disk and run in a worker thread (`asyncio.to_thread`). One lock
@@ -76,7 +78,7 @@ class KeyStore:
         self._master = AESGCM(master_key)
         # Autocommit mode: every transaction below is an explicit BEGIN IMMEDIATE ... COMMIT.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        for pragma in ("journal_mode=DELETE", "synchronous=FULL", "secure_delete=ON"):
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON"):
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
@@ -101,27 +103,39 @@ class KeyStore:
             ).fetchone()
         return None if row is None else (row[0], self._unwrap(row[0], row[1]))
 
-    def subject_key(self, objective: str, pseudonym: str) -> tuple[str, bytes]:
-        """The subject's key for `objective`, made and committed on first use."""
+    def create_keys(
+        self, wanted: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[str, bytes]]:
+        """The key of each (objective, pseudonym), made for those without one; every new key
+        committed (and synced) in one transaction before it returns."""
+        found: dict[tuple[str, str], tuple[str, bytes]] = {}
         with self._lock:
-            row = self._db.execute(
-                "SELECT key_id, wrapped FROM subject_keys WHERE objective = ? AND pseudonym = ?",
-                (objective, pseudonym),
-            ).fetchone()
-            if row is not None:
-                return row[0], self._unwrap(row[0], row[1])
-            key_id, key = uuid.uuid4().hex, os.urandom(KEY_BYTES)
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT INTO subject_keys VALUES (?, ?, ?, ?, ?)",
-                    (key_id, objective, pseudonym, self._wrap(key_id, key), time.time_ns()),
-                )
+                for objective, pseudonym in dict.fromkeys(wanted):
+                    row = self._db.execute(
+                        "SELECT key_id, wrapped FROM subject_keys "
+                        "WHERE objective = ? AND pseudonym = ?",
+                        (objective, pseudonym),
+                    ).fetchone()
+                    if row is not None:
+                        found[objective, pseudonym] = (row[0], self._unwrap(row[0], row[1]))
+                        continue
+                    key_id, key = uuid.uuid4().hex, os.urandom(KEY_BYTES)
+                    self._db.execute(
+                        "INSERT INTO subject_keys VALUES (?, ?, ?, ?, ?)",
+                        (key_id, objective, pseudonym, self._wrap(key_id, key), time.time_ns()),
+                    )
+                    found[objective, pseudonym] = (key_id, key)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            return key_id, key
+        return found
+
+    def subject_key(self, objective: str, pseudonym: str) -> tuple[str, bytes]:
+        """The subject's key for `objective`, made and committed on first use."""
+        return self.create_keys([(objective, pseudonym)])[(objective, pseudonym)]
 
     def keys(self, key_ids: list[str]) -> dict[str, bytes]:
         """The keys of those ids that exist."""
@@ -161,6 +175,9 @@ class KeyStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            # The log still holds the pages as they were before the delete: fold it into
+            # the database (whose deleted bytes secure_delete zeroed) and empty it.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert cursor.lastrowid is not None
         return ErasureRow(
             cursor.lastrowid, pseudonym, objective, key_ids, erased_ns, requested_by, reason

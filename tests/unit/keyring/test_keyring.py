@@ -5,6 +5,7 @@ records no longer open."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import uuid
@@ -30,7 +31,7 @@ from services.core.settings import PrivacySettings
 from services.keyring.app import Keyring
 from services.keyring.settings import KeyringSettings
 from tests.fakes.memory_bus import MemoryBus
-from tests.helpers import published
+from tests.helpers import metric_value, published
 
 
 class _Admin:
@@ -113,6 +114,13 @@ def _wrapped(running: _Running, key_id: str) -> bytes:
     return bytes(row[0]) if row else b""
 
 
+def _files(running: _Running) -> bytes:
+    """The bytes of the database and of its write-ahead log."""
+    database = running.settings.database
+    log = database.with_name(database.name + "-wal")
+    return database.read_bytes() + (log.read_bytes() if log.exists() else b"")
+
+
 def _outcome(request_id: str, score: float) -> task_pb2.Outcome:
     outcome = task_pb2.Outcome(request_id=request_id, objective="demo")
     outcome.response.score = score
@@ -140,7 +148,7 @@ async def test_a_subject_key_is_made_once_per_objective_and_outlives_a_restart(
     assert other.key.key_id != first.key.key_id
     assert running.admin.retained == [running.bus.topics.erasures()]
     # The database never holds the subject id, nor a key in the clear.
-    data = running.settings.database.read_bytes()
+    data = _files(running)
     assert b"alice" not in data and first.key.key not in data
     assert running.settings.database.stat().st_mode & 0o777 == 0o600
     # Another process on the same database and master key hands out the same key.
@@ -165,7 +173,7 @@ async def test_erase_deletes_the_keys_announces_it_and_is_idempotent(running: _R
         )
         keys[objective] = reply.key
     wrapped = _wrapped(running, keys["demo"].key_id)
-    assert len(wrapped) > 32 and wrapped in running.settings.database.read_bytes()
+    assert len(wrapped) > 32 and wrapped in _files(running)
     bob_key = (
         await stub.GetSubjectKey(keyring_pb2.GetSubjectKeyRequest(objective="demo", pseudonym=bob))
     ).key
@@ -193,7 +201,7 @@ async def test_erase_deletes_the_keys_announces_it_and_is_idempotent(running: _R
     ]
     assert announced[0].reason == "ticket-1"
     # The deleted keys' bytes are gone from the file (secure_delete), not just unlinked.
-    data = running.settings.database.read_bytes()
+    data = _files(running)
     assert wrapped not in data
     assert b"alice" not in data and b"nobody-we-know" not in data
     # A subject erased and seen again gets a new key: the old records stay unreadable.
@@ -218,6 +226,24 @@ async def test_bad_requests_are_refused_field_by_field(running: _Running) -> Non
         await stub.GetSubjectKey(keyring_pb2.GetSubjectKeyRequest(objective="", pseudonym="alice"))
     assert sorted(_violations(bad_key.value)) == ["objective", "pseudonym"]
     assert running.erasures() == []
+
+
+async def test_new_keys_asked_for_together_share_one_commit(running: _Running) -> None:
+    stub = running.stub
+    commits = metric_value("rdv_keyring_new_keys_per_commit_count", {})
+    subjects = [f"subject-{index}" for index in range(20)]
+    asks = [
+        stub.GetSubjectKey(
+            keyring_pb2.GetSubjectKeyRequest(objective="demo", pseudonym=_pseudonym(running, s))
+        )
+        for s in subjects + subjects  # each asked twice, as a writer pair does
+    ]
+    replies = await asyncio.gather(*asks)
+    first, second = replies[: len(subjects)], replies[len(subjects) :]
+    assert [r.key for r in first] == [r.key for r in second]
+    assert len({r.key.key_id for r in first}) == len(subjects)
+    # Fewer commits (disk syncs) than keys: the asks that came together were batched.
+    assert metric_value("rdv_keyring_new_keys_per_commit_count", {}) - commits < len(subjects)
 
 
 async def test_records_sealed_by_a_writer_open_for_a_reader_until_the_subject_is_erased(
