@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.core.channels import aio_channel
 from services.core.settings import REPO_ROOT, PulsarSettings, TlsSettings
 from services.supervisor.live import LiveMesh
-from services.supervisor.plan import CONTROL, STAGE_MODELS, ProcessSpec, diff
+from services.supervisor.plan import STAGE_MODELS, STARTED_FIRST, ProcessSpec, diff
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class Supervisor:
             running = [
                 p.spec
                 for p in self.processes
-                if p.spec.name != CONTROL and p.spec.name not in self._retiring
+                if p.spec.name not in STARTED_FIRST and p.spec.name not in self._retiring
             ]
             change = diff(running, specs)
             # Kept processes take the new plan's labels (e.g. a host now hosting the decoy).

@@ -52,6 +52,9 @@ STAGE_COLLECTOR = STAGE_RENDEZVOUS
 RENDEZVOUS_INSTANCE = "rdv-0"
 CONTROL = "control"
 KEYRING = "keyring"
+# Planned once, before the control topic is read, and never planned from it: a new version
+# neither stops nor restarts them.
+STARTED_FIRST = frozenset({CONTROL, KEYRING})
 ENRICHER = "enricher"
 EVALUATOR = "evaluator"
 # ProcessSpec.labels: which model a container serves.
