@@ -13,6 +13,7 @@ rendezvous objective show|history|diff|apply|promote|split|rollback   the contro
 rendezvous report [--objective O] [--since T]      evaluation: terminal summary + HTML page
 rendezvous replay --model NAME --kind K            archived traffic through a model not live
 rendezvous token --subject S --scope SCOPE         mint a bearer token (mesh with auth on)
+rendezvous erase --subject ID [--objective O]      forget a subject (crypto-shredding)
 
 Client commands send `--token`, else $RDV_TOKEN, as `authorization: Bearer` (auth on).
 """
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services import token_command
+from services import erase_command, token_command
 from services.control import cli as objective_commands
 from services.core import client
 from services.core.channels import STATE_TLS_KEY, state_client_tls
@@ -44,7 +45,16 @@ REPO = REPO_ROOT
 DEFAULT_MESH = REPO / "deploy" / "mesh" / "demo.yaml"
 DEFAULT_STATE = REPO / ".run" / "mesh"
 PULSAR_SCRIPT = REPO / "tools" / "pulsar.sh"
-COMPONENTS = ("control", "rendezvous", "collector", "enricher", "runner", "models", "decoy")
+COMPONENTS = (
+    "control",
+    "keyring",
+    "rendezvous",
+    "collector",
+    "enricher",
+    "runner",
+    "models",
+    "decoy",
+)
 
 
 def _state(state_dir: Path) -> dict[str, Any] | None:
@@ -184,6 +194,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"EvaluationService and FeedbackService at {state['evaluator_endpoint']}; "
             f"live dashboard at {state.get('dashboard_url') or '-'}"
         )
+    if state.get("keyring_endpoint"):
+        print(
+            f"KeyringService at {state['keyring_endpoint']}: "
+            "`rendezvous erase --subject ID` forgets a subject"
+        )
     body = json.dumps({"objective": "demo", "features": _sample_features()})
     tls = state_client_tls(state)
     transport = (
@@ -203,7 +218,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(
             f"\nAuth is on (key: {token_command.mesh_secret(state_dir)}). Get a token first:\n"
             "  export RDV_TOKEN=$(.venv/bin/rendezvous token --subject $USER "
-            "--scope 'score:*' --scope control:read --scope evaluate:demo --scope feedback:demo)"
+            "--scope 'score:*' --scope control:read --scope evaluate:demo --scope feedback:demo "
+            "--scope privacy:erase --scope privacy:keys)"
         )
     return 0
 
@@ -281,6 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"phase: {state['phase']}  endpoint: {state['endpoint']}  "
             f"control: {state.get('control_endpoint', '-')}  "
             f"evaluator: {state.get('evaluator_endpoint') or '-'}  "
+            f"keyring: {state.get('keyring_endpoint') or '-'}  "
             f"dashboard: {state.get('dashboard_url') or '-'}  broker: {state['pulsar_url']}"
         )
         print(f"objective versions: {_versions(state)}")
@@ -290,11 +307,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_supervise(args: argparse.Namespace) -> int:
     from services.core.mesh import load_mesh
+    from services.core.privacy import write_key_file
     from services.core.telemetry import configure_logging
     from services.supervisor.app import Supervisor, SupervisorSettings
     from services.supervisor.certs import client_only, ensure_certs, mesh_tls
     from services.supervisor.live import LiveMesh
-    from services.supervisor.plan import EvaluatorAddress, Ports, plan_control
+    from services.supervisor.plan import (
+        EvaluatorAddress,
+        Ports,
+        PrivacyFiles,
+        plan_control,
+        plan_keyring,
+        privacy_env,
+    )
 
     configure_logging("supervisor")
     # Read here only to fail early on a bad file; the control component seeds the topic
@@ -316,6 +341,26 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         pulsar_env=settings.pulsar.security_env(),
         tls=tls,
     )
+    first = [control]
+    keyring = None
+    privacy = None
+    if settings.keyring_listen:
+        # Made once and kept with the state dir: they open every record sealed so far.
+        files = PrivacyFiles.under(args.state_dir)
+        write_key_file(files.pseudonym_key)
+        write_key_file(files.master_key)
+        keyring = plan_keyring(
+            files,
+            args.state_dir,
+            args.pulsar_url,
+            args.pulsar_admin_url,
+            settings.keyring_listen,
+            ports,
+            pulsar_env=settings.pulsar.security_env(),
+            tls=tls,
+        )
+        first.append(keyring)
+        privacy = privacy_env(keyring.endpoint, files, settings.keyring_token_file)
     evaluator = (
         EvaluatorAddress(settings.evaluator_listen, settings.dashboard_listen)
         if settings.evaluator_listen
@@ -331,13 +376,15 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         evaluator=evaluator,
         pulsar=settings.pulsar,
         tls=tls,
+        privacy=privacy,
     )
     supervisor = Supervisor(
-        [control],
+        first,
         args.state_dir / "state.json",
         facts={
             "endpoint": mesh.rendezvous.listen,
             "control_endpoint": control.endpoint,
+            "keyring_endpoint": keyring.endpoint if keyring else None,
             "evaluator_endpoint": evaluator.listen if evaluator else None,
             "dashboard_url": (
                 f"http://{evaluator.dashboard_listen}/"
@@ -547,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_command.add_parser(sub)
     report_command.add_parser(sub)
     token_command.add_parser(sub)
+    erase_command.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)

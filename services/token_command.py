@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 # The services whose calls come from outside the mesh; `up --auth` turns auth on for these.
-AUTHENTICATED_SERVICES = ("RENDEZVOUS", "CONTROL", "EVALUATOR")
+AUTHENTICATED_SERVICES = ("RENDEZVOUS", "CONTROL", "EVALUATOR", "KEYRING")
+# The scope of the mesh's own keyring calls (sealing and opening records).
+MESH_KEYRING_SCOPE = "privacy:keys"
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -26,19 +28,36 @@ def mesh_secret(state_dir: Path) -> Path:
     return state_dir / "auth" / "hs256.secret"
 
 
+def mesh_keyring_token(state_dir: Path) -> Path:
+    return state_dir / "auth" / "keyring.token"
+
+
 def mesh_auth_env(state_dir: Path) -> dict[str, str]:
-    """Turn auth on for the mesh's client-facing services with a fresh HS256 secret (kept
-    across `up`s while the file exists); the environment the supervisor passes on."""
-    from services.core.auth import write_secret
+    """Turn auth on for the mesh's client-facing services (and the keyring) with a fresh
+    HS256 secret (kept across `up`s while the file exists), and mint the token the mesh's
+    own processes present to the keyring; the environment the supervisor passes on."""
+    from services.core.auth import mint_token, write_secret
     from services.core.settings import AuthSettings
 
     secret = mesh_secret(state_dir.resolve())
+    defaults = AuthSettings()
     if not secret.exists():
-        write_secret(secret, AuthSettings().min_secret_bytes)
+        write_secret(secret, defaults.min_secret_bytes)
     env: dict[str, str] = {}
     for service in AUTHENTICATED_SERVICES:
         env[f"RDV_{service}_AUTH__ENABLED"] = "true"
         env[f"RDV_{service}_AUTH__SECRET_FILE"] = str(secret)
+    token_file = mesh_keyring_token(state_dir.resolve())
+    token = mint_token(
+        AuthSettings(secret_file=secret),
+        "rendezvous-mesh",
+        [MESH_KEYRING_SCOPE],
+        defaults.mesh_token_ttl_s,
+    )
+    token_file.touch(mode=0o600, exist_ok=True)
+    token_file.chmod(0o600)
+    token_file.write_text(token)
+    env["RDV_SUPERVISOR_KEYRING_TOKEN_FILE"] = str(token_file)
     return env
 
 
@@ -88,7 +107,7 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         help="a scope to grant (repeatable): score:OBJ|*, control:read, control:write[:OBJ], "
-        "evaluate:OBJ, feedback:OBJ",
+        "evaluate:OBJ, feedback:OBJ, privacy:erase, privacy:keys",
     )
     parser.add_argument("--ttl", type=parse_ttl, default=parse_ttl("1h"), help="e.g. 15m, 1h")
     parser.add_argument("--secret-file", type=Path, help="HS256 secret (default: the mesh's)")

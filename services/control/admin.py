@@ -106,11 +106,16 @@ class PulsarAdmin:
             await asyncio.sleep(self._retry_s)
         raise AdminError(last)
 
-    async def prepare(self, topic: str, compaction_threshold_bytes: int) -> None:
+    async def retain_forever(self, topic: str) -> None:
+        """The topic exists and keeps every message (topic-level infinite retention)."""
         path = topic_path(topic)
         # 409: it already exists, which is what we want.
         await self._must("PUT", path, ok=(409,))
         await self._must("POST", f"{path}/retention", INFINITE_RETENTION)
+
+    async def prepare(self, topic: str, compaction_threshold_bytes: int) -> None:
+        path = topic_path(topic)
+        await self.retain_forever(topic)
         await self._must("POST", f"{path}/compactionThreshold", compaction_threshold_bytes)
         log.info(
             "control topic ready: infinite retention, compaction threshold set",

@@ -17,6 +17,8 @@ Scopes (the token's `scope` claim, space-separated, or `scp`, a list), by method
     ControlPlaneService.Update               control:write:<objective>
     EvaluationService.GetEvaluationReport    evaluate:<objective>
     FeedbackService.Record                   feedback:<objective>
+    KeyringService.GetSubjectKey/GetKeys     privacy:keys (the mesh's own writers and readers)
+    KeyringService.Erase                     privacy:erase
 
 A per-objective scope is also granted by `<prefix>:*` and by the bare `<prefix>` (e.g.
 `control:write`: every objective). `open_methods` (health, reflection) need no token;
@@ -210,6 +212,10 @@ RULES: dict[str, Rule] = {
     ),
     "/rendezvous.v1.EvaluationService/GetEvaluationReport": Rule("evaluate", _field("objective")),
     "/rendezvous.v1.FeedbackService/Record": Rule("feedback", _field("objective")),
+    "/rendezvous.v1.KeyringService/GetSubjectKey": Rule("privacy:keys"),
+    "/rendezvous.v1.KeyringService/GetKeys": Rule("privacy:keys"),
+    # Not per objective: erasing a subject everywhere is one grant, the scope says it.
+    "/rendezvous.v1.KeyringService/Erase": Rule("privacy:erase"),
 }
 
 

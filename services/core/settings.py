@@ -206,6 +206,43 @@ class TlsSettings(BaseModel):
         }
 
 
+class PrivacySettings(BaseModel):
+    """How a service reaches the keyring (crypto-shredding, docs/privacy.md).
+
+    Read as part of a service's settings (`RDV_<SERVICE>_PRIVACY__KEYRING` ...). Without a
+    `keyring` address, records are written readable and nothing can be erased from them
+    (`rendezvous up` always runs a keyring). Writers of records about a subject (the
+    rendezvous' outcomes, the decoy's archive) and the enricher also need the mesh's
+    `pseudonym_key_file`: the subject id is looked up by its HMAC, never sent.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # host:port of KeyringService ("" = sealing off).
+    keyring: str = ""
+    # The mesh's pseudonym key (HMAC-SHA256 of subject ids): the same file for every process.
+    pseudonym_key_file: Path | None = None
+    # A bearer token for the keyring when its auth is on (scope privacy:keys), read per call.
+    token_file: Path | None = None
+    # How long a key fetched is used before it is asked for again: after an erasure, a
+    # reader that does not follow the erasure topic may still open the subject's records
+    # for this long, and a writer may seal new ones under the erased key (unreadable).
+    key_cache_ttl_s: float = Field(default=30.0, gt=0)
+    # Keys held at once per process (the least recently used go first).
+    max_cached_keys: int = Field(default=100_000, ge=1)
+    # One keyring call's deadline.
+    call_timeout_s: float = Field(default=2.0, gt=0)
+    # How long a writer tries to get a subject's key before writing the record with its
+    # subject data withheld (never readable in its place).
+    seal_wait_s: float = Field(default=10.0, gt=0)
+    # Pause between two tries.
+    retry_delay_s: float = Field(default=0.5, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keyring)
+
+
 # Methods any caller may call when auth is on: health (probes, supervisors) and reflection.
 DEFAULT_OPEN_METHODS = (
     "/grpc.health.v1.Health/Check",
@@ -242,6 +279,9 @@ class AuthSettings(BaseModel):
     leeway_s: float = Field(default=30.0, ge=0)
     # HS256 secrets shorter than this are refused (RFC 7518 3.2: at least the hash size).
     min_secret_bytes: int = Field(default=32, ge=32)
+    # Lifetime of the token `rendezvous up --auth` mints for the mesh's own keyring calls
+    # (minted again at every `up`).
+    mesh_token_ttl_s: float = Field(default=30 * 86400.0, gt=0)
     open_methods: list[str] = Field(default_factory=lambda: list(DEFAULT_OPEN_METHODS))
     local_methods: list[str] = Field(default_factory=lambda: list(DEFAULT_LOCAL_METHODS))
 
@@ -267,6 +307,7 @@ class ServiceSettings(BaseSettings):
     pulsar: PulsarSettings = Field(default_factory=PulsarSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     mesh_file: Path | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"

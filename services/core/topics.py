@@ -10,6 +10,8 @@ rdv.predictions.<instance>   a rendezvous instance's return address
 rdv.control.objectives       objective configurations (compacted, keyed by objective; the
                              retained history is the audit trail of every version)
 rdv.control.runners          runner hosts' RunnerStatus (compacted, keyed objective/model/host)
+rdv.privacy.erasures         erasures of subjects, by pseudonym (the keyring writes, enrichers
+                             and evaluators follow; infinite retention)
 <topic>-DLQ                  messages that could not be decoded or processed
 """
 
@@ -60,6 +62,9 @@ class Topics:
 
     def runner_status(self) -> str:
         return self._full(f"{PREFIX}.control.runners")
+
+    def erasures(self) -> str:
+        return self._full(f"{PREFIX}.privacy.erasures")
 
     @staticmethod
     def dead_letter(topic: str) -> str:

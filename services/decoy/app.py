@@ -29,6 +29,7 @@ from services.core.bus import Bus, Envelope, Subscription, SubscriptionMode
 from services.core.consumer import BoundedConsumer
 from services.core.lifecycle import Component, run
 from services.core.mesh import load_mesh
+from services.core.privacy import Sealer
 from services.decoy.archive import Archiver
 from services.decoy.settings import DecoySettings
 
@@ -66,11 +67,14 @@ class DecoyComponent(Component):
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         bus = self.bus
         publisher = await bus.publisher(bus.topics.archive(self.objective), task_pb2.ArchiveRecord)
+        sealer = Sealer(self.settings.privacy, self.settings.tls)
+        stack.push_async_callback(sealer.close)
         self.archiver = Archiver(
             publisher,
             self.objective,
             default_denied=self._default_denied,
             publish_timeout_s=self.settings.pulsar.send_timeout_s,
+            sealer=sealer,
         )
         # "earliest" only matters when the subscription is first created: tasks published
         # before any decoy ran are archived too.

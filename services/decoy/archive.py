@@ -9,6 +9,10 @@ The record holds the task exactly as the models saw it, then:
   the ArchiveRecord, e.g. `task.task.request.subject_id`. A field that was empty is not
   listed: nothing was hidden.
 
+A task whose request names a subject is then sealed under the subject's key when the mesh
+runs a keyring (`services.core.privacy.Sealer`): the features, payload and subject state are
+readable only inside the record's `sealed` part, and erasing the subject deletes the key.
+
 `Archiver` puts a burst of tasks on the objective's archive topic: the decoy process uses it,
 and so does a runner host that hosts the decoy (one receive of a task then serves the
 objective's models and its archive). Warm-up tasks are never archived, nor is a task the
@@ -25,6 +29,7 @@ from opentelemetry import trace
 from rendezvous.v1 import common_pb2, task_pb2
 
 from services.core.bus import BusError, Envelope, Publisher
+from services.core.privacy import Sealer
 from services.core.protos import now_timestamp, redact_pii
 from services.core.telemetry import counter, tracer
 
@@ -83,8 +88,10 @@ class Archiver:
         *,
         default_denied: bool,
         publish_timeout_s: float,
+        sealer: Sealer | None = None,
     ) -> None:
         self.publisher = publisher
+        self.sealer = sealer
         self.objective = objective
         # Public: a live runner host updates it when the objective's default consent changes.
         self.default_denied = default_denied
@@ -118,7 +125,10 @@ class Archiver:
             self._sampled_out.inc()
             return True
         record = archive_record(task, default_denied=self.default_denied)
-        request_id = task.task.request.request_id
+        request = task.task.request
+        if self.sealer is not None:
+            record = await self.sealer.seal(record, request.subject_id, request.objective)
+        request_id = request.request_id
         try:
             await self.publisher.publish(record, key=request_id or None, timeout=self._timeout_s)
         except BusError as exc:

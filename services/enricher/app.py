@@ -1,9 +1,11 @@
 """The enricher component: events followers, request pipelines and the gRPC service.
 
 Start order (the common lifecycle, `services.core.lifecycle`): the gRPC server listens
-(health NOT_SERVING), each objective's events reader and request subscription are created,
-the readers replay their topics from the earliest message, and only once every reader has
-caught up do the request pipelines start, health turn SERVING and the ready file appear.
+(health NOT_SERVING), the erasure topic is read to its end (given the mesh's pseudonym key,
+`privacy.pseudonym_key_file`; then followed live), each objective's events reader and
+request subscription are created, the readers replay their topics from the earliest
+message, and only once every reader has caught up do the request pipelines start, health
+turn SERVING and the ready file appear.
 Until then Enrich answers UNAVAILABLE, so no model ever sees a state built from half the
 events. Stop order: NOT_SERVING, stop receiving, let in-flight tasks finish (shutdown
 grace), stop reading events, close the subscriptions, stop the server, close the bus.
@@ -23,12 +25,13 @@ import contextlib
 import logging
 from typing import Any
 
-from rendezvous.v1 import objective_pb2
+from rendezvous.v1 import keyring_pb2, objective_pb2
 
 from services.core.bus import Bus
 from services.core.control_topic import follow
 from services.core.lifecycle import Component, cancel_and_wait, run
 from services.core.mesh import load_mesh
+from services.core.privacy import ErasureFollower, Pseudonyms, read_key_file
 from services.enricher.enrich import Enricher
 from services.enricher.follower import EventFollower
 from services.enricher.pipeline import TaskPipeline
@@ -76,7 +79,14 @@ class EnricherComponent(Component):
         self.store = SubjectStore(
             settings.max_subjects, settings.max_events_per_subject, settings.max_kinds_per_subject
         )
-        self.enricher = Enricher(self.objectives, self.store)
+        privacy = settings.privacy
+        # Erasures are followed whenever subjects can be matched to them (the pseudonym key).
+        self.pseudonyms = (
+            Pseudonyms(read_key_file(privacy.pseudonym_key_file, "pseudonym key"))
+            if privacy.pseudonym_key_file is not None
+            else None
+        )
+        self.enricher = Enricher(self.objectives, self.store, self.pseudonyms)
         # Enrich answers UNAVAILABLE until every events reader has caught up.
         self._caught_up = False
         super().__init__(
@@ -102,6 +112,15 @@ class EnricherComponent(Component):
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         """Returns once the state has caught up and tasks flow."""
         stack.push_async_callback(self._close_all)
+        if self.pseudonyms is not None:
+            # Before any event is read: an erased subject's events are skipped, not kept
+            # and then dropped.
+            erasures = ErasureFollower(self.bus, self._erase, self.settings.retry_delay_s)
+            await erasures.open()
+            stack.push_async_callback(erasures.close)
+            reading = self.watch(asyncio.create_task(erasures.run(), name="enricher:erasures"))
+            stack.push_async_callback(cancel_and_wait, [reading])
+            await erasures.caught_up.wait()
         objectives = self.objectives
         control = None
         if self.settings.follow:
@@ -123,6 +142,17 @@ class EnricherComponent(Component):
             # Versions that came while the readers caught up: applied now.
             for config in list(control.configs.values()):
                 await self._changed(None, config)
+
+    def _erase(self, erasure: keyring_pb2.Erasure, _publish_time_ms: int) -> None:
+        dropped = self.enricher.erase(erasure)
+        log.info(
+            "erasure applied",
+            extra={
+                "pseudonym": erasure.pseudonym,
+                "objective": erasure.objective or "*",
+                "states_dropped": dropped,
+            },
+        )
 
     async def _open_objective(self, objective: str) -> _Served:
         """Its events reader running and its request subscription made (tasks wait there)."""

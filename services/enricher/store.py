@@ -26,6 +26,7 @@ import bisect
 import sys
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 OTHER_KIND = "(other)"
@@ -98,6 +99,18 @@ class SubjectStore:
         if history is not None:
             self._subjects.move_to_end(key)
         return history
+
+    def remove_where(self, objective: str, match: Callable[[str], bool]) -> int:
+        """Forget every subject of `objective` ("": of every objective) whose id `match`es;
+        how many (objective, subject) pairs were forgotten."""
+        gone = [
+            key
+            for key in self._subjects
+            if (not objective or key[0] == objective) and match(key[1])
+        ]
+        for key in gone:
+            del self._subjects[key]
+        return len(gone)
 
     def state(self, objective: str, subject_id: str, now_ns: int) -> dict[str, Any]:
         """The subject's state as plain values (see the module docstring)."""

@@ -7,6 +7,13 @@ outcome, every candidate) and the feedback topic (the ground truth). Nothing is 
 what the topics hold, so a restarted evaluator rebuilds the same figures; an objective added
 later is followed from the moment its first version arrives.
 
+Outcomes sealed under a subject's key (`services.core.privacy`) are opened as they are
+read, the keyring asked once per key not cached (a keyring that does not answer holds the
+read back, it is tried again: nothing is miscounted as erased). One whose key is gone (the
+subject was erased) counts in the requests and latency of its bucket, never in a score
+figure (`erased_requests`). The erasure topic is followed too: a running evaluator drops
+the records it had opened with an erased key at once.
+
 The canary drift alarm is checked every `drift_check_s` for each objective whose current
 configuration has a canary: the PSI of its recent scores against the reference window goes
 to `rdv_evaluator_canary_psi`, the alarm to `rdv_evaluator_canary_drift_alarm` (1 while
@@ -25,11 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import timestamp_pb2
-from rendezvous.v1 import common_pb2, evaluation_pb2, feedback_pb2, task_pb2
+from rendezvous.v1 import common_pb2, evaluation_pb2, feedback_pb2, keyring_pb2, task_pb2
 
 from services.core.bus import Bus, Envelope, Publisher
 from services.core.control_topic import ControlFollower, ObjectiveConfig, follow
 from services.core.errors import InvalidArgument, NotFound, Unavailable
+from services.core.lifecycle import cancel_and_wait
+from services.core.privacy import ErasureFollower, KeyringUnavailable, Opener, Openness
 from services.core.protos import now_timestamp
 from services.core.telemetry import counter, gauge
 from services.core.topic_follower import TopicFollower
@@ -46,6 +55,11 @@ OUTCOMES = counter(
 FEEDBACK = counter(
     "rdv_evaluator_feedback",
     "Observations the evaluator took from the feedback topic",
+    ("objective",),
+)
+ERASED = counter(
+    "rdv_evaluator_erased_outcomes",
+    "Outcomes read without their subject data (the subject was erased, or it was withheld)",
     ("objective",),
 )
 RECORDED = counter(
@@ -77,15 +91,35 @@ Watch = Callable[[asyncio.Task[Any]], asyncio.Task[Any]]
 
 
 class _OutcomeFollower(TopicFollower[task_pb2.Outcome]):
-    def __init__(self, bus: Bus, store: ObjectiveStore, retry_delay_s: float) -> None:
+    def __init__(
+        self, bus: Bus, store: ObjectiveStore, opener: Opener, retry_delay_s: float
+    ) -> None:
         super().__init__(
             bus, bus.topics.results(store.objective), task_pb2.Outcome, retry_delay_s=retry_delay_s
         )
         self.store = store
+        self._opener = opener
         self._counted = OUTCOMES.labels(store.objective)
+        self._erased = ERASED.labels(store.objective)
 
     async def take(self, envelope: Envelope[task_pb2.Outcome]) -> None:
-        if self.store.add_outcome(envelope.message):
+        while True:
+            try:
+                opened = await self._opener.open(envelope.message)
+                break
+            except KeyringUnavailable as error:
+                log.warning(
+                    "the keyring does not answer; reading outcomes waits",
+                    extra={"objective": self.store.objective, "error": str(error)},
+                )
+                await asyncio.sleep(self._retry_delay_s)
+        if opened.state in (Openness.CLEAR, Openness.OPENED):
+            added = self.store.add_outcome(opened.record, opened.key_id)
+        else:
+            added = self.store.add_erased_outcome(opened.record)
+            if added:
+                self._erased.inc()
+        if added:
             self._counted.inc()
 
 
@@ -130,6 +164,7 @@ class Evaluation:
         self._watch: Watch | None = None
         self._alarms: dict[str, bool] = {}
         self._adding = asyncio.Lock()
+        self.opener = Opener(settings.privacy, settings.tls)
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -137,6 +172,13 @@ class Evaluation:
         """Follows the control topic and every objective's topics; returns once caught up
         with their retained history (or after catch_up_timeout_s, logged)."""
         self._bus, self._stack, self._watch = bus, stack, watch
+        stack.push_async_callback(self.opener.close)
+        if self.opener.client is not None:
+            erasures = ErasureFollower(bus, self._erase, self.settings.retry_delay_s)
+            await erasures.open()
+            stack.push_async_callback(erasures.close)
+            reading = watch(asyncio.create_task(erasures.run(), name="evaluator:erasures"))
+            stack.push_async_callback(cancel_and_wait, [reading])
         only = self.settings.serve_only or None
         control = self._control = await follow(
             bus, stack, watch, retry_delay_s=self.settings.retry_delay_s, objectives=only
@@ -171,7 +213,7 @@ class Evaluation:
             assert bus is not None and stack is not None and watch is not None
             store = ObjectiveStore(objective, self.settings.limits)
             retry = self.settings.retry_delay_s
-            outcomes = _OutcomeFollower(bus, store, retry)
+            outcomes = _OutcomeFollower(bus, store, self.opener, retry)
             feedback = _FeedbackFollower(bus, store, retry)
             publisher = await bus.publisher(bus.topics.feedback(objective), feedback_pb2.Feedback)
             stack.push_async_callback(publisher.close)
@@ -181,6 +223,24 @@ class Evaluation:
                 watch(asyncio.create_task(follower.run(), name=f"evaluator:{follower.topic}"))
             self.objectives[objective] = _Followed(store, outcomes, feedback, publisher)
             log.info("evaluating objective", extra={"objective": objective})
+
+    def _erase(self, erasure: keyring_pb2.Erasure, _publish_time_ms: int) -> None:
+        """An erasure: its keys are gone, and so is what was opened with them."""
+        key_ids = set(erasure.key_ids)
+        self.opener.forget(key_ids)
+        if not key_ids:
+            return
+        for followed in self.objectives.values():
+            forgotten = followed.store.forget(key_ids)
+            if forgotten:
+                log.info(
+                    "erased records dropped",
+                    extra={
+                        "objective": followed.store.objective,
+                        "pseudonym": erasure.pseudonym,
+                        "records": forgotten,
+                    },
+                )
 
     def facts(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,11 @@ redacted. Replay reads it from the earliest retained record to the end, keeps th
 `PredictRequest` a runner builds (`services.runner.model_client.predict_request`), at most
 `--rate` calls per second and `--in-flight` at once, each with a deadline of its own (the
 archived deadline passed long ago). Tasks whose subject denied archiving (`features_dropped`)
-cannot be replayed: they are counted as skipped. A model error is counted, never fatal.
+cannot be replayed: they are counted as skipped. Records sealed under a subject's key are
+opened with the mesh's keyring (`rendezvous up` records where it is; the token needs
+`privacy:keys` when auth is on); those whose key is gone (the subject was erased) are
+counted as skipped, erased, and their outcomes left out of the comparison. A model error is
+counted, never fatal.
 
 The replayed model is a container of `--kind` started here (`python -m services.models` on a
 free loopback port, as the supervisor starts one; stopped when the replay ends, on errors and
@@ -63,13 +67,20 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from rendezvous.v1 import common_pb2, feedback_pb2, objective_pb2, task_pb2
 
-from services.core.settings import REPO_ROOT, PulsarSettings, ServiceSettings, TlsSettings
+from services.core.settings import (
+    REPO_ROOT,
+    PrivacySettings,
+    PulsarSettings,
+    ServiceSettings,
+    TlsSettings,
+)
 from services.models.settings import ModelKind
 
 if TYPE_CHECKING:
     # Imported where used: `services.cli` registers this command on every start, and the
     # broker client, gRPC, numpy and the telemetry SDK would cost every other command ~0.3 s.
     from services.core.bus import Bus, Envelope, M
+    from services.core.privacy import Opener
     from services.evaluator import stats
     from services.evaluator.join import Comparison, JoinedRequest
 
@@ -548,6 +559,8 @@ class Counts:
     archived: int = 0
     outside_window: int = 0
     skipped_features_dropped: int = 0
+    # Sealed records whose key is gone (the subject was erased) or whose data was withheld.
+    skipped_erased: int = 0
     warmup: int = 0
     duplicates: int = 0
     replayed: int = 0
@@ -556,9 +569,15 @@ class Counts:
 
 
 async def replayable(
-    records: AsyncIterator[Envelope[task_pb2.ArchiveRecord]], window: Window, counts: Counts
+    records: AsyncIterator[Envelope[task_pb2.ArchiveRecord]],
+    window: Window,
+    counts: Counts,
+    opener: Opener | None = None,
 ) -> AsyncIterator[task_pb2.EnrichedTask]:
-    """The archived tasks to replay, once per request id; the rest counted."""
+    """The archived tasks to replay, once per request id, opened when sealed; the rest
+    counted."""
+    from services.core.privacy import KeyringUnavailable, Openness
+
     seen: set[str] = set()
     async for envelope in records:
         record = envelope.message
@@ -575,7 +594,19 @@ async def replayable(
             counts.duplicates += 1
         else:
             seen.add(record.task.task.request.request_id)
-            yield record.task
+            state = Openness.CLEAR
+            if opener is not None and record.HasField("sealed"):
+                try:
+                    opened = await opener.open(record)
+                except KeyringUnavailable as exc:
+                    raise ReplayError(f"the keyring does not answer ({exc})") from exc
+                record, state = opened.record, opened.state
+            elif record.HasField("sealed"):
+                state = Openness.LOCKED
+            if state in (Openness.CLEAR, Openness.OPENED):
+                yield record.task
+            else:
+                counts.skipped_erased += 1
 
 
 async def send_paced(
@@ -897,7 +928,8 @@ def format_report(report: ReplayReport) -> str:
         f"scored, {sum(counts.errors.values())} errors"
         + (f" {dict(counts.errors)}" if counts.errors else ""),
         f"skipped: {counts.skipped_features_dropped} features dropped (archiving denied), "
-        f"{counts.outside_window} outside the window, {counts.duplicates} duplicates",
+        f"{counts.skipped_erased} erased, {counts.outside_window} outside the window, "
+        f"{counts.duplicates} duplicates",
         "latency: "
         + "  ".join(f"p{q * 100:g} {_ms(v)}" for q, v in report.latency.quantiles().items()),
         "",
@@ -971,13 +1003,19 @@ class ReplayOptions:
     call_timeout_s: float
     # Endpoints of the running mesh's processes: never called.
     mesh_endpoints: frozenset[str] = frozenset()
+    # How the mesh's keyring is reached (the client side of its TLS), to open sealed records.
+    keyring_tls: TlsSettings | None = None
 
 
 async def run_replay(options: ReplayOptions, settings: ReplaySettings) -> ReplayReport:
     """Replay the archive to the model, then compare with the outcomes and the feedback."""
     from services.core.bus import connect
+    from services.core.client import current_token
+    from services.core.privacy import KeyringUnavailable
+    from services.core.privacy import Opener as PrivacyOpener
 
     bus = connect(settings.pulsar, f"replay-{uuid.uuid4().hex[:8]}")
+    opener = PrivacyOpener(settings.privacy, options.keyring_tls, token=current_token())
     try:
         config = await live_config(bus, options.objective, settings.control_timeout_s)
         if config is None:
@@ -997,14 +1035,20 @@ async def run_replay(options: ReplayOptions, settings: ReplaySettings) -> Replay
             max_in_flight=options.max_in_flight,
             call_timeout_s=options.call_timeout_s,
         )
-        scores = await _replay(bus, options, settings, report)
-        outcomes = [
+        scores = await _replay(bus, options, settings, report, opener)
+        sealed = [
             envelope.message
             async for envelope in read_to_end(
                 bus, bus.topics.results(options.objective), task_pb2.Outcome, settings
             )
             if envelope.message.request_id in scores
         ]
+        try:
+            opened = await opener.open_all(sealed)
+        except KeyringUnavailable as exc:
+            raise ReplayError(f"the keyring does not answer ({exc})") from exc
+        # An outcome whose subject was erased holds no score to compare with: left out.
+        outcomes = [o.record for o in opened if o.state.value in ("clear", "opened")]
         report.outcomes = len({outcome.request_id for outcome in outcomes})
         feedback = [
             envelope.message
@@ -1030,6 +1074,7 @@ async def run_replay(options: ReplayOptions, settings: ReplaySettings) -> Replay
         )
         return report
     finally:
+        await opener.close()
         await bus.close()
 
 
@@ -1042,7 +1087,11 @@ def _first_per_request(outcomes: Iterable[task_pb2.Outcome]) -> list[task_pb2.Ou
 
 
 async def _replay(
-    bus: Bus, options: ReplayOptions, settings: ReplaySettings, report: ReplayReport
+    bus: Bus,
+    options: ReplayOptions,
+    settings: ReplaySettings,
+    report: ReplayReport,
+    opener: Opener | None = None,
 ) -> dict[str, float]:
     """Send the window's archived tasks to the model; the scores by request id."""
     scores: dict[str, float] = {}
@@ -1073,7 +1122,7 @@ async def _replay(
         try:
             async with contextlib.aclosing(records):
                 await send_paced(
-                    replayable(records, options.window, report.counts),
+                    replayable(records, options.window, report.counts, opener),
                     caller,
                     Pacer(options.rate),
                     options.max_in_flight,
@@ -1109,6 +1158,13 @@ def pulsar_settings(
     return settings.pulsar.for_mesh(state)
 
 
+def privacy_settings(settings: ReplaySettings, state: Mapping[str, Any]) -> PrivacySettings:
+    """The settings' keyring when set (env, YAML), else the running mesh's."""
+    if settings.privacy.enabled or not state.get("keyring_endpoint"):
+        return settings.privacy
+    return settings.privacy.model_copy(update={"keyring": str(state["keyring_endpoint"])})
+
+
 def options_from_args(
     args: argparse.Namespace, settings: ReplaySettings, now: datetime
 ) -> ReplayOptions:
@@ -1136,6 +1192,8 @@ def options_from_args(
     timeout = settings.call_timeout_s if args.timeout is None else args.timeout
     if rate <= 0 or in_flight < 1 or timeout <= 0:
         raise UsageError("--rate and --timeout must be positive, --in-flight at least 1")
+    from services.core.channels import state_client_tls
+
     state = mesh_state(Path(args.state_dir))
     endpoints = frozenset(
         str(process["endpoint"])
@@ -1150,6 +1208,7 @@ def options_from_args(
         max_in_flight=in_flight,
         call_timeout_s=timeout,
         mesh_endpoints=endpoints,
+        keyring_tls=settings.tls if settings.privacy.enabled else state_client_tls(state),
     )
 
 
@@ -1158,8 +1217,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         settings = ReplaySettings()
         options = options_from_args(args, settings, datetime.now(UTC))
-        pulsar = pulsar_settings(settings, args.pulsar_url, mesh_state(Path(args.state_dir)))
-        settings = settings.model_copy(update={"pulsar": pulsar})
+        state = mesh_state(Path(args.state_dir))
+        pulsar = pulsar_settings(settings, args.pulsar_url, state)
+        privacy = privacy_settings(settings, state)
+        settings = settings.model_copy(update={"pulsar": pulsar, "privacy": privacy})
     except (UsageError, ValueError) as exc:
         # A pydantic ValidationError (bad RDV_REPLAY_* values) is a ValueError too.
         print(f"replay: {exc}", file=sys.stderr)

@@ -153,6 +153,7 @@ def build(
     report.requests = total.requests
     report.default_answers = total.default_answers
     report.default_share = _share(total.default_answers, total.requests)
+    report.erased_requests = total.erased
 
     joined = [j for r in records if (j := r.joined(snap.objective)) is not None]
     kind = _target_kind(joined)

@@ -70,12 +70,15 @@ class Bucket:
     start_s: float
     requests: int = 0
     default_answers: int = 0
+    # Requests whose subject data is gone (erased, or withheld): counted, never scored.
+    erased: int = 0
     models: dict[str, ModelTally] = field(default_factory=dict)
 
     def merge(self, other: Bucket) -> None:
         """Add a later bucket's counts and sketches into this one."""
         self.requests += other.requests
         self.default_answers += other.default_answers
+        self.erased += other.erased
         for name, tally in other.models.items():
             self.models.setdefault(name, ModelTally()).merge(tally)
 
@@ -93,6 +96,9 @@ class RequestRecord:
     scores: dict[str, float]
     roles: dict[str, int]
     observed: Observation | None = None
+    # The subject key the outcome was sealed with ("" : none): an erasure of that key
+    # drops the record (`ObjectiveStore.forget`).
+    key_id: str = ""
 
     def joined(self, objective: str) -> JoinedRequest | None:
         """The request with its ground truth, for the error figures; None before feedback."""
@@ -137,6 +143,9 @@ class IngestCounters:
     feedback_without_value: int = 0
     evicted_feedback: int = 0
     evicted_records: int = 0
+    # Outcomes read without their subject data, and records dropped by an erasure.
+    erased_outcomes: int = 0
+    forgotten_records: int = 0
 
 
 class ObjectiveStore:
@@ -152,13 +161,17 @@ class ObjectiveStore:
         self._record_times: list[float] = []
         self._by_id: dict[str, RequestRecord] = {}
         self._pending: OrderedDict[str, Observation] = OrderedDict()
+        # Request ids of outcomes held without subject data (no record): for deduplication
+        # only, bounded like the records.
+        self._erased_ids: OrderedDict[str, None] = OrderedDict()
         self._newest_s = -math.inf
 
     # ---------------------------------------------------------------------------- ingest
 
-    def add_outcome(self, outcome: task_pb2.Outcome) -> bool:
-        """Take one outcome; False when it is a redelivery of a request already held."""
-        if outcome.request_id in self._by_id:
+    def add_outcome(self, outcome: task_pb2.Outcome, key_id: str = "") -> bool:
+        """Take one outcome; False when it is a redelivery of a request already held.
+        `key_id`: the subject key it was opened with, if it was sealed."""
+        if outcome.request_id in self._by_id or outcome.request_id in self._erased_ids:
             self.counters.duplicate_outcomes += 1
             return False
         self.counters.outcomes += 1
@@ -175,6 +188,7 @@ class ObjectiveStore:
             scores=facts.scores,
             roles=facts.roles,
             observed=self._pending.pop(outcome.request_id, None),
+            key_id=key_id,
         )
         index = bisect.bisect_right(self._record_times, received_s)
         self._records.insert(index, record)
@@ -182,6 +196,39 @@ class ObjectiveStore:
         self._by_id[record.request_id] = record
         self._trim(received_s)
         return True
+
+    def add_erased_outcome(self, outcome: task_pb2.Outcome) -> bool:
+        """Take an outcome whose subject data cannot be read (erased, withheld): its
+        readable part counts (requests, answers by whom, latency), no record is kept."""
+        request_id = outcome.request_id
+        if request_id in self._by_id or request_id in self._erased_ids:
+            self.counters.duplicate_outcomes += 1
+            return False
+        self.counters.outcomes += 1
+        self.counters.erased_outcomes += 1
+        received_s = outcome.received_time.ToNanoseconds() / 1e9
+        self._tally(outcome, received_s).erased += 1
+        self._erased_ids[request_id] = None
+        while len(self._erased_ids) > self.limits.max_records:
+            self._erased_ids.popitem(last=False)
+        self._trim(received_s)
+        return True
+
+    def forget(self, key_ids: set[str]) -> int:
+        """Drop the records opened with these (now erased) keys: their scores and ground
+        truth go, their counts stay (the bucket notes them as erased). How many."""
+        gone = [i for i, record in enumerate(self._records) if record.key_id in key_ids]
+        width = self.limits.bucket_width_s
+        for index in reversed(gone):
+            record = self._records.pop(index)
+            del self._record_times[index]
+            self._by_id.pop(record.request_id, None)
+            self._erased_ids[record.request_id] = None
+            bucket = self._buckets.get(math.floor(record.received_s / width))
+            if bucket is not None:
+                bucket.erased += 1
+        self.counters.forgotten_records += len(gone)
+        return len(gone)
 
     def add_feedback(self, feedback: feedback_pb2.Feedback) -> None:
         """Take one observation: applied to its request, or kept until the outcome comes."""
@@ -212,7 +259,7 @@ class ObjectiveStore:
     def records_held(self) -> int:
         return len(self._records)
 
-    def _tally(self, outcome: task_pb2.Outcome, received_s: float) -> None:
+    def _tally(self, outcome: task_pb2.Outcome, received_s: float) -> Bucket:
         width = self.limits.bucket_width_s
         key = math.floor(received_s / width)
         bucket = self._buckets.get(key)
@@ -245,6 +292,7 @@ class ObjectiveStore:
                 tally.answers += 1
             elif candidate.status == task_pb2.CANDIDATE_STATUS_LATE:
                 tally.late += 1
+        return bucket
 
     def _trim(self, received_s: float) -> None:
         limits = self.limits

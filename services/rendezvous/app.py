@@ -7,7 +7,8 @@ subject state; bounded by the remaining budget, off the race's critical path), t
 the mailbox's verdict. The collector sidecar streams predictions in over the unix socket;
 each one is offered to its mailbox. After the answer, the mailbox stays open for the
 objective's late-grace window, then its outcome (the answer and every candidate) goes to the
-results topic.
+results topic, sealed under the subject's key when the request names a subject and the mesh
+runs a keyring (`services.core.privacy`; the key is fetched then, never before the answer).
 
 The race's clock starts when the request reached the process, not when its handler ran:
 the event loop's measured lag (`services.core.loop_lag`) is taken off the budget, and a
@@ -59,6 +60,7 @@ from services.core.errors import InvalidArgument, NotFound, ResourceExhausted, U
 from services.core.lifecycle import Component, cancel_and_wait, run
 from services.core.loop_lag import LoopLag
 from services.core.mesh import load_mesh
+from services.core.privacy import Sealer
 from services.core.protos import duration_from_seconds, duration_ms, timestamp_from_ns
 from services.core.sampling import ARCHIVE, CHALLENGERS, SHARES, draw
 from services.core.server import write_ready_file
@@ -215,6 +217,8 @@ class Rendezvous(Component):
         self._task_publishers: dict[str, Publisher[task_pb2.EnrichedTask]] = {}
         self._outcome_publishers: dict[str, Publisher[task_pb2.Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Seals each outcome of a request with a subject under the subject's key.
+        self._sealer = Sealer(settings.privacy, settings.tls)
         # Insertion-ordered: the first entry is the oldest answered mailbox.
         self._closers: dict[str, asyncio.TimerHandle] = {}
         self._awaiting = 0
@@ -242,6 +246,8 @@ class Rendezvous(Component):
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
+        # Closed last: drain() publishes the outcomes still in grace, sealed.
+        stack.push_async_callback(self._sealer.close)
         if self.following:
             await self._follow(stack)
         else:
@@ -509,6 +515,7 @@ class Rendezvous(Component):
             received_ns=task.received_time.ToNanoseconds(),
             warmup=warmup,
             first_arrival=first_arrival,
+            subject_id=request.subject_id,
         )
         self.registry.add(mailbox)
         mailbox.start()
@@ -625,9 +632,12 @@ class Rendezvous(Component):
             outcome.response.CopyFrom(mailbox.response)
             answered_by = mailbox.response.decision.model or None
         outcome.candidates.extend(mailbox.candidates(answered_by))
+        # After the answer, never before it: the subject's key is fetched (or taken from the
+        # cache) here, off the answer path.
+        sealed = await self._sealer.seal(outcome, mailbox.subject_id, mailbox.objective)
         try:
             await self._outcome_publishers[mailbox.objective].publish(
-                outcome,
+                sealed,
                 key=mailbox.request_id,
                 timeout=self.settings.outcome_publish_timeout_s,
             )

@@ -56,6 +56,9 @@ class Mailbox:
     received_ns: int = 0
     # The answer the client got, kept for the outcome (None if the client went away first).
     response: scoring_pb2.ScoreResponse | None = None
+    # The request's subject, whose key seals the outcome ("" : nobody, the outcome stays
+    # readable). Held in memory only, never written.
+    subject_id: str = ""
     _timer: asyncio.TimerHandle | None = None
 
     def elapsed_ms(self, now_ns: int | None = None) -> float:

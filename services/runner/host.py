@@ -39,6 +39,7 @@ from services.core.consumer import BoundedConsumer
 from services.core.control_topic import ControlFollower, follow
 from services.core.lifecycle import Component
 from services.core.oip import OIP_KIND
+from services.core.privacy import Sealer
 from services.core.protos import now_timestamp
 from services.core.telemetry import counter
 from services.decoy.archive import Archiver
@@ -82,6 +83,8 @@ class RunnerHost(Component):
         # The fan-out: replaced, never changed in place, so a burst keeps the list it began with.
         self.runners: list[ModelRunner] = []
         self.archiver: Archiver | None = None
+        # Seals archive records of requests with a subject (whichever archiver is hosted).
+        self._sealer = Sealer(settings.privacy, settings.tls)
         self._subscription: Subscription[task_pb2.EnrichedTask] | None = None
         self._consumer: BoundedConsumer[task_pb2.EnrichedTask] | None = None
         self._redeliveries = REDELIVERIES.labels(self.objective)
@@ -107,6 +110,7 @@ class RunnerHost(Component):
         bus = self.bus
         # Whatever runs at stop is closed then (a runner added live as well).
         stack.push_async_callback(self._close_runners)
+        stack.push_async_callback(self._sealer.close)
         archive = settings.archive
         if settings.follow:
             self.follower = await follow(
@@ -178,6 +182,7 @@ class RunnerHost(Component):
             self.objective,
             default_denied=default_denied,
             publish_timeout_s=self.settings.pulsar.send_timeout_s,
+            sealer=self._sealer,
         )
 
     async def drain(self) -> None:

@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.core.channels import aio_channel
 from services.core.settings import REPO_ROOT, PulsarSettings, TlsSettings
 from services.supervisor.live import LiveMesh
-from services.supervisor.plan import CONTROL, STAGE_MODELS, ProcessSpec, diff
+from services.supervisor.plan import STAGE_MODELS, STARTED_FIRST, ProcessSpec, diff
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,12 @@ class SupervisorSettings(BaseSettings):
     # its live dashboard (HTTP; "" serves none).
     evaluator_listen: str = "127.0.0.1:50053"
     dashboard_listen: str = "127.0.0.1:8053"
+    # Where the keyring (KeyringService: subject keys, erasure) listens; "" runs none, and
+    # records about subjects are then written readable and cannot be erased.
+    keyring_listen: str = "127.0.0.1:50054"
+    # The token the mesh's own processes present to the keyring when its auth is on
+    # (`rendezvous up --auth` mints one with the scope privacy:keys).
+    keyring_token_file: Path | None = None
     # How long a removed model's container keeps running after the change: the runner hosts
     # drain it first (RunnerSettings.drain_timeout_s, 5 s by default).
     model_stop_grace_s: float = Field(default=10.0, ge=0)
@@ -354,7 +360,7 @@ class Supervisor:
             running = [
                 p.spec
                 for p in self.processes
-                if p.spec.name != CONTROL and p.spec.name not in self._retiring
+                if p.spec.name not in STARTED_FIRST and p.spec.name not in self._retiring
             ]
             change = diff(running, specs)
             # Kept processes take the new plan's labels (e.g. a host now hosting the decoy).

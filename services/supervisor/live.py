@@ -52,12 +52,16 @@ class LiveMesh:
         evaluator: EvaluatorAddress | None = None,
         pulsar: PulsarSettings | None = None,
         tls: TlsSettings | None = None,
+        privacy: dict[str, str] | None = None,
     ) -> None:
         # `pulsar`: authentication and TLS, for the supervisor's own client and every process.
         self.pulsar = (pulsar or PulsarSettings()).model_copy(
             update={"service_url": pulsar_url, "admin_url": pulsar_admin_url}
         )
         self.tls = tls
+        # The keyring's address and the pseudonym key (`plan.privacy_env`), for every
+        # process that writes, reads or forgets records about a subject.
+        self.privacy = privacy
         self.state_dir = state_dir
         self.rendezvous_listen = rendezvous_listen
         self.ports = ports
@@ -122,6 +126,7 @@ class LiveMesh:
             evaluator=self.evaluator,
             pulsar_env=self.pulsar.security_env(),
             tls=self.tls,
+            privacy=self.privacy,
         )
 
     def write_directory(self, specs: list[ProcessSpec]) -> None:

@@ -1,7 +1,8 @@
 """Turns objective configurations into the processes that serve them, in start order.
 
 The control component comes first (`plan_control`): it seeds the control topic from the mesh
-file. Everything else is planned from the configurations on that topic (`plan`): a model
+file; the keyring starts beside it (`plan_keyring`), before anything that writes records
+about a subject. Everything else is planned from the configurations on that topic (`plan`): a model
 container per deployment the supervisor runs locally (a `kind`, no `endpoint`), the runner
 hosts of each objective's replica groups (live: each follows its objective and serves its
 group), the enricher when some objective is enriched, the rendezvous and its collector.
@@ -15,9 +16,11 @@ gives a running process the same settings), a ready file, and its settings as
 production, nothing supervisor-specific. With TLS (`rendezvous up --tls`) every process gets
 the same `RDV_<SERVICE>_TLS__*` settings: its server on mTLS, its clients presenting the
 client certificate; a polyglot model container (a `command`) reads the same
-`RDV_MODEL_TLS__*` server settings as the Python one. The endpoints of the local model
-containers are written to the model directory (`model_directory`), where live runner hosts
-look them up.
+`RDV_MODEL_TLS__*` server settings as the Python one. With a keyring, the processes that
+write, read or forget records about a subject (the rendezvous, runner hosts, the enricher,
+the evaluator) get its address and the mesh's pseudonym key as `RDV_<SERVICE>_PRIVACY__*`
+(`privacy_env`). The endpoints of the local model containers are written to the model
+directory (`model_directory`), where live runner hosts look them up.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ STAGE_COLLECTOR = STAGE_RENDEZVOUS
 
 RENDEZVOUS_INSTANCE = "rdv-0"
 CONTROL = "control"
+KEYRING = "keyring"
+# Planned once, before the control topic is read, and never planned from it: a new version
+# neither stops nor restarts them.
+STARTED_FIRST = frozenset({CONTROL, KEYRING})
 ENRICHER = "enricher"
 EVALUATOR = "evaluator"
 # ProcessSpec.labels: which model a container serves.
@@ -239,6 +246,64 @@ def plan_control(  # noqa: PLR0917 (mirrors plan's arguments)
     )
 
 
+@dataclass(frozen=True)
+class PrivacyFiles:
+    """Where a mesh keeps what crypto-shredding needs (`rendezvous up`: under its state
+    dir, `privacy/`, 0700): the pseudonym key every process shares, the keyring's master
+    key and database. Lose them and every sealed record is unreadable; back them up
+    honouring erasures (docs/privacy.md)."""
+
+    pseudonym_key: Path
+    master_key: Path
+    database: Path
+
+    @classmethod
+    def under(cls, state_dir: Path) -> PrivacyFiles:
+        root = state_dir / "privacy"
+        return cls(root / "pseudonym.key", root / "keyring-master.key", root / "keyring.db")
+
+
+def plan_keyring(  # noqa: PLR0917 (mirrors plan_control's arguments)
+    files: PrivacyFiles,
+    state_dir: Path,
+    pulsar_url: str,
+    pulsar_admin_url: str,
+    listen: str,
+    ports: Ports,
+    pulsar_env: Mapping[str, str] | None = None,
+    tls: TlsSettings | None = None,
+) -> ProcessSpec:
+    """The keyring: subject keys and erasures, started with the control component."""
+    planner = _Planner(state_dir, pulsar_url, pulsar_admin_url, ports, pulsar_env, tls=tls)
+    return planner.add(
+        KEYRING,
+        "services.keyring",
+        "RDV_KEYRING_",
+        STAGE_CONTROL,
+        {
+            "DATABASE": str(files.database),
+            "MASTER_KEY_FILE": str(files.master_key),
+            "PRIVACY__PSEUDONYM_KEY_FILE": str(files.pseudonym_key),
+        },
+        listen=listen,
+        role="keyring",
+    )
+
+
+def privacy_env(
+    keyring: str, files: PrivacyFiles, token_file: Path | None = None
+) -> dict[str, str]:
+    """The privacy settings (without a service's prefix) of a process that writes, reads or
+    forgets records about a subject."""
+    env = {
+        "PRIVACY__KEYRING": keyring,
+        "PRIVACY__PSEUDONYM_KEY_FILE": str(files.pseudonym_key),
+    }
+    if token_file is not None:
+        env["PRIVACY__TOKEN_FILE"] = str(token_file)
+    return env
+
+
 def local_model(deployment: objective_pb2.ModelDeployment) -> bool:
     """Whether the supervisor runs the deployment's container (a kind or a command, and no
     endpoint)."""
@@ -259,12 +324,15 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
     evaluator: EvaluatorAddress | None = None,
     pulsar_env: Mapping[str, str] | None = None,
     tls: TlsSettings | None = None,
+    privacy: Mapping[str, str] | None = None,
 ) -> list[ProcessSpec]:
-    """Every process serving `configs` (the control component aside), models first, the
-    collector last. `ports` keeps addresses across plans (a fresh one when not given).
-    `evaluator` adds the evaluator (off the answer path; it reads the results topics).
-    `pulsar_env` (`PulsarSettings.security_env()`: token, TLS) goes to every process under
-    its own prefix; `tls` puts every process on mTLS."""
+    """Every process serving `configs` (the control component and the keyring aside),
+    models first, the collector last. `ports` keeps addresses across plans (a fresh one
+    when not given). `evaluator` adds the evaluator (off the answer path; it reads the
+    results topics). `pulsar_env` (`PulsarSettings.security_env()`: token, TLS) goes to
+    every process under its own prefix; `tls` puts every process on mTLS; `privacy`
+    (`privacy_env`) to the rendezvous, runner hosts, the enricher and the evaluator."""
+    keys = dict(privacy or {})
     planner = _Planner(
         state_dir, pulsar_url, pulsar_admin_url, ports or Ports(), pulsar_env, tls=tls
     )
@@ -331,6 +399,7 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
                         "MODEL_DIRECTORY": str(directory),
                         # Stable: a restarted host overwrites its own RunnerStatus keys.
                         "INSTANCE": name,
+                        **keys,
                     },
                     role="runner+decoy" if archive else "runner",
                     labels={"objective": objective, "replicas": str(replicas)},
@@ -341,7 +410,7 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             "services.enricher",
             "RDV_ENRICHER_",
             STAGE_CONSUMERS,
-            {"FOLLOW": "true", "SERVE_ONLY": json.dumps(sorted(configs))},
+            {"FOLLOW": "true", "SERVE_ONLY": json.dumps(sorted(configs)), **keys},
         )
     add(
         "rendezvous",
@@ -352,6 +421,7 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             "INSTANCE": RENDEZVOUS_INSTANCE,
             "DELIVERY_SOCKET": str(socket_path),
             "SERVE_ONLY": json.dumps(sorted(configs)),
+            **keys,
         },
         listen=rendezvous_listen,
         latency_critical=True,
@@ -375,6 +445,7 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             {
                 "SERVE_ONLY": json.dumps(sorted(configs)),
                 "DASHBOARD_LISTEN": evaluator.dashboard_listen,
+                **keys,
             },
             listen=evaluator.listen,
             role="evaluator",

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -28,6 +28,8 @@ from rendezvous.v1 import task_pb2
 from services.core.bus import PulsarBus
 from services.supervisor.plan import free_port
 from tests.conftest import REPO, PulsarBroker
+
+R = TypeVar("R", task_pb2.ArchiveRecord, task_pb2.Outcome)
 
 READY_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 60.0
@@ -70,6 +72,26 @@ class RunningMesh:
             await bus.close()
         return found
 
+    @property
+    def keyring_endpoint(self) -> str:
+        return str(self.state()["keyring_endpoint"])
+
+    async def open_records(self, records: list[R]) -> list[R]:
+        """Sealed records (archive, outcomes) opened with the mesh's keyring, as a reader of
+        the topics does; a record that cannot be opened fails the test."""
+        from services.core.privacy import Opener, Openness
+        from services.core.settings import PrivacySettings
+
+        opener = Opener(PrivacySettings(keyring=self.keyring_endpoint))
+        try:
+            opened = await opener.open_all(records)
+        finally:
+            await opener.close()
+        assert all(o.state in (Openness.OPENED, Openness.CLEAR) for o in opened), [
+            o.state for o in opened
+        ]
+        return [o.record for o in opened]
+
 
 @contextmanager
 def supervised_mesh(
@@ -108,6 +130,7 @@ def supervised_mesh(
             "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_EVALUATOR_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_DASHBOARD_LISTEN": f"127.0.0.1:{free_port()}",
+            "RDV_SUPERVISOR_KEYRING_LISTEN": f"127.0.0.1:{free_port()}",
             # The broker's token and CA, for the supervisor and (passed on) every process.
             **pulsar.supervisor_env(),
             **(env or {}),

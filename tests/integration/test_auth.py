@@ -9,13 +9,22 @@ change's author is the token's subject, not what the client wrote. Health stays 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rendezvous.v1 import control_pb2, control_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from rendezvous.v1 import (
+    control_pb2,
+    control_pb2_grpc,
+    keyring_pb2,
+    keyring_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+    task_pb2,
+)
 
 from services.core.auth import mint_token, token_metadata
 from services.core.protos import set_values
@@ -26,6 +35,7 @@ from tests.conftest import PulsarBroker
 from tests.integration.supervised import RunningMesh, supervised_mesh
 from tests.integration.test_lifecycle import FEATURES as LIFECYCLE_FEATURES
 from tests.integration.test_lifecycle import mesh_document
+from tests.integration.test_scoring_path import find
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +139,56 @@ def test_control_updates_need_write_and_record_the_tokens_subject(
         stored = stub.UpdateObjectiveConfig(change, timeout=CALL_TIMEOUT_S, metadata=writer).config
     assert stored.version == current.version + 1
     assert stored.change.author == "alice"
+
+
+async def test_the_keyring_erases_only_with_the_scope_and_serves_the_mesh_with_its_token(
+    secured: tuple[str, RunningMesh],
+) -> None:
+    objective, mesh = secured
+    # A subject's outcome is sealed: the rendezvous reached the keyring with the token
+    # `mesh_auth_env` minted for the mesh (scope privacy:keys), not withheld.
+    request = scoring_pb2.ScoreRequest(objective=objective, subject_id="auth-subject")
+    set_values(request.features, FEATURES)
+    with grpc.insecure_channel(mesh.endpoint) as channel:
+        reply = scoring_pb2_grpc.ScoringServiceStub(channel).Score(
+            request,
+            timeout=CALL_TIMEOUT_S,
+            metadata=token_metadata(_token(mesh, f"score:{objective}")),
+        )
+    outcome = await find(
+        mesh.broker,
+        f"persistent://public/default/rdv.{objective}.results",
+        task_pb2.Outcome,
+        lambda o: o.request_id == reply.request_id,
+        timeout=30,
+    )
+    assert outcome.sealed.key_id and not outcome.sealed.withheld
+
+    erase = keyring_pb2.EraseRequest(subject_id="auth-subject")
+    with grpc.insecure_channel(mesh.keyring_endpoint) as channel:
+        stub = keyring_pb2_grpc.KeyringServiceStub(channel)
+        for token, code in (
+            (None, grpc.StatusCode.UNAUTHENTICATED),
+            (_token(mesh, "privacy:keys", f"score:{objective}"), grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Erase(erase, timeout=CALL_TIMEOUT_S, metadata=token_metadata(token))
+            assert caught.value.code() == code
+        # Key material is for the mesh's own token (privacy:keys), not for an eraser's.
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetKeys(
+                keyring_pb2.GetKeysRequest(key_ids=[outcome.sealed.key_id]),
+                timeout=CALL_TIMEOUT_S,
+                metadata=token_metadata(_token(mesh, "privacy:erase")),
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        done = stub.Erase(
+            erase,
+            timeout=CALL_TIMEOUT_S,
+            metadata=token_metadata(_token(mesh, "privacy:erase")),
+        )
+    assert done.keys_deleted == 1
+    # The audit line names who asked (the token's subject).
+    lines = (mesh.state_dir / "logs" / "keyring.log").read_text().splitlines()
+    audit = [json.loads(line) for line in lines if '"subject erased"' in line]
+    assert [entry["requested_by"] for entry in audit] == ["alice"]

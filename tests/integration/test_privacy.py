@@ -309,12 +309,15 @@ async def test_denied_archiving_keeps_a_record_without_features_or_pii(
 ) -> None:
     records: dict[str, task_pb2.ArchiveRecord] = {}
     for request_id in (f"{RUN}-noarch", f"{RUN}-ok-0"):
-        records[request_id] = await find(
+        sealed = await find(
             mesh.broker,
             f"persistent://public/default/rdv.{OBJECTIVE}.archive",
             task_pb2.ArchiveRecord,
             lambda r, rid=request_id: r.task.task.request.request_id == rid,  # type: ignore[misc]
         )
+        # Every request here names a subject: its record is sealed under the subject's key.
+        assert sealed.HasField("sealed") and not sealed.task.task.request.features
+        [records[request_id]] = await mesh.open_records([sealed])
     denied, granted = records[f"{RUN}-noarch"], records[f"{RUN}-ok-0"]
     # Denied: the record says it was kept without the subject's data, and holds none.
     assert denied.features_dropped

@@ -31,6 +31,7 @@ from rendezvous.v1 import common_pb2, feedback_pb2, scoring_pb2, scoring_pb2_grp
 
 from services.core.bus import connect
 from services.core.protos import now_timestamp, set_values
+from services.core.settings import PrivacySettings
 from services.evaluator.replay import (
     EXIT_USAGE,
     ModelSource,
@@ -222,6 +223,9 @@ def recorded(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> 
                 lambda outcome: outcome.request_id,
             )
         )
+        # Sealed under each subject's key (every request names a subject): opened as the
+        # evaluator and the replay open them.
+        outcomes = asyncio.run(mesh.open_records(outcomes))
         incumbent_scores = {
             outcome.request_id: candidate.prediction.prediction.score
             for outcome in outcomes
@@ -269,8 +273,13 @@ def _cli(recorded: Recorded, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _settings(pulsar: PulsarBroker) -> ReplaySettings:
-    return ReplaySettings(pulsar=pulsar.settings(), resamples=2000)
+def _settings(pulsar: PulsarBroker, mesh: RunningMesh) -> ReplaySettings:
+    # The mesh's keyring opens the sealed archive and outcomes.
+    return ReplaySettings(
+        pulsar=pulsar.settings(),
+        resamples=2000,
+        privacy=PrivacySettings(keyring=mesh.keyring_endpoint),
+    )
 
 
 def _replay(
@@ -284,7 +293,7 @@ def _replay(
         max_in_flight=8,
         call_timeout_s=2.0,
     )
-    return asyncio.run(run_replay(options, _settings(pulsar)))
+    return asyncio.run(run_replay(options, _settings(pulsar, recorded.mesh)))
 
 
 def test_refuses_a_model_of_the_live_mesh(recorded: Recorded) -> None:

@@ -229,12 +229,15 @@ async def test_one_request_through_every_hop(mesh: RunningMesh) -> None:
     assert response.decision.source == scoring_pb2.ANSWER_SOURCE_MODEL
     assert response.decision.role == common_pb2.MODEL_ROLE_INCUMBENT
 
-    archived = await find(
+    sealed = await find(
         mesh.broker,
         "persistent://public/default/rdv.hops.archive",
         task_pb2.ArchiveRecord,
         lambda r: r.task.task.request.request_id == response.request_id,
     )
+    # Sealed under the subject's key: nothing of the subject's data readable around it.
+    assert sealed.HasField("sealed") and not sealed.task.task.request.features
+    [archived] = await mesh.open_records([sealed])
     assert archived.task.task.request.subject_id == ""  # PII redacted in the archive
     assert "task.task.request.subject_id" in archived.redacted_fields
     assert archived.task.task.request.features["x"].number_value == 1.0

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
+from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc, task_pb2
 
 from services.core.channels import aio_channel, state_client_tls
 from services.core.protos import set_values
@@ -31,6 +31,7 @@ from services.demo import diabetes_rows
 from services.supervisor.plan import free_port
 from tests.conftest import REPO, PulsarBroker
 from tests.integration.supervised import RunningMesh, supervised_mesh
+from tests.integration.test_scoring_path import find
 
 pytestmark = pytest.mark.integration
 
@@ -84,20 +85,24 @@ def mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield running
 
 
-def _request(index: int = 0) -> scoring_pb2.ScoreRequest:
-    request = scoring_pb2.ScoreRequest(objective=OBJECTIVE, request_id=f"tls-{uuid.uuid4()}")
+def _request(index: int = 0, subject: str = "") -> scoring_pb2.ScoreRequest:
+    request = scoring_pb2.ScoreRequest(
+        objective=OBJECTIVE, request_id=f"tls-{uuid.uuid4()}", subject_id=subject
+    )
     set_values(request.features, diabetes_rows()[index])
     return request
 
 
 async def _score(
-    endpoint: str, tls: TlsSettings | None, index: int = 0
+    endpoint: str, tls: TlsSettings | None, index: int = 0, subject: str = ""
 ) -> scoring_pb2.ScoreResponse:
     async with aio_channel(endpoint, tls) as channel:
         stub: scoring_pb2_grpc.ScoringServiceAsyncStub = scoring_pb2_grpc.ScoringServiceStub(
             channel
         )
-        response: scoring_pb2.ScoreResponse = await stub.Score(_request(index), timeout=TIMEOUT_S)
+        response: scoring_pb2.ScoreResponse = await stub.Score(
+            _request(index, subject), timeout=TIMEOUT_S
+        )
         return response
 
 
@@ -130,6 +135,25 @@ def test_the_state_records_the_client_tls(mesh: RunningMesh) -> None:
 async def test_a_request_is_scored_through_mtls(mesh: RunningMesh) -> None:
     response = await _score(mesh.endpoint, state_client_tls(mesh.state()))
     assert response.decision.model == "ridge"
+
+
+async def test_a_subjects_outcome_is_sealed_with_a_key_fetched_over_mtls(
+    mesh: RunningMesh,
+) -> None:
+    response = await _score(mesh.endpoint, state_client_tls(mesh.state()), subject="tls-subject")
+    outcome = await find(
+        mesh.broker,
+        f"persistent://public/default/rdv.{OBJECTIVE}.results",
+        task_pb2.Outcome,
+        lambda o: o.request_id == response.request_id,
+        timeout=30,
+    )
+    # Sealed, not withheld: the rendezvous reached the keyring over mTLS.
+    assert outcome.sealed.key_id and not outcome.sealed.withheld
+    # The keyring refuses a plaintext client like every other server of the mesh.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _health(mesh.keyring_endpoint, None)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_the_go_and_node_challengers_score_over_mtls(mesh: RunningMesh) -> None:

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rendezvous.v1 import options_pb2 as rendezvous_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arendezvous/v1/common.proto\x12\rrendezvous.v1\"u\n\x07\x43onsent\x12\x37\n\x0f\x65xperimentation\x18\x01 \x01(\x0e\x32\x1e.rendezvous.v1.ConsentDecision\x12\x31\n\tarchiving\x18\x02 \x01(\x0e\x32\x1e.rendezvous.v1.ConsentDecision\"-\n\x07Payload\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"@\n\nModelError\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*\x89\x01\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_ROLE_INCUMBENT\x10\x01\x12\x19\n\x15MODEL_ROLE_CHALLENGER\x10\x02\x12\x15\n\x11MODEL_ROLE_CANARY\x10\x03\x12\x14\n\x10MODEL_ROLE_DECOY\x10\x04*n\n\x0f\x43onsentDecision\x12 \n\x1c\x43ONSENT_DECISION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONSENT_DECISION_GRANTED\x10\x01\x12\x1b\n\x17\x43ONSENT_DECISION_DENIED\x10\x02\x42GZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arendezvous/v1/common.proto\x12\rrendezvous.v1\x1a\x1brendezvous/v1/options.proto\"u\n\x07\x43onsent\x12\x37\n\x0f\x65xperimentation\x18\x01 \x01(\x0e\x32\x1e.rendezvous.v1.ConsentDecision\x12\x31\n\tarchiving\x18\x02 \x01(\x0e\x32\x1e.rendezvous.v1.ConsentDecision\"-\n\x07Payload\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"F\n\nModelError\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\x07message\x18\x03 \x01(\tB\x04\xd0\xf3\x18\x01*\x89\x01\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_ROLE_INCUMBENT\x10\x01\x12\x19\n\x15MODEL_ROLE_CHALLENGER\x10\x02\x12\x15\n\x11MODEL_ROLE_CANARY\x10\x03\x12\x14\n\x10MODEL_ROLE_DECOY\x10\x04*n\n\x0f\x43onsentDecision\x12 \n\x1c\x43ONSENT_DECISION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONSENT_DECISION_GRANTED\x10\x01\x12\x1b\n\x17\x43ONSENT_DECISION_DENIED\x10\x02\x42GZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +33,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rendezvous.v1.common_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1'
-  _globals['_MODELROLE']._serialized_start=278
-  _globals['_MODELROLE']._serialized_end=415
-  _globals['_CONSENTDECISION']._serialized_start=417
-  _globals['_CONSENTDECISION']._serialized_end=527
-  _globals['_CONSENT']._serialized_start=45
-  _globals['_CONSENT']._serialized_end=162
-  _globals['_PAYLOAD']._serialized_start=164
-  _globals['_PAYLOAD']._serialized_end=209
-  _globals['_MODELERROR']._serialized_start=211
-  _globals['_MODELERROR']._serialized_end=275
+  _globals['_MODELERROR'].fields_by_name['message']._loaded_options = None
+  _globals['_MODELERROR'].fields_by_name['message']._serialized_options = b'\320\363\030\001'
+  _globals['_MODELROLE']._serialized_start=313
+  _globals['_MODELROLE']._serialized_end=450
+  _globals['_CONSENTDECISION']._serialized_start=452
+  _globals['_CONSENTDECISION']._serialized_end=562
+  _globals['_CONSENT']._serialized_start=74
+  _globals['_CONSENT']._serialized_end=191
+  _globals['_PAYLOAD']._serialized_start=193
+  _globals['_PAYLOAD']._serialized_end=238
+  _globals['_MODELERROR']._serialized_start=240
+  _globals['_MODELERROR']._serialized_end=310
 # @@protoc_insertion_point(module_scope)

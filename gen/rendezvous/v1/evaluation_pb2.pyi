@@ -481,6 +481,7 @@ class GetEvaluationReportResponse(_message.Message):
     SCORE_BIN_EDGES_FIELD_NUMBER: _builtins.int
     DRIFT_TIMELINE_FIELD_NUMBER: _builtins.int
     PENDING_FEEDBACK_FIELD_NUMBER: _builtins.int
+    ERASED_REQUESTS_FIELD_NUMBER: _builtins.int
     objective: _builtins.str
     """objective names the objective."""
     requests: _builtins.int
@@ -496,6 +497,11 @@ class GetEvaluationReportResponse(_message.Message):
     pending_feedback: _builtins.int
     """pending_feedback counts observations whose outcome the evaluator has not seen (yet):
     feedback for requests outside the retained history, or for unknown request ids.
+    """
+    erased_requests: _builtins.int
+    """erased_requests counts the requests in the window whose outcome no longer holds its
+    subject data (the subject was erased, or the data was withheld): they count in
+    requests, default answers and latency, in no score, agreement or error figure.
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelEvaluation]:
@@ -558,10 +564,11 @@ class GetEvaluationReportResponse(_message.Message):
         score_bin_edges: _abc.Iterable[_builtins.float] | None = ...,
         drift_timeline: _abc.Iterable[Global___DriftPoint] | None = ...,
         pending_feedback: _builtins.int = ...,
+        erased_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "default_answers", b"default_answers", "default_share", b"default_share", "distributions", b"distributions", "drift_timeline", b"drift_timeline", "end_time", b"end_time", "labelled_requests", b"labelled_requests", "models", b"models", "objective", b"objective", "pending_feedback", b"pending_feedback", "requests", b"requests", "score_bin_edges", b"score_bin_edges", "start_time", b"start_time", "target_kind", b"target_kind", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_error", b"answered_error", "canary_drift", b"canary_drift", "default_answers", b"default_answers", "default_share", b"default_share", "distributions", b"distributions", "drift_timeline", b"drift_timeline", "end_time", b"end_time", "erased_requests", b"erased_requests", "labelled_requests", b"labelled_requests", "models", b"models", "objective", b"objective", "pending_feedback", b"pending_feedback", "requests", b"requests", "score_bin_edges", b"score_bin_edges", "start_time", b"start_time", "target_kind", b"target_kind", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brendezvous/v1/options.proto\x12\rrendezvous.v1\x1a google/protobuf/descriptor.proto:,\n\x03pii\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\x08\x42GZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brendezvous/v1/options.proto\x12\rrendezvous.v1\x1a google/protobuf/descriptor.proto:,\n\x03pii\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\x08:5\n\x0csubject_data\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\x08\x42GZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

@@ -11,7 +11,15 @@ import builtins as _builtins
 DESCRIPTOR: _descriptor.FileDescriptor
 
 PII_FIELD_NUMBER: _builtins.int
+SUBJECT_DATA_FIELD_NUMBER: _builtins.int
 pii: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
 """pii marks a field that holds personal data. Every sink that keeps data
 (the decoy archive, the results stream, logs) redacts fields marked so.
+"""
+subject_data: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
+"""subject_data marks a field that carries a subject's data or a prediction about the
+subject (features, payload, subject state, scores, a model's own text). In a record
+kept on a topic (ArchiveRecord, Outcome) of a request with a subject_id, such fields
+are readable only inside the record's `sealed` part, encrypted under the subject's
+key; erasing the subject deletes the key (crypto-shredding).
 """

@@ -28,7 +28,7 @@ from rendezvous.v1 import common_pb2 as rendezvous_dot_v1_dot_common__pb2
 from rendezvous.v1 import options_pb2 as rendezvous_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brendezvous/v1/scoring.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1arendezvous/v1/common.proto\x1a\x1brendezvous/v1/options.proto\"\xa7\x02\n\x0cScoreRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12;\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32).rendezvous.v1.ScoreRequest.FeaturesEntry\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.rendezvous.v1.Payload\x12\x18\n\nsubject_id\x18\x05 \x01(\tB\x04\xc8\xf3\x18\x01\x12\'\n\x07\x63onsent\x18\x06 \x01(\x0b\x32\x16.rendezvous.v1.Consent\x1aG\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xd6\x01\n\x08\x44\x65\x63ision\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.rendezvous.v1.AnswerSource\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x04role\x18\x04 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12\x12\n\nrule_index\x18\x05 \x01(\x05\x12\x0c\n\x04rule\x18\x06 \x01(\t\x12-\n\x06reason\x18\x07 \x01(\x0e\x32\x1d.rendezvous.v1.DecisionReason\"\xa8\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12:\n\x07outputs\x18\x03 \x03(\x0b\x32).rendezvous.v1.ScoreResponse.OutputsEntry\x12)\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0b\x32\x17.rendezvous.v1.Decision\x12*\n\x07\x65lapsed\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11objective_version\x18\x06 \x01(\x03\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01*a\n\x0c\x41nswerSource\x12\x1d\n\x19\x41NSWER_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41NSWER_SOURCE_MODEL\x10\x01\x12\x19\n\x15\x41NSWER_SOURCE_DEFAULT\x10\x02*\xda\x01\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43ISION_REASON_ACCEPTED\x10\x01\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_SLA_DEFAULT\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_SLA_CANARY\x10\x03\x12#\n\x1f\x44\x45\x43ISION_REASON_CLIENT_DEADLINE\x10\x04\x12#\n\x1f\x44\x45\x43ISION_REASON_DISPATCH_FAILED\x10\x05\x32T\n\x0eScoringService\x12\x42\n\x05Score\x12\x1b.rendezvous.v1.ScoreRequest\x1a\x1c.rendezvous.v1.ScoreResponseBGZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brendezvous/v1/scoring.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1arendezvous/v1/common.proto\x1a\x1brendezvous/v1/options.proto\"\xb3\x02\n\x0cScoreRequest\x12\x11\n\tobjective\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x41\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32).rendezvous.v1.ScoreRequest.FeaturesEntryB\x04\xd0\xf3\x18\x01\x12-\n\x07payload\x18\x04 \x01(\x0b\x32\x16.rendezvous.v1.PayloadB\x04\xd0\xf3\x18\x01\x12\x18\n\nsubject_id\x18\x05 \x01(\tB\x04\xc8\xf3\x18\x01\x12\'\n\x07\x63onsent\x18\x06 \x01(\x0b\x32\x16.rendezvous.v1.Consent\x1aG\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xd6\x01\n\x08\x44\x65\x63ision\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.rendezvous.v1.AnswerSource\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x04role\x18\x04 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12\x12\n\nrule_index\x18\x05 \x01(\x05\x12\x0c\n\x04rule\x18\x06 \x01(\t\x12-\n\x06reason\x18\x07 \x01(\x0e\x32\x1d.rendezvous.v1.DecisionReason\"\xb4\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x05score\x18\x02 \x01(\x01\x42\x04\xd0\xf3\x18\x01\x12@\n\x07outputs\x18\x03 \x03(\x0b\x32).rendezvous.v1.ScoreResponse.OutputsEntryB\x04\xd0\xf3\x18\x01\x12)\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0b\x32\x17.rendezvous.v1.Decision\x12*\n\x07\x65lapsed\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11objective_version\x18\x06 \x01(\x03\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01*a\n\x0c\x41nswerSource\x12\x1d\n\x19\x41NSWER_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41NSWER_SOURCE_MODEL\x10\x01\x12\x19\n\x15\x41NSWER_SOURCE_DEFAULT\x10\x02*\xda\x01\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43ISION_REASON_ACCEPTED\x10\x01\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_SLA_DEFAULT\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_SLA_CANARY\x10\x03\x12#\n\x1f\x44\x45\x43ISION_REASON_CLIENT_DEADLINE\x10\x04\x12#\n\x1f\x44\x45\x43ISION_REASON_DISPATCH_FAILED\x10\x05\x32T\n\x0eScoringService\x12\x42\n\x05Score\x12\x1b.rendezvous.v1.ScoreRequest\x1a\x1c.rendezvous.v1.ScoreResponseBGZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,24 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1'
   _globals['_SCOREREQUEST_FEATURESENTRY']._loaded_options = None
   _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_options = b'8\001'
+  _globals['_SCOREREQUEST'].fields_by_name['features']._loaded_options = None
+  _globals['_SCOREREQUEST'].fields_by_name['features']._serialized_options = b'\320\363\030\001'
+  _globals['_SCOREREQUEST'].fields_by_name['payload']._loaded_options = None
+  _globals['_SCOREREQUEST'].fields_by_name['payload']._serialized_options = b'\320\363\030\001'
   _globals['_SCOREREQUEST'].fields_by_name['subject_id']._loaded_options = None
   _globals['_SCOREREQUEST'].fields_by_name['subject_id']._serialized_options = b'\310\363\030\001'
   _globals['_SCORERESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_ANSWERSOURCE']._serialized_start=979
-  _globals['_ANSWERSOURCE']._serialized_end=1076
-  _globals['_DECISIONREASON']._serialized_start=1079
-  _globals['_DECISIONREASON']._serialized_end=1297
+  _globals['_SCORERESPONSE'].fields_by_name['score']._loaded_options = None
+  _globals['_SCORERESPONSE'].fields_by_name['score']._serialized_options = b'\320\363\030\001'
+  _globals['_SCORERESPONSE'].fields_by_name['outputs']._loaded_options = None
+  _globals['_SCORERESPONSE'].fields_by_name['outputs']._serialized_options = b'\320\363\030\001'
+  _globals['_ANSWERSOURCE']._serialized_start=1003
+  _globals['_ANSWERSOURCE']._serialized_end=1100
+  _globals['_DECISIONREASON']._serialized_start=1103
+  _globals['_DECISIONREASON']._serialized_end=1321
   _globals['_SCOREREQUEST']._serialized_start=166
-  _globals['_SCOREREQUEST']._serialized_end=461
-  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_start=390
-  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_end=461
-  _globals['_DECISION']._serialized_start=464
-  _globals['_DECISION']._serialized_end=678
-  _globals['_SCORERESPONSE']._serialized_start=681
-  _globals['_SCORERESPONSE']._serialized_end=977
-  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_start=907
-  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_end=977
-  _globals['_SCORINGSERVICE']._serialized_start=1299
-  _globals['_SCORINGSERVICE']._serialized_end=1383
+  _globals['_SCOREREQUEST']._serialized_end=473
+  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_start=402
+  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_end=473
+  _globals['_DECISION']._serialized_start=476
+  _globals['_DECISION']._serialized_end=690
+  _globals['_SCORERESPONSE']._serialized_start=693
+  _globals['_SCORERESPONSE']._serialized_end=1001
+  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_start=931
+  _globals['_SCORERESPONSE_OUTPUTSENTRY']._serialized_end=1001
+  _globals['_SCORINGSERVICE']._serialized_start=1323
+  _globals['_SCORINGSERVICE']._serialized_end=1407
 # @@protoc_insertion_point(module_scope)

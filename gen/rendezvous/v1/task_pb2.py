@@ -30,7 +30,7 @@ from rendezvous.v1 import options_pb2 as rendezvous_dot_v1_dot_options__pb2
 from rendezvous.v1 import scoring_pb2 as rendezvous_dot_v1_dot_scoring__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rendezvous/v1/task.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\x1a\x1brendezvous/v1/options.proto\x1a\x1brendezvous/v1/scoring.proto\"\x94\x03\n\x0bScoringTask\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.rendezvous.v1.ScoreRequest\x12\x16\n\x0ereturn_address\x18\x02 \x01(\t\x12\x12\n\nmailbox_id\x18\x03 \x01(\t\x12\x31\n\rreceived_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x43\n\rtrace_context\x18\x06 \x03(\x0b\x32,.rendezvous.v1.ScoringTask.TraceContextEntry\x12\x19\n\x11objective_version\x18\x07 \x01(\x03\x12\x0e\n\x06warmup\x18\x08 \x01(\x08\x12\x0f\n\x07scorers\x18\t \x03(\t\x12\x14\n\x0cskip_archive\x18\n \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfe\x01\n\x0c\x45nrichedTask\x12(\n\x04task\x18\x01 \x01(\x0b\x32\x1a.rendezvous.v1.ScoringTask\x12\x44\n\rsubject_state\x18\x02 \x03(\x0b\x32-.rendezvous.v1.EnrichedTask.SubjectStateEntry\x12\x31\n\renriched_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aK\n\x11SubjectStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xaf\x03\n\x0fPredictionEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmailbox_id\x18\x02 \x01(\t\x12\x11\n\tobjective\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12&\n\x04role\x18\x06 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12/\n\nprediction\x18\x07 \x01(\x0b\x32\x19.rendezvous.v1.PredictionH\x00\x12*\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.rendezvous.v1.ModelErrorH\x00\x12\x36\n\x12task_received_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0epredicted_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rmodel_latency\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06runner\x18\x0c \x01(\tB\x08\n\x06result\"\x9c\x01\n\nPrediction\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x37\n\x07outputs\x18\x02 \x03(\x0b\x32&.rendezvous.v1.Prediction.OutputsEntry\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\x9b\x01\n\tCandidate\x12\x32\n\nprediction\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.PredictionEvent\x12*\n\x07\x61rrival\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.rendezvous.v1.CandidateStatus\"\x9a\x02\n\x07Outcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tobjective\x18\x02 \x01(\t\x12.\n\x08response\x18\x03 \x01(\x0b\x32\x1c.rendezvous.v1.ScoreResponse\x12,\n\ncandidates\x18\x04 \x03(\x0b\x32\x18.rendezvous.v1.Candidate\x12\x31\n\rreceived_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13rendezvous_instance\x18\x06 \x01(\t\x12\x12\n\nduplicates\x18\x07 \x01(\x05\x12&\n\x03sla\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa0\x01\n\rArchiveRecord\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.rendezvous.v1.EnrichedTask\x12\x31\n\rarchived_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fredacted_fields\x18\x03 \x03(\t\x12\x18\n\x10\x66\x65\x61tures_dropped\x18\x04 \x01(\x08\"\x85\x02\n\x0cSubjectEvent\x12\x18\n\nsubject_id\x18\x01 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x11\n\tobjective\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12?\n\nattributes\x18\x05 \x03(\x0b\x32+.rendezvous.v1.SubjectEvent.AttributesEntry\x1aI\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01*\xa7\x01\n\x0f\x43\x61ndidateStatus\x12 \n\x1c\x43\x41NDIDATE_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x41NDIDATE_STATUS_ANSWERED\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_STATUS_IN_TIME\x10\x02\x12\x19\n\x15\x43\x41NDIDATE_STATUS_LATE\x10\x03\x12\x1a\n\x16\x43\x41NDIDATE_STATUS_ERROR\x10\x04\x42GZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rendezvous/v1/task.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1arendezvous/v1/common.proto\x1a\x1brendezvous/v1/options.proto\x1a\x1brendezvous/v1/scoring.proto\"\x94\x03\n\x0bScoringTask\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.rendezvous.v1.ScoreRequest\x12\x16\n\x0ereturn_address\x18\x02 \x01(\t\x12\x12\n\nmailbox_id\x18\x03 \x01(\t\x12\x31\n\rreceived_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x43\n\rtrace_context\x18\x06 \x03(\x0b\x32,.rendezvous.v1.ScoringTask.TraceContextEntry\x12\x19\n\x11objective_version\x18\x07 \x01(\x03\x12\x0e\n\x06warmup\x18\x08 \x01(\x08\x12\x0f\n\x07scorers\x18\t \x03(\t\x12\x14\n\x0cskip_archive\x18\n \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x02\n\x0c\x45nrichedTask\x12(\n\x04task\x18\x01 \x01(\x0b\x32\x1a.rendezvous.v1.ScoringTask\x12J\n\rsubject_state\x18\x02 \x03(\x0b\x32-.rendezvous.v1.EnrichedTask.SubjectStateEntryB\x04\xd0\xf3\x18\x01\x12\x31\n\renriched_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aK\n\x11SubjectStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xaf\x03\n\x0fPredictionEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmailbox_id\x18\x02 \x01(\t\x12\x11\n\tobjective\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12&\n\x04role\x18\x06 \x01(\x0e\x32\x18.rendezvous.v1.ModelRole\x12/\n\nprediction\x18\x07 \x01(\x0b\x32\x19.rendezvous.v1.PredictionH\x00\x12*\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.rendezvous.v1.ModelErrorH\x00\x12\x36\n\x12task_received_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0epredicted_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rmodel_latency\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06runner\x18\x0c \x01(\tB\x08\n\x06result\"\xa8\x01\n\nPrediction\x12\x13\n\x05score\x18\x01 \x01(\x01\x42\x04\xd0\xf3\x18\x01\x12=\n\x07outputs\x18\x02 \x03(\x0b\x32&.rendezvous.v1.Prediction.OutputsEntryB\x04\xd0\xf3\x18\x01\x1a\x46\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\x9b\x01\n\tCandidate\x12\x32\n\nprediction\x18\x01 \x01(\x0b\x32\x1e.rendezvous.v1.PredictionEvent\x12*\n\x07\x61rrival\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.rendezvous.v1.CandidateStatus\"\xc1\x02\n\x07Outcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tobjective\x18\x02 \x01(\t\x12.\n\x08response\x18\x03 \x01(\x0b\x32\x1c.rendezvous.v1.ScoreResponse\x12,\n\ncandidates\x18\x04 \x03(\x0b\x32\x18.rendezvous.v1.Candidate\x12\x31\n\rreceived_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13rendezvous_instance\x18\x06 \x01(\t\x12\x12\n\nduplicates\x18\x07 \x01(\x05\x12&\n\x03sla\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x06sealed\x18\t \x01(\x0b\x32\x15.rendezvous.v1.Sealed\"\xc7\x01\n\rArchiveRecord\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x1b.rendezvous.v1.EnrichedTask\x12\x31\n\rarchived_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fredacted_fields\x18\x03 \x03(\t\x12\x18\n\x10\x66\x65\x61tures_dropped\x18\x04 \x01(\x08\x12%\n\x06sealed\x18\x05 \x01(\x0b\x32\x15.rendezvous.v1.Sealed\"M\n\x06Sealed\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x10\n\x08withheld\x18\x04 \x01(\x08\"\x85\x02\n\x0cSubjectEvent\x12\x18\n\nsubject_id\x18\x01 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x11\n\tobjective\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12?\n\nattributes\x18\x05 \x03(\x0b\x32+.rendezvous.v1.SubjectEvent.AttributesEntry\x1aI\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01*\xa7\x01\n\x0f\x43\x61ndidateStatus\x12 \n\x1c\x43\x41NDIDATE_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x41NDIDATE_STATUS_ANSWERED\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_STATUS_IN_TIME\x10\x02\x12\x19\n\x15\x43\x41NDIDATE_STATUS_LATE\x10\x03\x12\x1a\n\x16\x43\x41NDIDATE_STATUS_ERROR\x10\x04\x42GZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,36 +42,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORINGTASK_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ENRICHEDTASK_SUBJECTSTATEENTRY']._loaded_options = None
   _globals['_ENRICHEDTASK_SUBJECTSTATEENTRY']._serialized_options = b'8\001'
+  _globals['_ENRICHEDTASK'].fields_by_name['subject_state']._loaded_options = None
+  _globals['_ENRICHEDTASK'].fields_by_name['subject_state']._serialized_options = b'\320\363\030\001'
   _globals['_PREDICTION_OUTPUTSENTRY']._loaded_options = None
   _globals['_PREDICTION_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTION'].fields_by_name['score']._loaded_options = None
+  _globals['_PREDICTION'].fields_by_name['score']._serialized_options = b'\320\363\030\001'
+  _globals['_PREDICTION'].fields_by_name['outputs']._loaded_options = None
+  _globals['_PREDICTION'].fields_by_name['outputs']._serialized_options = b'\320\363\030\001'
   _globals['_SUBJECTEVENT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_SUBJECTEVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_SUBJECTEVENT'].fields_by_name['subject_id']._loaded_options = None
   _globals['_SUBJECTEVENT'].fields_by_name['subject_id']._serialized_options = b'\310\363\030\001'
-  _globals['_CANDIDATESTATUS']._serialized_start=2352
-  _globals['_CANDIDATESTATUS']._serialized_end=2519
+  _globals['_CANDIDATESTATUS']._serialized_start=2527
+  _globals['_CANDIDATESTATUS']._serialized_end=2694
   _globals['_SCORINGTASK']._serialized_start=225
   _globals['_SCORINGTASK']._serialized_end=629
   _globals['_SCORINGTASK_TRACECONTEXTENTRY']._serialized_start=578
   _globals['_SCORINGTASK_TRACECONTEXTENTRY']._serialized_end=629
   _globals['_ENRICHEDTASK']._serialized_start=632
-  _globals['_ENRICHEDTASK']._serialized_end=886
-  _globals['_ENRICHEDTASK_SUBJECTSTATEENTRY']._serialized_start=811
-  _globals['_ENRICHEDTASK_SUBJECTSTATEENTRY']._serialized_end=886
-  _globals['_PREDICTIONEVENT']._serialized_start=889
-  _globals['_PREDICTIONEVENT']._serialized_end=1320
-  _globals['_PREDICTION']._serialized_start=1323
-  _globals['_PREDICTION']._serialized_end=1479
-  _globals['_PREDICTION_OUTPUTSENTRY']._serialized_start=1409
-  _globals['_PREDICTION_OUTPUTSENTRY']._serialized_end=1479
-  _globals['_CANDIDATE']._serialized_start=1482
-  _globals['_CANDIDATE']._serialized_end=1637
-  _globals['_OUTCOME']._serialized_start=1640
-  _globals['_OUTCOME']._serialized_end=1922
-  _globals['_ARCHIVERECORD']._serialized_start=1925
-  _globals['_ARCHIVERECORD']._serialized_end=2085
-  _globals['_SUBJECTEVENT']._serialized_start=2088
-  _globals['_SUBJECTEVENT']._serialized_end=2349
-  _globals['_SUBJECTEVENT_ATTRIBUTESENTRY']._serialized_start=2276
-  _globals['_SUBJECTEVENT_ATTRIBUTESENTRY']._serialized_end=2349
+  _globals['_ENRICHEDTASK']._serialized_end=892
+  _globals['_ENRICHEDTASK_SUBJECTSTATEENTRY']._serialized_start=817
+  _globals['_ENRICHEDTASK_SUBJECTSTATEENTRY']._serialized_end=892
+  _globals['_PREDICTIONEVENT']._serialized_start=895
+  _globals['_PREDICTIONEVENT']._serialized_end=1326
+  _globals['_PREDICTION']._serialized_start=1329
+  _globals['_PREDICTION']._serialized_end=1497
+  _globals['_PREDICTION_OUTPUTSENTRY']._serialized_start=1427
+  _globals['_PREDICTION_OUTPUTSENTRY']._serialized_end=1497
+  _globals['_CANDIDATE']._serialized_start=1500
+  _globals['_CANDIDATE']._serialized_end=1655
+  _globals['_OUTCOME']._serialized_start=1658
+  _globals['_OUTCOME']._serialized_end=1979
+  _globals['_ARCHIVERECORD']._serialized_start=1982
+  _globals['_ARCHIVERECORD']._serialized_end=2181
+  _globals['_SEALED']._serialized_start=2183
+  _globals['_SEALED']._serialized_end=2260
+  _globals['_SUBJECTEVENT']._serialized_start=2263
+  _globals['_SUBJECTEVENT']._serialized_end=2524
+  _globals['_SUBJECTEVENT_ATTRIBUTESENTRY']._serialized_start=2451
+  _globals['_SUBJECTEVENT_ATTRIBUTESENTRY']._serialized_end=2524
 # @@protoc_insertion_point(module_scope)

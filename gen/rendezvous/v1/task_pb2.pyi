@@ -384,6 +384,7 @@ class Outcome(_message.Message):
     RENDEZVOUS_INSTANCE_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     SLA_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """request_id identifies the request."""
     objective: _builtins.str
@@ -408,6 +409,13 @@ class Outcome(_message.Message):
     def sla(self) -> _duration_pb2.Duration:
         """sla is the SLA that applied, tightened by the client's deadline."""
 
+    @_builtins.property
+    def sealed(self) -> Global___Sealed:
+        """sealed holds the whole outcome, encrypted under its subject's key, when the request had
+        a subject_id and the mesh runs a keyring; the fields marked subject_data (scores,
+        outputs, model error text) are then cleared in the readable copy around it.
+        """
+
     def __init__(
         self,
         *,
@@ -419,10 +427,11 @@ class Outcome(_message.Message):
         rendezvous_instance: _builtins.str = ...,
         duplicates: _builtins.int = ...,
         sla: _duration_pb2.Duration | None = ...,
+        sealed: Global___Sealed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["received_time", b"received_time", "response", b"response", "sla", b"sla"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received_time", b"received_time", "response", b"response", "sealed", b"sealed", "sla", b"sla"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "duplicates", b"duplicates", "objective", b"objective", "received_time", b"received_time", "rendezvous_instance", b"rendezvous_instance", "request_id", b"request_id", "response", b"response", "sla", b"sla"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "duplicates", b"duplicates", "objective", b"objective", "received_time", b"received_time", "rendezvous_instance", b"rendezvous_instance", "request_id", b"request_id", "response", b"response", "sealed", b"sealed", "sla", b"sla"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,6 +447,7 @@ class ArchiveRecord(_message.Message):
     ARCHIVED_TIME_FIELD_NUMBER: _builtins.int
     REDACTED_FIELDS_FIELD_NUMBER: _builtins.int
     FEATURES_DROPPED_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
     features_dropped: _builtins.bool
     """features_dropped is true when the subject denied archiving."""
     @_builtins.property
@@ -454,6 +464,13 @@ class ArchiveRecord(_message.Message):
     def redacted_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """redacted_fields are the paths of the fields the decoy redacted."""
 
+    @_builtins.property
+    def sealed(self) -> Global___Sealed:
+        """sealed holds the whole record, encrypted under its subject's key, when the request had
+        a subject_id and the mesh runs a keyring; the fields marked subject_data (features,
+        payload, subject state) are then cleared in the readable copy around it.
+        """
+
     def __init__(
         self,
         *,
@@ -461,14 +478,55 @@ class ArchiveRecord(_message.Message):
         archived_time: _timestamp_pb2.Timestamp | None = ...,
         redacted_fields: _abc.Iterable[_builtins.str] | None = ...,
         features_dropped: _builtins.bool = ...,
+        sealed: Global___Sealed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["archived_time", b"archived_time", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archived_time", b"archived_time", "sealed", b"sealed", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_time", b"archived_time", "features_dropped", b"features_dropped", "redacted_fields", b"redacted_fields", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_time", b"archived_time", "features_dropped", b"features_dropped", "redacted_fields", b"redacted_fields", "sealed", b"sealed", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArchiveRecord: _TypeAlias = ArchiveRecord  # noqa: Y015
+
+@_typing.final
+class Sealed(_message.Message):
+    """Sealed is a record's subject data, encrypted under the subject's key (crypto-shredding:
+    erasing the subject deletes the key, and the record can no longer be opened).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """key_id names the subject key in the keyring: random, it says nothing about the subject."""
+    nonce: _builtins.bytes
+    """nonce is the AES-256-GCM nonce (12 bytes, random per record)."""
+    ciphertext: _builtins.bytes
+    """ciphertext is AES-256-GCM of the whole record serialized (its `sealed` field unset),
+    authenticated with the associated data "<record type>|<objective>|<request id>".
+    """
+    withheld: _builtins.bool
+    """withheld: no key could be had in time (the keyring was unreachable), so the subject
+    data was dropped rather than written readable; key_id, nonce and ciphertext are empty.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+        withheld: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "key_id", b"key_id", "nonce", b"nonce", "withheld", b"withheld"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sealed: _TypeAlias = Sealed  # noqa: Y015
 
 @_typing.final
 class SubjectEvent(_message.Message):

@@ -199,3 +199,22 @@ def test_charts_cover_the_window_in_equal_buckets() -> None:
         quantiles = [q.latency.ToNanoseconds() for q in distribution.latency]
         assert quantiles == sorted(quantiles) and quantiles
     assert len(report.drift_timeline) == 30
+
+
+def test_erased_requests_count_but_score_nothing() -> None:
+    store = ObjectiveStore(OBJECTIVE, StoreLimits(bucket_width_s=1.0))
+    scores = {"inc": (INC, 10.0, 0.01), "chal": (CHAL, 20.0, 0.02)}
+    # Opened with alice's key (r0, r1), bob's (r2), and one read with its key gone (r3).
+    for index, key_id in enumerate(("k-alice", "k-alice", "k-bob")):
+        store.add_outcome(outcome(f"r{index}", T0 + index * 0.1, scores), key_id)
+        store.add_feedback(feedback(f"r{index}", 12.0))
+    assert store.add_erased_outcome(outcome("r3", T0 + 0.3, scores))
+    assert not store.add_erased_outcome(outcome("r3", T0 + 0.3, scores))  # a redelivery
+    assert store.forget({"k-alice"}) == 2
+    assert not store.add_outcome(outcome("r0", T0, scores), "k-alice")  # gone, not new
+    report = build(store, T0, T0 + 1)
+    assert report.requests == 4 and report.erased_requests == 3
+    assert report.labelled_requests == 1  # bob's only: no score of alice's is left
+    [inc] = [m for m in report.models if m.model == "inc"]
+    assert inc.predictions == 4 and inc.error.labelled == 1
+    assert store.counters.erased_outcomes == 1 and store.counters.forgotten_records == 2

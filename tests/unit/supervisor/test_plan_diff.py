@@ -17,11 +17,14 @@ from services.supervisor.app import Supervised, Supervisor, SupervisorSettings
 from services.supervisor.live import LiveMesh
 from services.supervisor.plan import (
     Ports,
+    PrivacyFiles,
     ProcessSpec,
     diff,
     model_directory,
     model_endpoints,
     plan,
+    plan_control,
+    plan_keyring,
 )
 
 INC = {"name": "inc", "role": "incumbent", "kind": "sum"}
@@ -224,3 +227,25 @@ async def test_the_supervisor_applies_a_new_version(tmp_path: Path, launched: li
     await asyncio.sleep(0.4)
     assert launched == ["start model-chal"]
     assert names([p.spec for p in supervisor.processes]).count("model-chal") == 1
+
+
+async def test_a_new_version_leaves_the_control_component_and_the_keyring_running(
+    tmp_path: Path, launched: list[str]
+) -> None:
+    live = FakeLive(tmp_path)
+    live.held = configs(INC, DECOY)
+    supervisor = Supervisor([], tmp_path / "state.json", facts={}, live=live)
+    supervisor.phase = "ready"
+    ports = Ports()
+    first = [
+        plan_control(tmp_path / "mesh.yaml", tmp_path, "p", "h", "127.0.0.1:1", ports),
+        plan_keyring(PrivacyFiles.under(tmp_path), tmp_path, "p", "h", "127.0.0.1:2", ports),
+        *live.plan(),
+    ]
+    supervisor.processes = [Supervised(spec, supervisor.settings) for spec in first]
+    live.held = configs(INC, {"name": "chal", "role": "challenger", "kind": "sum"}, DECOY)
+    await supervisor._changed()
+    # Neither is planned from the control topic: a version must not stop them (the keyring
+    # stopped at the first change made every later record withheld).
+    assert launched == ["start model-chal"]
+    assert {"control", "keyring"} <= set(names([p.spec for p in supervisor.processes]))

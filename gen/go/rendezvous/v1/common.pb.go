@@ -313,18 +313,18 @@ var File_rendezvous_v1_common_proto protoreflect.FileDescriptor
 
 const file_rendezvous_v1_common_proto_rawDesc = "" +
 	"\n" +
-	"\x1arendezvous/v1/common.proto\x12\rrendezvous.v1\"\x91\x01\n" +
+	"\x1arendezvous/v1/common.proto\x12\rrendezvous.v1\x1a\x1brendezvous/v1/options.proto\"\x91\x01\n" +
 	"\aConsent\x12H\n" +
 	"\x0fexperimentation\x18\x01 \x01(\x0e2\x1e.rendezvous.v1.ConsentDecisionR\x0fexperimentation\x12<\n" +
 	"\tarchiving\x18\x02 \x01(\x0e2\x1e.rendezvous.v1.ConsentDecisionR\tarchiving\"@\n" +
 	"\aPayload\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12!\n" +
-	"\fcontent_type\x18\x02 \x01(\tR\vcontentType\"[\n" +
+	"\fcontent_type\x18\x02 \x01(\tR\vcontentType\"a\n" +
 	"\n" +
 	"ModelError\x12\x1b\n" +
 	"\tgrpc_code\x18\x01 \x01(\x05R\bgrpcCode\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage*\x89\x01\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1e\n" +
+	"\amessage\x18\x03 \x01(\tB\x04\xd0\xf3\x18\x01R\amessage*\x89\x01\n" +
 	"\tModelRole\x12\x1a\n" +
 	"\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14MODEL_ROLE_INCUMBENT\x10\x01\x12\x19\n" +
@@ -372,6 +372,7 @@ func file_rendezvous_v1_common_proto_init() {
 	if File_rendezvous_v1_common_proto != nil {
 		return
 	}
+	file_rendezvous_v1_options_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

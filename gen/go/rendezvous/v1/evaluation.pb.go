@@ -933,8 +933,12 @@ type GetEvaluationReportResponse struct {
 	// pending_feedback counts observations whose outcome the evaluator has not seen (yet):
 	// feedback for requests outside the retained history, or for unknown request ids.
 	PendingFeedback int64 `protobuf:"varint,16,opt,name=pending_feedback,json=pendingFeedback,proto3" json:"pending_feedback,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// erased_requests counts the requests in the window whose outcome no longer holds its
+	// subject data (the subject was erased, or the data was withheld): they count in
+	// requests, default answers and latency, in no score, agreement or error figure.
+	ErasedRequests int64 `protobuf:"varint,17,opt,name=erased_requests,json=erasedRequests,proto3" json:"erased_requests,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GetEvaluationReportResponse) Reset() {
@@ -1075,6 +1079,13 @@ func (x *GetEvaluationReportResponse) GetDriftTimeline() []*DriftPoint {
 func (x *GetEvaluationReportResponse) GetPendingFeedback() int64 {
 	if x != nil {
 		return x.PendingFeedback
+	}
+	return 0
+}
+
+func (x *GetEvaluationReportResponse) GetErasedRequests() int64 {
+	if x != nil {
+		return x.ErasedRequests
 	}
 	return 0
 }
@@ -1531,7 +1542,7 @@ const file_rendezvous_v1_evaluation_proto_rawDesc = "" +
 	"\frecent_start\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\vrecentStart\x129\n" +
 	"\n" +
-	"recent_end\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\trecentEnd\"\xd1\x06\n" +
+	"recent_end\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\trecentEnd\"\xfa\x06\n" +
 	"\x1bGetEvaluationReportResponse\x12\x1c\n" +
 	"\tobjective\x18\x01 \x01(\tR\tobjective\x12\x1a\n" +
 	"\brequests\x18\x02 \x01(\x03R\brequests\x12'\n" +
@@ -1551,7 +1562,8 @@ const file_rendezvous_v1_evaluation_proto_rawDesc = "" +
 	"\rdistributions\x18\r \x03(\v2 .rendezvous.v1.ModelDistributionR\rdistributions\x12&\n" +
 	"\x0fscore_bin_edges\x18\x0e \x03(\x01R\rscoreBinEdges\x12@\n" +
 	"\x0edrift_timeline\x18\x0f \x03(\v2\x19.rendezvous.v1.DriftPointR\rdriftTimeline\x12)\n" +
-	"\x10pending_feedback\x18\x10 \x01(\x03R\x0fpendingFeedback\"\xea\x01\n" +
+	"\x10pending_feedback\x18\x10 \x01(\x03R\x0fpendingFeedback\x12'\n" +
+	"\x0ferased_requests\x18\x11 \x01(\x03R\x0eerasedRequests\"\xea\x01\n" +
 	"\fReportBucket\x120\n" +
 	"\x05start\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x05start\x12/\n" +
 	"\x05width\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05width\x12\x1a\n" +

@@ -30,6 +30,14 @@ var file_rendezvous_v1_options_proto_extTypes = []protoimpl.ExtensionInfo{
 		Tag:           "varint,51001,opt,name=pii",
 		Filename:      "rendezvous/v1/options.proto",
 	},
+	{
+		ExtendedType:  (*descriptorpb.FieldOptions)(nil),
+		ExtensionType: (*bool)(nil),
+		Field:         51002,
+		Name:          "rendezvous.v1.subject_data",
+		Tag:           "varint,51002,opt,name=subject_data",
+		Filename:      "rendezvous/v1/options.proto",
+	},
 }
 
 // Extension fields to descriptorpb.FieldOptions.
@@ -39,6 +47,14 @@ var (
 	//
 	// optional bool pii = 51001;
 	E_Pii = &file_rendezvous_v1_options_proto_extTypes[0]
+	// subject_data marks a field that carries a subject's data or a prediction about the
+	// subject (features, payload, subject state, scores, a model's own text). In a record
+	// kept on a topic (ArchiveRecord, Outcome) of a request with a subject_id, such fields
+	// are readable only inside the record's `sealed` part, encrypted under the subject's
+	// key; erasing the subject deletes the key (crypto-shredding).
+	//
+	// optional bool subject_data = 51002;
+	E_SubjectData = &file_rendezvous_v1_options_proto_extTypes[1]
 )
 
 var File_rendezvous_v1_options_proto protoreflect.FileDescriptor
@@ -46,17 +62,19 @@ var File_rendezvous_v1_options_proto protoreflect.FileDescriptor
 const file_rendezvous_v1_options_proto_rawDesc = "" +
 	"\n" +
 	"\x1brendezvous/v1/options.proto\x12\rrendezvous.v1\x1a google/protobuf/descriptor.proto:1\n" +
-	"\x03pii\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\bR\x03piiBGZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3"
+	"\x03pii\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\bR\x03pii:B\n" +
+	"\fsubject_data\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\bR\vsubjectDataBGZEgithub.com/rendezvous-ml/rendezvous/gen/go/rendezvous/v1;rendezvousv1b\x06proto3"
 
 var file_rendezvous_v1_options_proto_goTypes = []any{
 	(*descriptorpb.FieldOptions)(nil), // 0: google.protobuf.FieldOptions
 }
 var file_rendezvous_v1_options_proto_depIdxs = []int32{
 	0, // 0: rendezvous.v1.pii:extendee -> google.protobuf.FieldOptions
-	1, // [1:1] is the sub-list for method output_type
-	1, // [1:1] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	0, // [0:1] is the sub-list for extension extendee
+	0, // 1: rendezvous.v1.subject_data:extendee -> google.protobuf.FieldOptions
+	2, // [2:2] is the sub-list for method output_type
+	2, // [2:2] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	0, // [0:2] is the sub-list for extension extendee
 	0, // [0:0] is the sub-list for field type_name
 }
 
@@ -72,7 +90,7 @@ func file_rendezvous_v1_options_proto_init() {
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rendezvous_v1_options_proto_rawDesc), len(file_rendezvous_v1_options_proto_rawDesc)),
 			NumEnums:      0,
 			NumMessages:   0,
-			NumExtensions: 1,
+			NumExtensions: 2,
 			NumServices:   0,
 		},
 		GoTypes:           file_rendezvous_v1_options_proto_goTypes,

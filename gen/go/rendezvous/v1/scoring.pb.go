@@ -427,13 +427,13 @@ var File_rendezvous_v1_scoring_proto protoreflect.FileDescriptor
 
 const file_rendezvous_v1_scoring_proto_rawDesc = "" +
 	"\n" +
-	"\x1brendezvous/v1/scoring.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1arendezvous/v1/common.proto\x1a\x1brendezvous/v1/options.proto\"\xf0\x02\n" +
+	"\x1brendezvous/v1/scoring.proto\x12\rrendezvous.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1arendezvous/v1/common.proto\x1a\x1brendezvous/v1/options.proto\"\xfc\x02\n" +
 	"\fScoreRequest\x12\x1c\n" +
 	"\tobjective\x18\x01 \x01(\tR\tobjective\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x02 \x01(\tR\trequestId\x12E\n" +
-	"\bfeatures\x18\x03 \x03(\v2).rendezvous.v1.ScoreRequest.FeaturesEntryR\bfeatures\x120\n" +
-	"\apayload\x18\x04 \x01(\v2\x16.rendezvous.v1.PayloadR\apayload\x12#\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12K\n" +
+	"\bfeatures\x18\x03 \x03(\v2).rendezvous.v1.ScoreRequest.FeaturesEntryB\x04\xd0\xf3\x18\x01R\bfeatures\x126\n" +
+	"\apayload\x18\x04 \x01(\v2\x16.rendezvous.v1.PayloadB\x04\xd0\xf3\x18\x01R\apayload\x12#\n" +
 	"\n" +
 	"subject_id\x18\x05 \x01(\tB\x04\xc8\xf3\x18\x01R\tsubjectId\x120\n" +
 	"\aconsent\x18\x06 \x01(\v2\x16.rendezvous.v1.ConsentR\aconsent\x1aS\n" +
@@ -448,12 +448,12 @@ const file_rendezvous_v1_scoring_proto_rawDesc = "" +
 	"\n" +
 	"rule_index\x18\x05 \x01(\x05R\truleIndex\x12\x12\n" +
 	"\x04rule\x18\x06 \x01(\tR\x04rule\x125\n" +
-	"\x06reason\x18\a \x01(\x0e2\x1d.rendezvous.v1.DecisionReasonR\x06reason\"\xf4\x02\n" +
+	"\x06reason\x18\a \x01(\x0e2\x1d.rendezvous.v1.DecisionReasonR\x06reason\"\x80\x03\n" +
 	"\rScoreResponse\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
-	"\x05score\x18\x02 \x01(\x01R\x05score\x12C\n" +
-	"\aoutputs\x18\x03 \x03(\v2).rendezvous.v1.ScoreResponse.OutputsEntryR\aoutputs\x123\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1a\n" +
+	"\x05score\x18\x02 \x01(\x01B\x04\xd0\xf3\x18\x01R\x05score\x12I\n" +
+	"\aoutputs\x18\x03 \x03(\v2).rendezvous.v1.ScoreResponse.OutputsEntryB\x04\xd0\xf3\x18\x01R\aoutputs\x123\n" +
 	"\bdecision\x18\x04 \x01(\v2\x17.rendezvous.v1.DecisionR\bdecision\x123\n" +
 	"\aelapsed\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\aelapsed\x12+\n" +
 	"\x11objective_version\x18\x06 \x01(\x03R\x10objectiveVersion\x1aR\n" +

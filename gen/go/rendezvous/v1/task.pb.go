@@ -595,7 +595,11 @@ type Outcome struct {
 	// duplicates counts predictions received more than once and ignored.
 	Duplicates int32 `protobuf:"varint,7,opt,name=duplicates,proto3" json:"duplicates,omitempty"`
 	// sla is the SLA that applied, tightened by the client's deadline.
-	Sla           *durationpb.Duration `protobuf:"bytes,8,opt,name=sla,proto3" json:"sla,omitempty"`
+	Sla *durationpb.Duration `protobuf:"bytes,8,opt,name=sla,proto3" json:"sla,omitempty"`
+	// sealed holds the whole outcome, encrypted under its subject's key, when the request had
+	// a subject_id and the mesh runs a keyring; the fields marked subject_data (scores,
+	// outputs, model error text) are then cleared in the readable copy around it.
+	Sealed        *Sealed `protobuf:"bytes,9,opt,name=sealed,proto3" json:"sealed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -686,6 +690,13 @@ func (x *Outcome) GetSla() *durationpb.Duration {
 	return nil
 }
 
+func (x *Outcome) GetSealed() *Sealed {
+	if x != nil {
+		return x.Sealed
+	}
+	return nil
+}
+
 // ArchiveRecord is a task as the models saw it, kept by the decoy (archive topic).
 type ArchiveRecord struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -698,8 +709,12 @@ type ArchiveRecord struct {
 	RedactedFields []string `protobuf:"bytes,3,rep,name=redacted_fields,json=redactedFields,proto3" json:"redacted_fields,omitempty"`
 	// features_dropped is true when the subject denied archiving.
 	FeaturesDropped bool `protobuf:"varint,4,opt,name=features_dropped,json=featuresDropped,proto3" json:"features_dropped,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// sealed holds the whole record, encrypted under its subject's key, when the request had
+	// a subject_id and the mesh runs a keyring; the fields marked subject_data (features,
+	// payload, subject state) are then cleared in the readable copy around it.
+	Sealed        *Sealed `protobuf:"bytes,5,opt,name=sealed,proto3" json:"sealed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ArchiveRecord) Reset() {
@@ -760,6 +775,89 @@ func (x *ArchiveRecord) GetFeaturesDropped() bool {
 	return false
 }
 
+func (x *ArchiveRecord) GetSealed() *Sealed {
+	if x != nil {
+		return x.Sealed
+	}
+	return nil
+}
+
+// Sealed is a record's subject data, encrypted under the subject's key (crypto-shredding:
+// erasing the subject deletes the key, and the record can no longer be opened).
+type Sealed struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// key_id names the subject key in the keyring: random, it says nothing about the subject.
+	KeyId string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// nonce is the AES-256-GCM nonce (12 bytes, random per record).
+	Nonce []byte `protobuf:"bytes,2,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	// ciphertext is AES-256-GCM of the whole record serialized (its `sealed` field unset),
+	// authenticated with the associated data "<record type>|<objective>|<request id>".
+	Ciphertext []byte `protobuf:"bytes,3,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	// withheld: no key could be had in time (the keyring was unreachable), so the subject
+	// data was dropped rather than written readable; key_id, nonce and ciphertext are empty.
+	Withheld      bool `protobuf:"varint,4,opt,name=withheld,proto3" json:"withheld,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Sealed) Reset() {
+	*x = Sealed{}
+	mi := &file_rendezvous_v1_task_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Sealed) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Sealed) ProtoMessage() {}
+
+func (x *Sealed) ProtoReflect() protoreflect.Message {
+	mi := &file_rendezvous_v1_task_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Sealed.ProtoReflect.Descriptor instead.
+func (*Sealed) Descriptor() ([]byte, []int) {
+	return file_rendezvous_v1_task_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *Sealed) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *Sealed) GetNonce() []byte {
+	if x != nil {
+		return x.Nonce
+	}
+	return nil
+}
+
+func (x *Sealed) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+func (x *Sealed) GetWithheld() bool {
+	if x != nil {
+		return x.Withheld
+	}
+	return false
+}
+
 // SubjectEvent is an interaction of a subject, kept by the enricher (events topic).
 type SubjectEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -779,7 +877,7 @@ type SubjectEvent struct {
 
 func (x *SubjectEvent) Reset() {
 	*x = SubjectEvent{}
-	mi := &file_rendezvous_v1_task_proto_msgTypes[7]
+	mi := &file_rendezvous_v1_task_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -791,7 +889,7 @@ func (x *SubjectEvent) String() string {
 func (*SubjectEvent) ProtoMessage() {}
 
 func (x *SubjectEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_rendezvous_v1_task_proto_msgTypes[7]
+	mi := &file_rendezvous_v1_task_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -804,7 +902,7 @@ func (x *SubjectEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubjectEvent.ProtoReflect.Descriptor instead.
 func (*SubjectEvent) Descriptor() ([]byte, []int) {
-	return file_rendezvous_v1_task_proto_rawDescGZIP(), []int{7}
+	return file_rendezvous_v1_task_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SubjectEvent) GetSubjectId() string {
@@ -862,10 +960,10 @@ const file_rendezvous_v1_task_proto_rawDesc = "" +
 	" \x01(\bR\vskipArchive\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xac\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb2\x02\n" +
 	"\fEnrichedTask\x12.\n" +
-	"\x04task\x18\x01 \x01(\v2\x1a.rendezvous.v1.ScoringTaskR\x04task\x12R\n" +
-	"\rsubject_state\x18\x02 \x03(\v2-.rendezvous.v1.EnrichedTask.SubjectStateEntryR\fsubjectState\x12?\n" +
+	"\x04task\x18\x01 \x01(\v2\x1a.rendezvous.v1.ScoringTaskR\x04task\x12X\n" +
+	"\rsubject_state\x18\x02 \x03(\v2-.rendezvous.v1.EnrichedTask.SubjectStateEntryB\x04\xd0\xf3\x18\x01R\fsubjectState\x12?\n" +
 	"\renriched_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\fenrichedTime\x1aW\n" +
 	"\x11SubjectStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12,\n" +
@@ -888,11 +986,11 @@ const file_rendezvous_v1_task_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\rpredictedTime\x12>\n" +
 	"\rmodel_latency\x18\v \x01(\v2\x19.google.protobuf.DurationR\fmodelLatency\x12\x16\n" +
 	"\x06runner\x18\f \x01(\tR\x06runnerB\b\n" +
-	"\x06result\"\xb8\x01\n" +
+	"\x06result\"\xc4\x01\n" +
 	"\n" +
-	"Prediction\x12\x14\n" +
-	"\x05score\x18\x01 \x01(\x01R\x05score\x12@\n" +
-	"\aoutputs\x18\x02 \x03(\v2&.rendezvous.v1.Prediction.OutputsEntryR\aoutputs\x1aR\n" +
+	"Prediction\x12\x1a\n" +
+	"\x05score\x18\x01 \x01(\x01B\x04\xd0\xf3\x18\x01R\x05score\x12F\n" +
+	"\aoutputs\x18\x02 \x03(\v2&.rendezvous.v1.Prediction.OutputsEntryB\x04\xd0\xf3\x18\x01R\aoutputs\x1aR\n" +
 	"\fOutputsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12,\n" +
 	"\x05value\x18\x02 \x01(\v2\x16.google.protobuf.ValueR\x05value:\x028\x01\"\xb8\x01\n" +
@@ -901,7 +999,7 @@ const file_rendezvous_v1_task_proto_rawDesc = "" +
 	"prediction\x18\x01 \x01(\v2\x1e.rendezvous.v1.PredictionEventR\n" +
 	"prediction\x123\n" +
 	"\aarrival\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\aarrival\x126\n" +
-	"\x06status\x18\x03 \x01(\x0e2\x1e.rendezvous.v1.CandidateStatusR\x06status\"\xf9\x02\n" +
+	"\x06status\x18\x03 \x01(\x0e2\x1e.rendezvous.v1.CandidateStatusR\x06status\"\xa8\x03\n" +
 	"\aOutcome\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1c\n" +
@@ -915,12 +1013,21 @@ const file_rendezvous_v1_task_proto_rawDesc = "" +
 	"\n" +
 	"duplicates\x18\a \x01(\x05R\n" +
 	"duplicates\x12+\n" +
-	"\x03sla\x18\b \x01(\v2\x19.google.protobuf.DurationR\x03sla\"\xd5\x01\n" +
+	"\x03sla\x18\b \x01(\v2\x19.google.protobuf.DurationR\x03sla\x12-\n" +
+	"\x06sealed\x18\t \x01(\v2\x15.rendezvous.v1.SealedR\x06sealed\"\x84\x02\n" +
 	"\rArchiveRecord\x12/\n" +
 	"\x04task\x18\x01 \x01(\v2\x1b.rendezvous.v1.EnrichedTaskR\x04task\x12?\n" +
 	"\rarchived_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\farchivedTime\x12'\n" +
 	"\x0fredacted_fields\x18\x03 \x03(\tR\x0eredactedFields\x12)\n" +
-	"\x10features_dropped\x18\x04 \x01(\bR\x0ffeaturesDropped\"\xc4\x02\n" +
+	"\x10features_dropped\x18\x04 \x01(\bR\x0ffeaturesDropped\x12-\n" +
+	"\x06sealed\x18\x05 \x01(\v2\x15.rendezvous.v1.SealedR\x06sealed\"q\n" +
+	"\x06Sealed\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12\x1e\n" +
+	"\n" +
+	"ciphertext\x18\x03 \x01(\fR\n" +
+	"ciphertext\x12\x1a\n" +
+	"\bwithheld\x18\x04 \x01(\bR\bwithheld\"\xc4\x02\n" +
 	"\fSubjectEvent\x12#\n" +
 	"\n" +
 	"subject_id\x18\x01 \x01(\tB\x04\xc8\xf3\x18\x01R\tsubjectId\x12\x1c\n" +
@@ -954,7 +1061,7 @@ func file_rendezvous_v1_task_proto_rawDescGZIP() []byte {
 }
 
 var file_rendezvous_v1_task_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_rendezvous_v1_task_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_rendezvous_v1_task_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_rendezvous_v1_task_proto_goTypes = []any{
 	(CandidateStatus)(0),          // 0: rendezvous.v1.CandidateStatus
 	(*ScoringTask)(nil),           // 1: rendezvous.v1.ScoringTask
@@ -964,53 +1071,56 @@ var file_rendezvous_v1_task_proto_goTypes = []any{
 	(*Candidate)(nil),             // 5: rendezvous.v1.Candidate
 	(*Outcome)(nil),               // 6: rendezvous.v1.Outcome
 	(*ArchiveRecord)(nil),         // 7: rendezvous.v1.ArchiveRecord
-	(*SubjectEvent)(nil),          // 8: rendezvous.v1.SubjectEvent
-	nil,                           // 9: rendezvous.v1.ScoringTask.TraceContextEntry
-	nil,                           // 10: rendezvous.v1.EnrichedTask.SubjectStateEntry
-	nil,                           // 11: rendezvous.v1.Prediction.OutputsEntry
-	nil,                           // 12: rendezvous.v1.SubjectEvent.AttributesEntry
-	(*ScoreRequest)(nil),          // 13: rendezvous.v1.ScoreRequest
-	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
-	(ModelRole)(0),                // 15: rendezvous.v1.ModelRole
-	(*ModelError)(nil),            // 16: rendezvous.v1.ModelError
-	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
-	(*ScoreResponse)(nil),         // 18: rendezvous.v1.ScoreResponse
-	(*structpb.Value)(nil),        // 19: google.protobuf.Value
+	(*Sealed)(nil),                // 8: rendezvous.v1.Sealed
+	(*SubjectEvent)(nil),          // 9: rendezvous.v1.SubjectEvent
+	nil,                           // 10: rendezvous.v1.ScoringTask.TraceContextEntry
+	nil,                           // 11: rendezvous.v1.EnrichedTask.SubjectStateEntry
+	nil,                           // 12: rendezvous.v1.Prediction.OutputsEntry
+	nil,                           // 13: rendezvous.v1.SubjectEvent.AttributesEntry
+	(*ScoreRequest)(nil),          // 14: rendezvous.v1.ScoreRequest
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(ModelRole)(0),                // 16: rendezvous.v1.ModelRole
+	(*ModelError)(nil),            // 17: rendezvous.v1.ModelError
+	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
+	(*ScoreResponse)(nil),         // 19: rendezvous.v1.ScoreResponse
+	(*structpb.Value)(nil),        // 20: google.protobuf.Value
 }
 var file_rendezvous_v1_task_proto_depIdxs = []int32{
-	13, // 0: rendezvous.v1.ScoringTask.request:type_name -> rendezvous.v1.ScoreRequest
-	14, // 1: rendezvous.v1.ScoringTask.received_time:type_name -> google.protobuf.Timestamp
-	14, // 2: rendezvous.v1.ScoringTask.deadline:type_name -> google.protobuf.Timestamp
-	9,  // 3: rendezvous.v1.ScoringTask.trace_context:type_name -> rendezvous.v1.ScoringTask.TraceContextEntry
+	14, // 0: rendezvous.v1.ScoringTask.request:type_name -> rendezvous.v1.ScoreRequest
+	15, // 1: rendezvous.v1.ScoringTask.received_time:type_name -> google.protobuf.Timestamp
+	15, // 2: rendezvous.v1.ScoringTask.deadline:type_name -> google.protobuf.Timestamp
+	10, // 3: rendezvous.v1.ScoringTask.trace_context:type_name -> rendezvous.v1.ScoringTask.TraceContextEntry
 	1,  // 4: rendezvous.v1.EnrichedTask.task:type_name -> rendezvous.v1.ScoringTask
-	10, // 5: rendezvous.v1.EnrichedTask.subject_state:type_name -> rendezvous.v1.EnrichedTask.SubjectStateEntry
-	14, // 6: rendezvous.v1.EnrichedTask.enriched_time:type_name -> google.protobuf.Timestamp
-	15, // 7: rendezvous.v1.PredictionEvent.role:type_name -> rendezvous.v1.ModelRole
+	11, // 5: rendezvous.v1.EnrichedTask.subject_state:type_name -> rendezvous.v1.EnrichedTask.SubjectStateEntry
+	15, // 6: rendezvous.v1.EnrichedTask.enriched_time:type_name -> google.protobuf.Timestamp
+	16, // 7: rendezvous.v1.PredictionEvent.role:type_name -> rendezvous.v1.ModelRole
 	4,  // 8: rendezvous.v1.PredictionEvent.prediction:type_name -> rendezvous.v1.Prediction
-	16, // 9: rendezvous.v1.PredictionEvent.error:type_name -> rendezvous.v1.ModelError
-	14, // 10: rendezvous.v1.PredictionEvent.task_received_time:type_name -> google.protobuf.Timestamp
-	14, // 11: rendezvous.v1.PredictionEvent.predicted_time:type_name -> google.protobuf.Timestamp
-	17, // 12: rendezvous.v1.PredictionEvent.model_latency:type_name -> google.protobuf.Duration
-	11, // 13: rendezvous.v1.Prediction.outputs:type_name -> rendezvous.v1.Prediction.OutputsEntry
+	17, // 9: rendezvous.v1.PredictionEvent.error:type_name -> rendezvous.v1.ModelError
+	15, // 10: rendezvous.v1.PredictionEvent.task_received_time:type_name -> google.protobuf.Timestamp
+	15, // 11: rendezvous.v1.PredictionEvent.predicted_time:type_name -> google.protobuf.Timestamp
+	18, // 12: rendezvous.v1.PredictionEvent.model_latency:type_name -> google.protobuf.Duration
+	12, // 13: rendezvous.v1.Prediction.outputs:type_name -> rendezvous.v1.Prediction.OutputsEntry
 	3,  // 14: rendezvous.v1.Candidate.prediction:type_name -> rendezvous.v1.PredictionEvent
-	17, // 15: rendezvous.v1.Candidate.arrival:type_name -> google.protobuf.Duration
+	18, // 15: rendezvous.v1.Candidate.arrival:type_name -> google.protobuf.Duration
 	0,  // 16: rendezvous.v1.Candidate.status:type_name -> rendezvous.v1.CandidateStatus
-	18, // 17: rendezvous.v1.Outcome.response:type_name -> rendezvous.v1.ScoreResponse
+	19, // 17: rendezvous.v1.Outcome.response:type_name -> rendezvous.v1.ScoreResponse
 	5,  // 18: rendezvous.v1.Outcome.candidates:type_name -> rendezvous.v1.Candidate
-	14, // 19: rendezvous.v1.Outcome.received_time:type_name -> google.protobuf.Timestamp
-	17, // 20: rendezvous.v1.Outcome.sla:type_name -> google.protobuf.Duration
-	2,  // 21: rendezvous.v1.ArchiveRecord.task:type_name -> rendezvous.v1.EnrichedTask
-	14, // 22: rendezvous.v1.ArchiveRecord.archived_time:type_name -> google.protobuf.Timestamp
-	14, // 23: rendezvous.v1.SubjectEvent.event_time:type_name -> google.protobuf.Timestamp
-	12, // 24: rendezvous.v1.SubjectEvent.attributes:type_name -> rendezvous.v1.SubjectEvent.AttributesEntry
-	19, // 25: rendezvous.v1.EnrichedTask.SubjectStateEntry.value:type_name -> google.protobuf.Value
-	19, // 26: rendezvous.v1.Prediction.OutputsEntry.value:type_name -> google.protobuf.Value
-	19, // 27: rendezvous.v1.SubjectEvent.AttributesEntry.value:type_name -> google.protobuf.Value
-	28, // [28:28] is the sub-list for method output_type
-	28, // [28:28] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	15, // 19: rendezvous.v1.Outcome.received_time:type_name -> google.protobuf.Timestamp
+	18, // 20: rendezvous.v1.Outcome.sla:type_name -> google.protobuf.Duration
+	8,  // 21: rendezvous.v1.Outcome.sealed:type_name -> rendezvous.v1.Sealed
+	2,  // 22: rendezvous.v1.ArchiveRecord.task:type_name -> rendezvous.v1.EnrichedTask
+	15, // 23: rendezvous.v1.ArchiveRecord.archived_time:type_name -> google.protobuf.Timestamp
+	8,  // 24: rendezvous.v1.ArchiveRecord.sealed:type_name -> rendezvous.v1.Sealed
+	15, // 25: rendezvous.v1.SubjectEvent.event_time:type_name -> google.protobuf.Timestamp
+	13, // 26: rendezvous.v1.SubjectEvent.attributes:type_name -> rendezvous.v1.SubjectEvent.AttributesEntry
+	20, // 27: rendezvous.v1.EnrichedTask.SubjectStateEntry.value:type_name -> google.protobuf.Value
+	20, // 28: rendezvous.v1.Prediction.OutputsEntry.value:type_name -> google.protobuf.Value
+	20, // 29: rendezvous.v1.SubjectEvent.AttributesEntry.value:type_name -> google.protobuf.Value
+	30, // [30:30] is the sub-list for method output_type
+	30, // [30:30] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_rendezvous_v1_task_proto_init() }
@@ -1031,7 +1141,7 @@ func file_rendezvous_v1_task_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rendezvous_v1_task_proto_rawDesc), len(file_rendezvous_v1_task_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

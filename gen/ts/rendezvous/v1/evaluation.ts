@@ -361,6 +361,12 @@ export interface GetEvaluationReportResponse {
    * feedback for requests outside the retained history, or for unknown request ids.
    */
   pendingFeedback: number;
+  /**
+   * erased_requests counts the requests in the window whose outcome no longer holds its
+   * subject data (the subject was erased, or the data was withheld): they count in
+   * requests, default answers and latency, in no score, agreement or error figure.
+   */
+  erasedRequests: number;
 }
 
 /** ReportBucket is one slice of the window's timeline. */
@@ -1830,6 +1836,7 @@ function createBaseGetEvaluationReportResponse(): GetEvaluationReportResponse {
     scoreBinEdges: [],
     driftTimeline: [],
     pendingFeedback: 0,
+    erasedRequests: 0,
   };
 }
 
@@ -1886,6 +1893,9 @@ export const GetEvaluationReportResponse: MessageFns<GetEvaluationReportResponse
     }
     if (message.pendingFeedback !== 0) {
       writer.uint32(128).int64(message.pendingFeedback);
+    }
+    if (message.erasedRequests !== 0) {
+      writer.uint32(136).int64(message.erasedRequests);
     }
     return writer;
   },
@@ -2041,6 +2051,14 @@ export const GetEvaluationReportResponse: MessageFns<GetEvaluationReportResponse
             message.pendingFeedback = longToNumber(reader.int64());
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.erasedRequests = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2121,6 +2139,11 @@ export const GetEvaluationReportResponse: MessageFns<GetEvaluationReportResponse
         : isSet(object.pending_feedback)
         ? globalThis.Number(object.pending_feedback)
         : 0,
+      erasedRequests: isSet(object.erasedRequests)
+        ? globalThis.Number(object.erasedRequests)
+        : isSet(object.erased_requests)
+        ? globalThis.Number(object.erased_requests)
+        : 0,
     };
   },
 
@@ -2174,6 +2197,9 @@ export const GetEvaluationReportResponse: MessageFns<GetEvaluationReportResponse
     if (message.pendingFeedback !== 0) {
       obj.pendingFeedback = Math.round(message.pendingFeedback);
     }
+    if (message.erasedRequests !== 0) {
+      obj.erasedRequests = Math.round(message.erasedRequests);
+    }
     return obj;
   },
 
@@ -2202,6 +2228,7 @@ export const GetEvaluationReportResponse: MessageFns<GetEvaluationReportResponse
     message.scoreBinEdges = object.scoreBinEdges?.map((e) => e) || [];
     message.driftTimeline = object.driftTimeline?.map((e) => DriftPoint.fromPartial(e)) || [];
     message.pendingFeedback = object.pendingFeedback ?? 0;
+    message.erasedRequests = object.erasedRequests ?? 0;
     return message;
   },
 };

@@ -223,7 +223,15 @@ export interface Outcome {
   /** duplicates counts predictions received more than once and ignored. */
   duplicates: number;
   /** sla is the SLA that applied, tightened by the client's deadline. */
-  sla: Duration | undefined;
+  sla:
+    | Duration
+    | undefined;
+  /**
+   * sealed holds the whole outcome, encrypted under its subject's key, when the request had
+   * a subject_id and the mesh runs a keyring; the fields marked subject_data (scores,
+   * outputs, model error text) are then cleared in the readable copy around it.
+   */
+  sealed: Sealed | undefined;
 }
 
 /** ArchiveRecord is a task as the models saw it, kept by the decoy (archive topic). */
@@ -243,6 +251,33 @@ export interface ArchiveRecord {
   redactedFields: string[];
   /** features_dropped is true when the subject denied archiving. */
   featuresDropped: boolean;
+  /**
+   * sealed holds the whole record, encrypted under its subject's key, when the request had
+   * a subject_id and the mesh runs a keyring; the fields marked subject_data (features,
+   * payload, subject state) are then cleared in the readable copy around it.
+   */
+  sealed: Sealed | undefined;
+}
+
+/**
+ * Sealed is a record's subject data, encrypted under the subject's key (crypto-shredding:
+ * erasing the subject deletes the key, and the record can no longer be opened).
+ */
+export interface Sealed {
+  /** key_id names the subject key in the keyring: random, it says nothing about the subject. */
+  keyId: string;
+  /** nonce is the AES-256-GCM nonce (12 bytes, random per record). */
+  nonce: Buffer;
+  /**
+   * ciphertext is AES-256-GCM of the whole record serialized (its `sealed` field unset),
+   * authenticated with the associated data "<record type>|<objective>|<request id>".
+   */
+  ciphertext: Buffer;
+  /**
+   * withheld: no key could be had in time (the keyring was unreachable), so the subject
+   * data was dropped rather than written readable; key_id, nonce and ciphertext are empty.
+   */
+  withheld: boolean;
 }
 
 /** SubjectEvent is an interaction of a subject, kept by the enricher (events topic). */
@@ -1499,6 +1534,7 @@ function createBaseOutcome(): Outcome {
     rendezvousInstance: "",
     duplicates: 0,
     sla: undefined,
+    sealed: undefined,
   };
 }
 
@@ -1527,6 +1563,9 @@ export const Outcome: MessageFns<Outcome> = {
     }
     if (message.sla !== undefined) {
       Duration.encode(message.sla, writer.uint32(66).fork()).join();
+    }
+    if (message.sealed !== undefined) {
+      Sealed.encode(message.sealed, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -1608,6 +1647,14 @@ export const Outcome: MessageFns<Outcome> = {
             message.sla = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.sealed = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1644,6 +1691,7 @@ export const Outcome: MessageFns<Outcome> = {
         : "",
       duplicates: isSet(object.duplicates) ? globalThis.Number(object.duplicates) : 0,
       sla: isSet(object.sla) ? Duration.fromJSON(object.sla) : undefined,
+      sealed: isSet(object.sealed) ? Sealed.fromJSON(object.sealed) : undefined,
     };
   },
 
@@ -1673,6 +1721,9 @@ export const Outcome: MessageFns<Outcome> = {
     if (message.sla !== undefined) {
       obj.sla = Duration.toJSON(message.sla);
     }
+    if (message.sealed !== undefined) {
+      obj.sealed = Sealed.toJSON(message.sealed);
+    }
     return obj;
   },
 
@@ -1691,12 +1742,15 @@ export const Outcome: MessageFns<Outcome> = {
     message.rendezvousInstance = object.rendezvousInstance ?? "";
     message.duplicates = object.duplicates ?? 0;
     message.sla = (object.sla !== undefined && object.sla !== null) ? Duration.fromPartial(object.sla) : undefined;
+    message.sealed = (object.sealed !== undefined && object.sealed !== null)
+      ? Sealed.fromPartial(object.sealed)
+      : undefined;
     return message;
   },
 };
 
 function createBaseArchiveRecord(): ArchiveRecord {
-  return { task: undefined, archivedTime: undefined, redactedFields: [], featuresDropped: false };
+  return { task: undefined, archivedTime: undefined, redactedFields: [], featuresDropped: false, sealed: undefined };
 }
 
 export const ArchiveRecord: MessageFns<ArchiveRecord> = {
@@ -1712,6 +1766,9 @@ export const ArchiveRecord: MessageFns<ArchiveRecord> = {
     }
     if (message.featuresDropped !== false) {
       writer.uint32(32).bool(message.featuresDropped);
+    }
+    if (message.sealed !== undefined) {
+      Sealed.encode(message.sealed, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -1761,6 +1818,14 @@ export const ArchiveRecord: MessageFns<ArchiveRecord> = {
             message.featuresDropped = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.sealed = Sealed.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1791,6 +1856,7 @@ export const ArchiveRecord: MessageFns<ArchiveRecord> = {
         : isSet(object.features_dropped)
         ? globalThis.Boolean(object.features_dropped)
         : false,
+      sealed: isSet(object.sealed) ? Sealed.fromJSON(object.sealed) : undefined,
     };
   },
 
@@ -1808,6 +1874,9 @@ export const ArchiveRecord: MessageFns<ArchiveRecord> = {
     if (message.featuresDropped !== false) {
       obj.featuresDropped = message.featuresDropped;
     }
+    if (message.sealed !== undefined) {
+      obj.sealed = Sealed.toJSON(message.sealed);
+    }
     return obj;
   },
 
@@ -1822,6 +1891,130 @@ export const ArchiveRecord: MessageFns<ArchiveRecord> = {
     message.archivedTime = object.archivedTime ?? undefined;
     message.redactedFields = object.redactedFields?.map((e) => e) || [];
     message.featuresDropped = object.featuresDropped ?? false;
+    message.sealed = (object.sealed !== undefined && object.sealed !== null)
+      ? Sealed.fromPartial(object.sealed)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseSealed(): Sealed {
+  return { keyId: "", nonce: Buffer.alloc(0), ciphertext: Buffer.alloc(0), withheld: false };
+}
+
+export const Sealed: MessageFns<Sealed> = {
+  encode(message: Sealed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.keyId !== "") {
+      writer.uint32(10).string(message.keyId);
+    }
+    if (message.nonce.length !== 0) {
+      writer.uint32(18).bytes(message.nonce);
+    }
+    if (message.ciphertext.length !== 0) {
+      writer.uint32(26).bytes(message.ciphertext);
+    }
+    if (message.withheld !== false) {
+      writer.uint32(32).bool(message.withheld);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Sealed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSealed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.keyId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nonce = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.ciphertext = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.withheld = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Sealed {
+    return {
+      keyId: isSet(object.keyId)
+        ? globalThis.String(object.keyId)
+        : isSet(object.key_id)
+        ? globalThis.String(object.key_id)
+        : "",
+      nonce: isSet(object.nonce) ? Buffer.from(bytesFromBase64(object.nonce)) : Buffer.alloc(0),
+      ciphertext: isSet(object.ciphertext) ? Buffer.from(bytesFromBase64(object.ciphertext)) : Buffer.alloc(0),
+      withheld: isSet(object.withheld) ? globalThis.Boolean(object.withheld) : false,
+    };
+  },
+
+  toJSON(message: Sealed): unknown {
+    const obj: any = {};
+    if (message.keyId !== "") {
+      obj.keyId = message.keyId;
+    }
+    if (message.nonce.length !== 0) {
+      obj.nonce = base64FromBytes(message.nonce);
+    }
+    if (message.ciphertext.length !== 0) {
+      obj.ciphertext = base64FromBytes(message.ciphertext);
+    }
+    if (message.withheld !== false) {
+      obj.withheld = message.withheld;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Sealed>, I>>(base?: I): Sealed {
+    return Sealed.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Sealed>, I>>(object: I): Sealed {
+    const message = createBaseSealed();
+    message.keyId = object.keyId ?? "";
+    message.nonce = object.nonce ?? Buffer.alloc(0);
+    message.ciphertext = object.ciphertext ?? Buffer.alloc(0);
+    message.withheld = object.withheld ?? false;
     return message;
   },
 };
@@ -2083,6 +2276,14 @@ export const SubjectEvent_AttributesEntry: MessageFns<SubjectEvent_AttributesEnt
     return message;
   },
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
   return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;

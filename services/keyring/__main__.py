@@ -1,0 +1,5 @@
+"""`python -m services.keyring` runs the keyring."""
+
+from .app import main
+
+main()
