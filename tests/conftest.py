@@ -25,10 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from services.core.bus import Bus, connect
 from services.core.settings import PulsarSettings
 from tests.fakes.memory_bus import MemoryBus
+
+# Property tests check logic, not speed: Hypothesis' per-example deadline (200 ms) turned a
+# busy machine into failures of correct code. Speed is measured by the benchmarks.
+hypothesis_settings.register_profile("rendezvous", deadline=None)
+hypothesis_settings.load_profile("rendezvous")
 
 # The browser fixtures (headless Chromium, a page that records errors) for every test module.
 pytest_plugins = ["tests.browser.fixtures"]
