@@ -152,7 +152,7 @@ test-ts: ts ## The Node model container's tests (node --test, real loopback gRPC
 test-go: ## Go tests: go test ./... (the Go model container against the Python model)
 	go test -count=1 ./...
 
-test: setup lint gen-check test-go test-ts ## Every check: lint, gen drift, Go and TS tests, ghz and bench smoke, unit and integration tests on a real broker
+test: setup setup-peers lint gen-check test-go test-ts ## Every check: lint, gen drift, Go and TS tests, ghz and bench smoke (S4 included), unit and integration tests on a real broker
 	tools/ghz-smoke.sh
 	$(PY) -m tools.bench --smoke
 	tools/run-tests.sh
@@ -195,7 +195,7 @@ demo-promote: ## Under 100 req/s: add a challenger, promote it, roll back; switc
 bench: setup setup-peers ## Benchmark S0-S4 side by side (S4: Ray Serve); writes docs/results/bench/ (BENCH_ARGS="--smoke": the CI check)
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
-bench-smoke: setup ## Every system once at 20 req/s: are the figures complete and sane (part of make test)
+bench-smoke: setup setup-peers ## Every system (S4 included) once at 20 req/s: are the figures complete and sane (part of make test)
 	$(PY) -m tools.bench --smoke
 
 chaos: setup ## The fault matrix: kill -9 each component and the broker under 100 req/s, then a 10 min soak; writes docs/results/reliability.md (CHAOS_ARGS="--soak 0")

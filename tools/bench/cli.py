@@ -24,6 +24,7 @@ from tools.bench.environment import REPO, Broker, Mesh, ensure_broker, log
 from tools.bench.load import GHZ
 from tools.bench.rayserve import cluster as rayserve
 from tools.bench.rayserve.cluster import RayServeCluster
+from tools.bench.rayserve.settings import RayServeSettings
 from tools.bench.systems import (
     DESCRIPTIONS,
     FEATURES,
@@ -40,6 +41,9 @@ ALL_SYSTEMS = ("D", "S0", "S1", "S2", "S3", "S4")
 MESH_SYSTEMS = ("S0", "S1", "S2", "S3")
 # The systems the climb measures: the mesh's and S4 (Ray Serve, on no broker).
 CLIMB_SYSTEMS = (*MESH_SYSTEMS, "S4")
+# How S4's deployments were sized and served, for the report.
+S4_CONFIG = {"throughput_optimized", "replica_num_cpus", "router_max_ongoing_requests",
+             "model_max_ongoing_requests", "access_log"}  # fmt: skip
 SLA_MS = 50.0  # both bench objectives' SLA (deploy/mesh/bench-systems.yaml)
 
 
@@ -223,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_rate": args.warmup_rate,
             "sla_ms": SLA_MS,
             "mesh": "deploy/mesh/bench-systems.yaml",
+            "s4": RayServeSettings().model_dump(mode="json", include=S4_CONFIG),
         },
         "systems": {name: DESCRIPTIONS[name] for name in args.systems},
         "unavailable": outcome["unavailable"],

@@ -276,6 +276,14 @@ def markdown(result: dict[str, Any]) -> str:
 def s4_section(result: dict[str, Any]) -> list[str]:
     """How S4 runs, and what it does not do that S2 does (the comparison's asymmetry)."""
     ray = result["machine"].get("ray", "unknown")
+    config = result["config"].get("s4") or {}
+    mode = (
+        "Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between "
+        "deployments, user code on the replica's loop, direct ingress, so the router's "
+        "replica serves the gRPC port itself)"
+        if config.get("throughput_optimized")
+        else "Serve's default mode (Ray actor calls between deployments, the proxy in front)"
+    )
     return [
         "## S4: Ray Serve",
         "",
@@ -287,6 +295,11 @@ def s4_section(result: dict[str, Any]) -> list[str]:
         "`services.rendezvous.policy`). Serve's gRPC ingress serves our ScoringService, so "
         "ghz sends S4 the very requests it sends S2. Every model scores every request, as in "
         "S2; predictions after the answer are awaited up to the late grace and counted.",
+        "",
+        f"Run in {mode}; {config.get('replica_num_cpus', '?')} CPU reserved per replica, "
+        f"max_ongoing_requests {config.get('router_max_ongoing_requests', '?')} (router) and "
+        f"{config.get('model_max_ongoing_requests', '?')} (models), access log "
+        f"{'on' if config.get('access_log') else 'off'}.",
         "",
         "What S2 does on every request that S4 does not (so S4 does less work per request):",
         "",

@@ -66,9 +66,11 @@ def deploy(settings: RayServeSettings) -> None:
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
+    grpc_port = settings.proxy_grpc_port or settings.grpc_port
+    http_port = settings.proxy_http_port or settings.http_port
     serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=settings.http_port),
-        grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[SERVICER]),
+        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]),
     )
     serve.run(build(settings), name=settings.app_name, route_prefix="/", blocking=False)
     ray.shutdown()

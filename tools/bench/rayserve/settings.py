@@ -40,4 +40,13 @@ class RayServeSettings(BaseSettings):
     # Serve logs every request to a file by default; S2 logs none (structured logs only on
     # warnings). Off, as Ray's guide advises for throughput.
     access_log: bool = False
+    # Ray Serve's own high-throughput mode (Ray >= 2.56, RAY_SERVE_THROUGHPUT_OPTIMIZED=1, as
+    # Ray's guide to high throughput sets it): gRPC between deployments instead of actor
+    # calls, user code on the replica's own event loop, buffered request logs, and direct
+    # ingress: the router's replica serves the gRPC and HTTP ports itself, with no proxy.
+    throughput_optimized: bool = True
+    # Serve still starts its proxy in that mode: it must not take the router's ports, so
+    # the bench gives it two others (None: the proxy serves grpc_port and http_port).
+    proxy_grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    proxy_http_port: int | None = Field(default=None, ge=1, le=65535)
     log_level: str = "WARNING"
