@@ -1,12 +1,13 @@
 """The command line: bring everything up, run the rates x reps x systems, write the results.
 
-    python -m tools.bench [--systems D,S0,S1,S2,S3] [--rates 50,100,250,500,833] [--reps 3]
+    python -m tools.bench [--systems D,S0,S1,S2,S3,S4] [--rates 50,100,250,500,833] [--reps 3]
                           [--duration 10] [--warmup 20] [--out docs/results/bench] [--smoke]
 
 D, the demo mesh as `make up` runs it (tools/bench/demo.py), goes first: it needs this
 checkout's broker cold, from the first request after `rendezvous up` returns. `--smoke` (1 rep
 at 20 req/s for 5 s, D 10 s at 20 req/s, results under .run/bench/smoke) checks the results
-are complete and sane and exits non-zero otherwise; it never judges absolute speed.
+are complete and sane and exits non-zero otherwise; it never judges absolute speed. S4 needs
+`.venv-peers` (`make setup-peers`); a smoke without it says so and leaves S4 out.
 """
 
 from __future__ import annotations
