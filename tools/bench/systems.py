@@ -62,6 +62,7 @@ class Run:
             "errors": self.load.errors,
             "error_share": self.load.errors / max(1, self.load.count),
             "error_kinds": self.load.error_kinds,
+            "error_messages": self.load.error_messages,
             "achieved_rps": self.load.achieved_rps,
             "seconds": self.load.seconds,
             "p50_ms": self.load.p50_ms,
