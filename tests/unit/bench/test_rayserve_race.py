@@ -183,6 +183,20 @@ async def test_late_predictions_are_counted_and_those_past_the_grace_given_up(
     assert models["canary"].cancelled
 
 
+async def test_a_client_that_goes_away_leaves_the_predictions_counted(tmp_path: Path) -> None:
+    models = {name: FakeModel(0.05) for name in ("ridge", "sum", "canary")}
+    router = Router(models, str(write_mesh(tmp_path)), OBJECTIVE)
+    race = asyncio.create_task(router.Score(request()))
+    await asyncio.sleep(0.01)
+    race.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await race
+    await asyncio.sleep(0.2)
+    stats = router.stats()
+    assert stats["answers"] == {}
+    assert stats["predictions"] == {"canary/late": 1, "ridge/late": 1, "sum/late": 1}
+
+
 async def test_the_http_ingress_returns_the_counters(tmp_path: Path) -> None:
     models = {name: FakeModel(0.0) for name in ("ridge", "sum", "canary")}
     router, _, _ = await score(tmp_path, models)

@@ -113,32 +113,35 @@ class Router:
         pending = set(calls)
         arrived: dict[str, float] = {}
         predictions: dict[str, model_pb2.PredictResponse] = {}
-        while True:
-            now_ms = (loop.time() - started) * 1000
-            verdict = decide(self._policy, arrived, now_ms)
-            if verdict is not None:
-                break
-            timeout_s = max(0.0, next_wakeup(self._policy, now_ms) - now_ms) / 1000
-            if not pending:
-                await asyncio.sleep(timeout_s)
-                continue
-            done, pending = await asyncio.wait(
-                pending, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            at_ms = (loop.time() - started) * 1000
-            for call in done:
-                name = calls[call]
-                response = self._result(name, call)
-                if response is not None:
-                    arrived[name] = at_ms
-                    predictions[name] = response
+        try:
+            while True:
+                now_ms = (loop.time() - started) * 1000
+                verdict = decide(self._policy, arrived, now_ms)
+                if verdict is not None:
+                    break
+                timeout_s = max(0.0, next_wakeup(self._policy, now_ms) - now_ms) / 1000
+                if not pending:
+                    await asyncio.sleep(timeout_s)
+                    continue
+                done, pending = await asyncio.wait(
+                    pending, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                at_ms = (loop.time() - started) * 1000
+                for call in done:
+                    name = calls[call]
+                    response = self._result(name, call)
+                    if response is not None:
+                        arrived[name] = at_ms
+                        predictions[name] = response
+        finally:
+            # Answered, or the client went away: what is still running is awaited apart.
+            if pending:
+                straggler = asyncio.create_task(self._await_late({c: calls[c] for c in pending}))
+                self._stragglers.add(straggler)
+                straggler.add_done_callback(self._stragglers.discard)
         answer = self._answer(request_id, verdict, predictions, loop.time() - started)
         self.answers[scoring_pb2.AnswerSource.Name(answer.decision.source)] += 1
         self.reasons[scoring_pb2.DecisionReason.Name(answer.decision.reason)] += 1
-        if pending:
-            straggler = asyncio.create_task(self._await_late({c: calls[c] for c in pending}))
-            self._stragglers.add(straggler)
-            straggler.add_done_callback(self._stragglers.discard)
         return answer
 
     async def __call__(self, http_request: Any) -> dict[str, Any]:
@@ -157,6 +160,9 @@ class Router:
     ) -> model_pb2.PredictResponse | None:
         """The prediction of a finished call, counted; None for an error, which never
         counts as an arrival (as in S2)."""
+        if call.cancelled():
+            self.predictions[name, "error"] += 1
+            return None
         try:
             response = call.result()
         except Exception as exc:
