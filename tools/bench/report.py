@@ -30,7 +30,8 @@ S4_DOES_NOT = (
     "to Pulsar, where the collector delivers them (the evaluator's input); S4's router only "
     "counts predictions and answers in its memory (lost with the replica)",
     "go through a broker: S2's tasks and predictions are Pulsar messages (a model that fails "
-    "mid-task gets it redelivered); S4's are Ray actor calls, lost with a failed replica",
+    "mid-task gets it redelivered); S4's are calls between Ray replicas (actor calls, or "
+    "gRPC in Serve's high-throughput mode), lost with a failed replica",
     "shed load: S2 answers RESOURCE_EXHAUSTED when it cannot run the race within the SLA; "
     "S4 queues (Serve's max_ongoing_requests), and a late request is late",
     "validate requests against the objective's declared features, honour a client deadline "
@@ -280,7 +281,7 @@ def s4_section(result: dict[str, Any]) -> list[str]:
     mode = (
         "Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between "
         "deployments, user code on the replica's loop, direct ingress, so the router's "
-        "replica serves the gRPC port itself)"
+        "replica serves the gRPC port itself; Serve's proxy still runs, idle, and counts)"
         if config.get("throughput_optimized")
         else "Serve's default mode (Ray actor calls between deployments, the proxy in front)"
     )
