@@ -8,6 +8,8 @@ PYTHON_BASE ?= python3
 VENV := .venv
 # MLServer (an Open Inference Protocol server) in a virtualenv of its own: its pins are not ours.
 MLSERVER_VENV := .venv-mlserver
+# Ray Serve, the benchmark's S4, likewise (tools/peers-requirements.txt); not part of `setup`.
+PEERS_VENV := .venv-peers
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 TOOLS_BIN := $(CURDIR)/tools/bin
@@ -40,7 +42,7 @@ MODEL_TS := services/models/ts
 # Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
 GO_DIRS := services/models/go services/models/artifacts gen/go
 
-.PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
+.PHONY: help setup setup-peers venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         helm-tools k8s-schemas helm-check \
         unit integration test test-go ts test-ts check \
         pulsar-up pulsar-down up up-tls down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
@@ -64,6 +66,15 @@ $(MLSERVER_VENV)/.installed: tools/mlserver-requirements.txt
 	touch $@
 
 mlserver: $(MLSERVER_VENV)/.installed ## MLServer + its scikit-learn runtime in .venv-mlserver (the oip tests)
+
+$(PEERS_VENV)/.installed: tools/peers-requirements.txt pyproject.toml
+	rm -rf $(PEERS_VENV)
+	$(PYTHON_BASE) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -e . -r tools/peers-requirements.txt
+	touch $@
+
+setup-peers: $(PEERS_VENV)/.installed ## Ray Serve (the bench's S4) in .venv-peers, with this project's code (~0.7 GB, ~2.5 min)
 
 $(TOOLS_BIN)/ghz:
 	mkdir -p $(TOOLS_BIN)
@@ -177,7 +188,7 @@ test-ts: venv ts ## The Node model container's tests (node --test, real loopback
 test-go: ## Go tests: go test ./... (the Go model container against the Python model)
 	go test -count=1 ./...
 
-test: setup lint gen-check helm-check test-go test-ts ## Every check: lint, gen drift, the images and the Helm chart, Go and TS tests, ghz and bench smoke, unit and integration tests on a real broker
+test: setup setup-peers lint gen-check helm-check test-go test-ts ## Every check: lint, gen drift, the images and the Helm chart, Go and TS tests, ghz and bench smoke (S4 included), unit and integration tests on a real broker
 	tools/ghz-smoke.sh
 	$(PY) -m tools.bench --smoke
 	tools/run-tests.sh
@@ -217,10 +228,10 @@ report: ## The evaluation report of the demo objective: terminal summary + rende
 demo-promote: ## Under 100 req/s: add a challenger, promote it, roll back; switch times and checks
 	$(BIN)/rendezvous demo-promote --out docs/results/lifecycle/latest.json
 
-bench: setup ## Benchmark S0-S3 side by side; writes docs/results/bench/ (BENCH_ARGS="--smoke": the CI check)
+bench: setup setup-peers ## Benchmark S0-S4 side by side (S4: Ray Serve); writes docs/results/bench/ (BENCH_ARGS="--smoke": the CI check)
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
-bench-smoke: setup ## Every system once at 20 req/s: are the figures complete and sane (part of make test)
+bench-smoke: setup setup-peers ## Every system (S4 included) once at 20 req/s: are the figures complete and sane (part of make test)
 	$(PY) -m tools.bench --smoke
 
 chaos: setup ## The fault matrix: kill -9 each component and the broker under 100 req/s, then a 10 min soak; writes docs/results/reliability.md (CHAOS_ARGS="--soak 0")
@@ -231,5 +242,5 @@ profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--syst
 
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down
-	rm -rf $(VENV) $(MLSERVER_VENV) .run .mypy_cache .ruff_cache .pytest_cache $(K8S_SCHEMAS)
+	rm -rf $(VENV) $(MLSERVER_VENV) $(PEERS_VENV) .run .mypy_cache .ruff_cache .pytest_cache $(K8S_SCHEMAS)
 	rm -rf tools/tsgen/node_modules $(MODEL_TS)/node_modules $(MODEL_TS)/dist

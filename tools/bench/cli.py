@@ -1,12 +1,13 @@
 """The command line: bring everything up, run the rates x reps x systems, write the results.
 
-    python -m tools.bench [--systems D,S0,S1,S2,S3] [--rates 50,100,250,500,833] [--reps 3]
+    python -m tools.bench [--systems D,S0,S1,S2,S3,S4] [--rates 50,100,250,500,833] [--reps 3]
                           [--duration 10] [--warmup 20] [--out docs/results/bench] [--smoke]
 
 D, the demo mesh as `make up` runs it (tools/bench/demo.py), goes first: it needs this
 checkout's broker cold, from the first request after `rendezvous up` returns. `--smoke` (1 rep
 at 20 req/s for 5 s, D 10 s at 20 req/s, results under .run/bench/smoke) checks the results
-are complete and sane and exits non-zero otherwise; it never judges absolute speed.
+are complete and sane and exits non-zero otherwise; it never judges absolute speed. S4 needs
+`.venv-peers` (`make setup-peers`); a smoke without it says so and leaves S4 out.
 """
 
 from __future__ import annotations
@@ -22,15 +23,29 @@ from typing import Any
 from tools.bench import demo, report
 from tools.bench.environment import REPO, Broker, Mesh, ensure_broker, log
 from tools.bench.load import GHZ
-from tools.bench.systems import DESCRIPTIONS, ONE, RACE, Direct, Original, Rendezvous, System
+from tools.bench.rayserve import cluster as rayserve
+from tools.bench.rayserve.cluster import RayServeCluster
+from tools.bench.rayserve.settings import RayServeSettings
+from tools.bench.systems import (
+    DESCRIPTIONS,
+    FEATURES,
+    ONE,
+    RACE,
+    Direct,
+    Original,
+    RayServe,
+    Rendezvous,
+    System,
+)
 
-ALL_SYSTEMS = ("D", "S0", "S1", "S2", "S3")
+ALL_SYSTEMS = ("D", "S0", "S1", "S2", "S3", "S4")
 MESH_SYSTEMS = ("S0", "S1", "S2", "S3")
+# The systems the climb measures: the mesh's and S4 (Ray Serve, on no broker).
+CLIMB_SYSTEMS = (*MESH_SYSTEMS, "S4")
+# How S4's deployments were sized and served, for the report.
+S4_CONFIG = {"throughput_optimized", "replica_num_cpus", "router_max_ongoing_requests",
+             "model_max_ongoing_requests", "access_log"}  # fmt: skip
 SLA_MS = 50.0  # both bench objectives' SLA (deploy/mesh/bench-systems.yaml)
-MAX_ERROR_SHARE = 0.01
-# A system answering more than this share by default is not keeping up, whatever its latency.
-MAX_DEFAULT_SHARE = 0.01
-MIN_RATE_SHARE = 0.9
 
 
 def _csv(text: str) -> list[str]:
@@ -68,54 +83,70 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def failed_level(row: dict[str, Any], rate: int) -> str | None:
-    """Why a system's median at this rate fails the level, or None."""
-    if row["error_share"] is not None and row["error_share"] > MAX_ERROR_SHARE:
-        return f"errors {row['error_share']:.1%} at {rate} req/s"
-    if row["default_share"] is not None and row["default_share"] > MAX_DEFAULT_SHARE:
-        return f"default answers {row['default_share']:.1%} at {rate} req/s"
-    if row["p99_ms"] is not None and row["p99_ms"] > 2 * SLA_MS:
-        return f"p99 {row['p99_ms']:.1f} ms > {2 * SLA_MS:g} ms at {rate} req/s"
-    if (row["achieved_rps"] or 0.0) < MIN_RATE_SHARE * rate:
-        return f"achieved {row['achieved_rps']:.1f} req/s of {rate}"
-    return None
-
-
 def ghz_version() -> str:
     out = subprocess.run([str(GHZ), "--version"], capture_output=True, text=True, check=False)
     return (out.stdout or out.stderr).strip() or "unknown"
 
 
-async def bench(args: argparse.Namespace, broker: Broker, work_dir: Path) -> dict[str, Any]:
-    mesh = Mesh(broker, work_dir)
+async def bench(args: argparse.Namespace, broker: Broker | None, work_dir: Path) -> dict[str, Any]:
+    """Bring up what the chosen systems need, climb, stop it all. `broker` is None when no
+    system on it (S0-S3) was chosen."""
     systems: dict[str, System] = {}
     unavailable: dict[str, str] = {}
+    mesh = None if broker is None else Mesh(broker, work_dir)
     original: Original | None = None
+    cluster: RayServeCluster | None = None
     try:
-        if {"S0", "S1", "S2", "S3"} & set(args.systems):
-            mesh.start()
-        if "S0" in args.systems:
-            systems["S0"] = Direct(broker, mesh)
-        if "S1" in args.systems:
-            systems["S1"] = Rendezvous(broker, mesh, "S1", ONE)
-        if "S2" in args.systems:
-            systems["S2"] = Rendezvous(broker, mesh, "S2", RACE)
-        if "S3" in args.systems:
-            (work_dir / "original").mkdir(parents=True, exist_ok=True)
+        if mesh is not None and broker is not None:
+            systems, unavailable, original = await _start_mesh_systems(args, broker, mesh, work_dir)
+        if "S4" in args.systems:
             try:
-                started = await Original.start(broker, mesh, work_dir / "original")
+                ray = await RayServeCluster.start(work_dir, RACE, FEATURES)
             except Exception as exc:
-                started = f"start() failed: {type(exc).__name__}: {exc}"
-            if isinstance(started, str):
-                unavailable["S3"] = started
-                log(f"S3 not available: {started}")
+                ray = f"start() failed: {type(exc).__name__}: {exc}"
+            if isinstance(ray, str):
+                unavailable["S4"] = ray
+                log(f"S4 not available: {ray}")
             else:
-                original = systems["S3"] = started
+                cluster = ray
+                systems["S4"] = RayServe(cluster)
         return await _climb(args, systems, unavailable)
     finally:
+        if cluster is not None:
+            await cluster.stop()
         if original is not None:
             await original.stop()
-        mesh.stop()
+        if mesh is not None:
+            mesh.stop()
+
+
+async def _start_mesh_systems(
+    args: argparse.Namespace, broker: Broker, mesh: Mesh, work_dir: Path
+) -> tuple[dict[str, System], dict[str, str], Original | None]:
+    """S0-S3 on the bench mesh (started here): the systems, why any is unavailable, and
+    S3 when it started (it must be stopped)."""
+    systems: dict[str, System] = {}
+    unavailable: dict[str, str] = {}
+    mesh.start()
+    if "S0" in args.systems:
+        systems["S0"] = Direct(broker, mesh)
+    if "S1" in args.systems:
+        systems["S1"] = Rendezvous(broker, mesh, "S1", ONE)
+    if "S2" in args.systems:
+        systems["S2"] = Rendezvous(broker, mesh, "S2", RACE)
+    if "S3" not in args.systems:
+        return systems, unavailable, None
+    (work_dir / "original").mkdir(parents=True, exist_ok=True)
+    try:
+        started = await Original.start(broker, mesh, work_dir / "original")
+    except Exception as exc:
+        started = f"start() failed: {type(exc).__name__}: {exc}"
+    if isinstance(started, str):
+        unavailable["S3"] = started
+        log(f"S3 not available: {started}")
+        return systems, unavailable, None
+    systems["S3"] = started
+    return systems, unavailable, started
 
 
 async def _climb(
@@ -146,7 +177,7 @@ async def _climb(
                     f"CPU {record['cpu_ms_per_request']:.2f} ms/req"
                 )
         for row in report.summarise([r for r in runs if r["rate"] == rate]):
-            why = failed_level(row, rate)
+            why = report.failed_level(row, rate, SLA_MS)
             if why is not None:
                 stopped[row["system"]] = why
                 log(f"{row['system']} stops climbing: {why}")
@@ -161,6 +192,10 @@ def demo_plan(args: argparse.Namespace) -> demo.DemoPlan:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.smoke and "S4" in args.systems and rayserve.unavailable() is not None:
+        # The smoke checks what this checkout installed; Ray Serve is `make setup-peers`.
+        args.systems.remove("S4")
+        log(f"S4 (Ray Serve) is not in this smoke: {rayserve.unavailable()}")
     work_dir = REPO / ".run" / "bench" / time.strftime("%Y%m%d-%H%M%S")
     demo_record: dict[str, Any] | None = None
     if "D" in args.systems:
@@ -176,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
             pulsar_version = broker.version()
         finally:
             broker.stop()
+    elif "S4" in args.systems:
+        outcome = asyncio.run(bench(args, None, work_dir))
     if demo_record is not None and "unavailable" in demo_record:
         outcome["unavailable"]["D"] = demo_record["unavailable"]
     result: dict[str, Any] = {
-        "machine": report.machine(pulsar_version, ghz_version()),
+        "machine": {
+            **report.machine(pulsar_version, ghz_version()),
+            "ray": rayserve.ray_version() if "S4" in args.systems else "not run",
+        },
         "config": {
             "rates": args.rates,
             "reps": args.reps,
@@ -188,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_rate": args.warmup_rate,
             "sla_ms": SLA_MS,
             "mesh": "deploy/mesh/bench-systems.yaml",
+            "s4": RayServeSettings().model_dump(mode="json", include=S4_CONFIG),
         },
         "systems": {name: DESCRIPTIONS[name] for name in args.systems},
         "unavailable": outcome["unavailable"],
@@ -196,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": report.summarise(outcome["runs"]),
         "runs": outcome["runs"],
     }
+    result["ratios"] = report.ratios(result["summary"])
+    result["peer_targets"] = report.peer_targets(result, SLA_MS)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -205,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"results in {out}")
     if args.smoke:
         problems = report.smoke_problems(
-            result, [name for name in args.systems if name in MESH_SYSTEMS]
+            result, [name for name in args.systems if name in CLIMB_SYSTEMS]
         )
         if demo_record is not None:
             problems += demo.smoke_problems(demo_record)

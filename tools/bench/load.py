@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[2]
 GHZ = REPO / "tools" / "bin" / "ghz"
+CLIENT_CLOSED = "use of closed network connection"
 
 
 @dataclass
@@ -34,6 +35,8 @@ class LoadResult:
     # Answers the client saw come from the default (None when the client cannot tell).
     default_answers: int | None = None
     error_kinds: dict[str, int] = field(default_factory=dict)
+    # What the errors said (ghz's errorDistribution), the most frequent first, cut short.
+    error_messages: dict[str, int] = field(default_factory=dict)
 
     @property
     def achieved_rps(self) -> float:
@@ -87,8 +90,12 @@ async def ghz(  # noqa: PLR0917 (one ghz invocation, each flag a parameter)
         d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []
     }
     codes: dict[str, int] = report.get("statusCodeDistribution") or {}
+    messages: dict[str, int] = report.get("errorDistribution") or {}
     # ghz cancels the calls still open when --duration ends: the cut-off, not the server.
-    errors = sum(n for code, n in codes.items() if code not in ("OK", "Canceled"))
+    # Some it reports as Canceled, some as Unavailable "...use of closed network connection"
+    # (its own closed connection, seen with many calls in flight at the end).
+    cut_off = sum(n for message, n in messages.items() if CLIENT_CLOSED in message)
+    errors = sum(n for code, n in codes.items() if code not in ("OK", "Canceled")) - cut_off
     return LoadResult(
         count=int(report["count"]),
         errors=errors,
@@ -97,7 +104,13 @@ async def ghz(  # noqa: PLR0917 (one ghz invocation, each flag a parameter)
         p90_ms=by_percentage.get(90, 0.0),
         p99_ms=by_percentage.get(99, 0.0),
         error_kinds={code: n for code, n in codes.items() if code != "OK"},
+        error_messages=_top_messages(messages),
     )
+
+
+def _top_messages(distribution: dict[str, int], most: int = 5, width: int = 200) -> dict[str, int]:
+    ranked = sorted(distribution.items(), key=lambda kv: -kv[1])[:most]
+    return {message[:width]: count for message, count in ranked}
 
 
 class _Connection:

@@ -30,8 +30,7 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])
 
 
-def descendants(roots: Iterable[int]) -> set[int]:
-    """The roots and every live process below them (gunicorn workers, JVM children)."""
+def _children_by_parent() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
@@ -39,6 +38,12 @@ def descendants(roots: Iterable[int]) -> set[int]:
         fields = _stat_fields(int(entry.name))
         if fields is not None:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def descendants(roots: Iterable[int]) -> set[int]:
+    """The roots and every live process below them (gunicorn workers, JVM children)."""
+    children = _children_by_parent()
     found: set[int] = set()
     stack = [pid for pid in roots if (PROC / str(pid)).exists()]
     while stack:
@@ -48,6 +53,25 @@ def descendants(roots: Iterable[int]) -> set[int]:
         found.add(pid)
         stack.extend(children.get(pid, ()))
     return found
+
+
+def process_tree(root: int) -> list[tuple[int, list[str]]]:
+    """`root` and every live process below it with its command line, the deepest first."""
+    children = _children_by_parent()
+    found: list[tuple[int, int]] = []
+    stack = [(root, 0)] if (PROC / str(root)).exists() else []
+    while stack:
+        pid, depth = stack.pop()
+        found.append((depth, pid))
+        stack.extend((child, depth + 1) for child in children.get(pid, ()))
+    out = []
+    for _, pid in sorted(found, reverse=True):
+        try:
+            raw = (PROC / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        out.append((pid, [part.decode(errors="replace") for part in raw.split(b"\0") if part]))
+    return out
 
 
 class CpuMeter:

@@ -12,6 +12,32 @@ from typing import Any
 
 FIGURES = ("p50_ms", "p90_ms", "p99_ms", "achieved_rps", "error_share", "default_share",
            "cpu_ms_per_request")  # fmt: skip
+MAX_ERROR_SHARE = 0.01
+# A system answering more than this share by default is not keeping up, whatever its latency.
+MAX_DEFAULT_SHARE = 0.01
+MIN_RATE_SHARE = 0.9
+# The comparisons that stand on any machine (issue 15): numerator / denominator system.
+RATIOS = (("S2", "S0"), ("S3", "S2"), ("S4", "S2"))
+RATIO_FIGURES = ("p50_ms", "p99_ms", "cpu_ms_per_request")
+# S3 / S2 p99 must be at least this from this rate up.
+S3_P99_RATIO = 3.0
+S3_FROM_RATE = 250
+# What S2 does on each request that S4 (Ray Serve, as the bench runs it) does not.
+S4_DOES_NOT = (
+    "archive: S2's decoy puts every task, PII redacted, on the objective's archive topic "
+    "(durable, replayable); S4 keeps no record of the requests",
+    "publish outcomes: S2 sends every model's prediction and the decision of each request "
+    "to Pulsar, where the collector delivers them (the evaluator's input); S4's router only "
+    "counts predictions and answers in its memory (lost with the replica)",
+    "go through a broker: S2's tasks and predictions are Pulsar messages (a model that fails "
+    "mid-task gets it redelivered); S4's are calls between Ray replicas (actor calls, or "
+    "gRPC in Serve's high-throughput mode), lost with a failed replica",
+    "shed load: S2 answers RESOURCE_EXHAUSTED when it cannot run the race within the SLA; "
+    "S4 queues (Serve's max_ongoing_requests), and a late request is late",
+    "validate requests against the objective's declared features, honour a client deadline "
+    "shorter than the SLA, subject consent, live configuration changes, A/B shares, TLS and "
+    "tokens; none of these is exercised by the bench's requests",
+)
 
 
 def _version(package: str) -> str:
@@ -61,6 +87,132 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def failed_level(row: dict[str, Any], rate: int, sla_ms: float) -> str | None:
+    """Why a system's median at this rate fails the level, or None (it sustains the rate)."""
+    if row["error_share"] is not None and row["error_share"] > MAX_ERROR_SHARE:
+        return f"errors {row['error_share']:.1%} at {rate} req/s"
+    if row["default_share"] is not None and row["default_share"] > MAX_DEFAULT_SHARE:
+        return f"default answers {row['default_share']:.1%} at {rate} req/s"
+    if row["p99_ms"] is not None and row["p99_ms"] > 2 * sla_ms:
+        return f"p99 {row['p99_ms']:.1f} ms > {2 * sla_ms:g} ms at {rate} req/s"
+    if (row["achieved_rps"] or 0.0) < MIN_RATE_SHARE * rate:
+        return f"achieved {row['achieved_rps']:.1f} req/s of {rate}"
+    return None
+
+
+def ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per rate, S2/S0, S3/S2 and S4/S2 of p50, p99 and CPU per request (None where one of
+    the two has no figure at that rate)."""
+    out = []
+    for rate in sorted({r["rate"] for r in summary}):
+        entry: dict[str, Any] = {"rate": rate}
+        for top, bottom in RATIOS:
+            a, b = _row(summary, top, rate), _row(summary, bottom, rate)
+            entry[f"{top}/{bottom}"] = (
+                None
+                if a is None or b is None
+                else {
+                    key: a[key] / b[key] if a[key] is not None and b[key] else None
+                    for key in RATIO_FIGURES
+                }
+            )
+        out.append(entry)
+    return out
+
+
+def peer_targets(result: dict[str, Any], sla_ms: float) -> list[dict[str, Any]]:
+    """Issue 15's two targets, rate by rate: S3/S2 p99 >= 3 at 250 req/s and above; S2 no
+    worse than S4 (p50, p99 and CPU per request each <= S4's, and S2 sustains the rate) at
+    every rate S4 sustains. Each entry: target, rate, met (True, False, None: not
+    measured) and why."""
+    summary, stopped = result["summary"], result["stopped"]
+
+    def sustained(row: dict[str, Any] | None, rate: int) -> bool:
+        return row is not None and failed_level(row, rate, sla_ms) is None
+
+    out: list[dict[str, Any]] = []
+    for rate in result["config"]["rates"]:
+        if rate < S3_FROM_RATE:
+            continue
+        s2, s3 = _row(summary, "S2", rate), _row(summary, "S3", rate)
+        entry: dict[str, Any] = {"target": "S3/S2 p99 >= 3", "rate": rate}
+        if s2 is not None and s3 is not None:
+            ratio = s3["p99_ms"] / s2["p99_ms"] if s2["p99_ms"] else None
+            entry["met"] = ratio is not None and ratio >= S3_P99_RATIO
+            entry["why"] = f"S3/S2 p99 = {_fmt(ratio, '.2f')}"
+        elif s3 is None and "S3" in stopped and sustained(s2, rate):
+            entry["met"] = True
+            entry["why"] = f"S3 stopped climbing ({stopped['S3']}); S2 sustains {rate} req/s"
+        else:
+            entry["met"] = None
+            entry["why"] = "not measured: " + (
+                f"S2 stopped climbing ({stopped['S2']})" if "S2" in stopped else "no figures"
+            )
+        out.append(entry)
+    for rate in result["config"]["rates"]:
+        s2, s4 = _row(summary, "S2", rate), _row(summary, "S4", rate)
+        if not sustained(s4, rate):
+            continue
+        entry = {"target": "S2 no worse than S4", "rate": rate}
+        if not sustained(s2, rate):
+            entry["met"] = False
+            entry["why"] = f"S4 sustains {rate} req/s, S2 does not"
+        else:
+            assert s2 is not None and s4 is not None
+            worse = [
+                f"{key.removesuffix('_ms')} x{s4[key] / s2[key]:.2f}"
+                for key in RATIO_FIGURES
+                if s2[key] and s4[key] is not None and s4[key] / s2[key] < 1.0
+            ]
+            entry["met"] = not worse
+            entry["why"] = "S4/S2 " + (
+                "< 1 for " + ", ".join(worse) if worse else ">= 1 for p50, p99 and CPU per request"
+            )
+        out.append(entry)
+    ran_s4 = any(r["system"] == "S4" for r in summary)
+    if ran_s4 and not any(t["target"] == "S2 no worse than S4" for t in out):
+        why = "S4 sustains none of the rates"
+        out.append({"target": "S2 no worse than S4", "rate": None, "met": None, "why": why})
+    return out
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "**met**", False: "**missed**", None: "not measured"}[met]
+
+
+def ratio_section(result: dict[str, Any]) -> list[str]:
+    """The ratios table and the issue-15 targets, each met or missed."""
+    header = " | ".join(f"{top}/{bottom} {label}" for top, bottom in RATIOS
+                        for label in ("p50", "p99", "CPU"))  # fmt: skip
+    lines = [
+        "## Ratios (issue 15)",
+        "",
+        "Medians divided, rate by rate; CPU is CPU ms per answered request. Above 1: the first "
+        "system is slower or costs more. `-`: one of the two has no figure at that rate.",
+        "",
+        f"| req/s | {header} |",
+        "|---:|" + "---:|" * (3 * len(RATIOS)),
+    ]
+    for entry in result.get("ratios") or []:
+        cells = []
+        for top, bottom in RATIOS:
+            pair = entry[f"{top}/{bottom}"] or {}
+            cells += [_fmt(pair.get(key), ".2f") for key in RATIO_FIGURES]
+        lines.append(f"| {entry['rate']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Targets: S3/S2 p99 >= {S3_P99_RATIO:g} at {S3_FROM_RATE} req/s and above; S2 no worse "
+        "than S4 (S4/S2 >= 1 for p50, p99 and CPU per request, and S2 sustains the rate) at "
+        "every rate S4 sustains (a rate is sustained when errors and default answers are "
+        "<= 1 %, p99 <= 2x SLA and >= 90 % of the rate is achieved).",
+        "",
+    ]
+    for target in result.get("peer_targets") or []:
+        at = f" at {target['rate']} req/s" if target["rate"] is not None else ""
+        lines.append(f"- {target['target']}{at}: {_verdict(target['met'])} ({target['why']})")
+    return lines
+
+
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
@@ -72,7 +224,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Taken {m['date']} on {m['cores']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
         f"Linux {m['kernel']}; Python {m['python']}, grpcio {m['grpcio']}, "
-        f"pulsar-client {m['pulsar_client']}, Apache Pulsar {m['pulsar']}, ghz {m['ghz']}.",
+        f"pulsar-client {m['pulsar_client']}, Apache Pulsar {m['pulsar']}, ghz {m['ghz']}"
+        f"{', Ray ' + m['ray'] if m.get('ray') not in (None, 'not run') else ''}.",
         "",
         f"Open loop, {result['config']['duration_s']:g} s per run after "
         f"{result['config'].get('warmup_s', 0):g} s of unrecorded warm-up per system at "
@@ -83,7 +236,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{2 * result['config']['sla_ms']:g} ms (2x SLA) or an achieved rate < 90 % of the target. "
         "CPU is utime+stime from /proc of every process on the system's path (its models, "
         "runners, decoy, enricher, rendezvous, collector, the broker; S0: the model container "
-        "only), the load generator excluded, divided by the answered requests.",
+        "only; S4: every Ray process, i.e. GCS, raylet and its agents, the Serve controller, "
+        "proxy and replicas, idle workers), the load generator excluded, divided by the "
+        "answered requests.",
         "",
     ]
     for name, text in result["systems"].items():
@@ -110,9 +265,47 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Stopped climbing:"]
         lines += [f"- {name}: {why}" for name, why in result["stopped"].items()]
     lines += ["", "Targets (issue 4):", *[f"- {line}" for line in targets(result["summary"])]]
+    if result.get("ratios"):
+        lines += ["", *ratio_section(result)]
+    if "S4" in result["systems"]:
+        lines += ["", *s4_section(result)]
     lines += ["", *cpu_breakdown(result["runs"])]
     lines += ["", "![latency against achieved rate](latest.png)", ""]
     return "\n".join(lines)
+
+
+def s4_section(result: dict[str, Any]) -> list[str]:
+    """How S4 runs, and what it does not do that S2 does (the comparison's asymmetry)."""
+    ray = result["machine"].get("ray", "unknown")
+    config = result["config"].get("s4") or {}
+    mode = (
+        "Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between "
+        "deployments, user code on the replica's loop, direct ingress, so the router's "
+        "replica serves the gRPC port itself; Serve's proxy still runs, idle, and counts)"
+        if config.get("throughput_optimized")
+        else "Serve's default mode (Ray actor calls between deployments, the proxy in front)"
+    )
+    return [
+        "## S4: Ray Serve",
+        "",
+        f"Ray {ray}, its own head per run (`ray start --head --num-cpus 2`, loopback, no "
+        "dashboard). Each of bench-race's four models is a Serve deployment running the "
+        "model class its S2 container runs; the router deployment sends each request to all "
+        "four through DeploymentHandles and races them with `asyncio.wait` under the "
+        "objective's own policy (the same steps, accept lists, SLA and default: "
+        "`services.rendezvous.policy`). Serve's gRPC ingress serves our ScoringService, so "
+        "ghz sends S4 the very requests it sends S2. Every model scores every request, as in "
+        "S2; predictions after the answer are awaited up to the late grace and counted.",
+        "",
+        f"Run in {mode}; {config.get('replica_num_cpus', '?')} CPU reserved per replica, "
+        f"max_ongoing_requests {config.get('router_max_ongoing_requests', '?')} (router) and "
+        f"{config.get('model_max_ongoing_requests', '?')} (models), access log "
+        f"{'on' if config.get('access_log') else 'off'}.",
+        "",
+        "What S2 does on every request that S4 does not (so S4 does less work per request):",
+        "",
+        *[f"- {item}" for item in S4_DOES_NOT],
+    ]
 
 
 def demo_section(demo: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The four systems, each able to take one open-loop run at a rate and describe what it cost."""
+"""The systems, each able to take one open-loop run at a rate and describe what it cost."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from tools.bench.environment import Broker, Mesh, OriginalSystem, original_starter
 from tools.bench.load import LoadResult, ghz, http_open_loop
 from tools.bench.probes import CpuMeter, answers_by_source
+from tools.bench.rayserve.cluster import RayServeCluster
 
 FEATURES = {
     "age": 0.0380759, "sex": 0.0506801, "bmi": 0.0616962, "bp": 0.0218724,
@@ -17,6 +18,10 @@ FEATURES = {
     "s5": 0.0199075, "s6": -0.0176461,
 }  # fmt: skip
 ONE, RACE = "bench-one", "bench-race"
+SCORE = "rendezvous.v1.ScoringService/Score"
+# Serve's gRPC proxy answers reflection without our files' descriptors: ghz reads the .proto.
+PROTOS = Path(__file__).resolve().parents[2] / "protos"
+SCORING_PROTO = (PROTOS / "rendezvous" / "v1" / "scoring.proto", PROTOS)
 # Work a run causes after its last answer (outcomes after the late grace, archive writes)
 # still belongs to it: the CPU sample waits this long.
 SETTLE_S = 1.0
@@ -27,6 +32,8 @@ DESCRIPTIONS = {
     "S1": "rendezvous with one model (objective bench-one)",
     "S2": "rendezvous, three models racing + canary + decoy (objective bench-race)",
     "S3": "the original design re-implemented (Flask, per-request loop and unix socket)",
+    "S4": "Ray Serve, the same race: S2's four models as deployments, a router deployment "
+    "racing them under bench-race's policy and SLA, Serve's gRPC ingress",
 }
 
 
@@ -55,6 +62,7 @@ class Run:
             "errors": self.load.errors,
             "error_share": self.load.errors / max(1, self.load.count),
             "error_kinds": self.load.error_kinds,
+            "error_messages": self.load.error_messages,
             "achieved_rps": self.load.achieved_rps,
             "seconds": self.load.seconds,
             "p50_ms": self.load.p50_ms,
@@ -73,9 +81,6 @@ class System:
     """Base: a name, the pids whose CPU counts, and a load generator."""
 
     name = ""
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
 
     def pids(self) -> dict[str, int]:
         """The processes whose CPU counts, by name."""
@@ -113,7 +118,7 @@ class Direct(System):
     name = "S0"
 
     def __init__(self, broker: Broker, mesh: Mesh) -> None:
-        super().__init__(broker)
+        self.broker = broker
         self.mesh = mesh
 
     def pids(self) -> dict[str, int]:
@@ -129,7 +134,7 @@ class Rendezvous(System):
     """S1 and S2: ghz at `ScoringService/Score` on one objective of the bench mesh."""
 
     def __init__(self, broker: Broker, mesh: Mesh, name: str, objective: str) -> None:
-        super().__init__(broker)
+        self.broker = broker
         self.mesh = mesh
         self.name = name
         self.objective = objective
@@ -142,9 +147,7 @@ class Rendezvous(System):
 
     async def load(self, rate: int, seconds: float) -> LoadResult:
         body = {"objective": self.objective, "features": FEATURES}
-        return await ghz(
-            self.mesh.endpoint, "rendezvous.v1.ScoringService/Score", body, rate, seconds
-        )
+        return await ghz(self.mesh.endpoint, SCORE, body, rate, seconds)
 
 
 class Original(System):
@@ -153,7 +156,7 @@ class Original(System):
     name = "S3"
 
     def __init__(self, broker: Broker, mesh: Mesh, system: OriginalSystem) -> None:
-        super().__init__(broker)
+        self.broker = broker
         self.mesh = mesh
         self.system = system
 
@@ -185,3 +188,25 @@ class Original(System):
 
     async def stop(self) -> None:
         await self.system.stop()
+
+
+class RayServe(System):
+    """S4: ghz at the same `ScoringService/Score`, served by Ray Serve's gRPC ingress."""
+
+    name = "S4"
+
+    def __init__(self, cluster: RayServeCluster) -> None:
+        self.cluster = cluster
+
+    def pids(self) -> dict[str, int]:
+        # Every Ray process; S4 has no broker on its path.
+        return self.cluster.named_pids()
+
+    def default_counter(self) -> dict[str, float] | None:
+        return self.cluster.answers()
+
+    async def load(self, rate: int, seconds: float) -> LoadResult:
+        body = {"objective": self.cluster.objective, "features": FEATURES}
+        return await ghz(
+            self.cluster.grpc_endpoint, SCORE, body, rate, seconds, proto=SCORING_PROTO
+        )

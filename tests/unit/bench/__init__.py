@@ -1,0 +1,1 @@
+"""Unit tests of the benchmark harness (tools/bench)."""
