@@ -36,14 +36,16 @@ type container struct {
 }
 
 // listen binds the configured address and registers the services; nothing is served yet.
-func listen(config Config, service *modelService, log *slog.Logger) (*container, error) {
+// extra are more server options (the tracing stats handler).
+func listen(config Config, service *modelService, log *slog.Logger, extra ...grpc.ServerOption) (*container, error) {
 	listener, err := net.Listen("tcp", config.Listen)
 	if err != nil {
 		return nil, err
 	}
 	host, _, _ := net.SplitHostPort(config.Listen)
 	port := listener.Addr().(*net.TCPAddr).Port
-	server := grpc.NewServer(grpc.MaxRecvMsgSize(maxMessageBytes), grpc.MaxSendMsgSize(maxMessageBytes))
+	options := append([]grpc.ServerOption{grpc.MaxRecvMsgSize(maxMessageBytes), grpc.MaxSendMsgSize(maxMessageBytes)}, extra...)
+	server := grpc.NewServer(options...)
 	pb.RegisterModelServiceServer(server, service)
 	healthServer := health.NewServer()
 	healthpb.RegisterHealthServer(server, healthServer)
@@ -120,8 +122,8 @@ func writeReadyFile(path string, facts readyFacts) error {
 
 // serveUntilDone serves model as config says until ctx ends (a signal), then drains within
 // grace. A nil error means a clean stop.
-func serveUntilDone(ctx context.Context, config Config, model *Diabetes, grace time.Duration, log *slog.Logger) error {
-	c, err := listen(config, newModelService(model, config.Version, log), log)
+func serveUntilDone(ctx context.Context, config Config, model *Diabetes, grace time.Duration, log *slog.Logger, extra ...grpc.ServerOption) error {
+	c, err := listen(config, newModelService(model, config.Version, log), log, extra...)
 	if err != nil {
 		return fmt.Errorf("%s=%q: %w", envListen, config.Listen, err)
 	}
