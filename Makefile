@@ -29,7 +29,7 @@ MODEL_TS := services/models/ts
 # Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
 GO_DIRS := services/models/go services/models/artifacts gen/go
 
-.PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
+.PHONY: help setup venv mlserver tools jaeger go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         unit integration test test-go ts test-ts check \
         pulsar-up pulsar-down up up-tls down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
 
@@ -61,7 +61,18 @@ $(TOOLS_BIN)/grpcurl:
 	mkdir -p $(TOOLS_BIN)
 	GOBIN=$(TOOLS_BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
-tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
+# Jaeger, the trace store of `rendezvous up --traces`. Its module has replace directives, so
+# `go install ...@version` refuses it: tools/jaeger/go.mod pins it (a tool directive, go.sum
+# checking every module) and it is built from there. A first build takes long (measured:
+# ~25-40 min on this 2-core machine under load; the module download ~1.5 min); go's build
+# cache makes later ones quick, and a changed go.mod rebuilds.
+$(TOOLS_BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
+	mkdir -p $(TOOLS_BIN)
+	cd tools/jaeger && go build -o $(TOOLS_BIN)/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
+
+jaeger: $(TOOLS_BIN)/jaeger ## Build Jaeger (pinned in tools/jaeger/go.mod) into tools/bin
+
+tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl $(TOOLS_BIN)/jaeger
 
 # A stamp per pinned version, so a bump reinstalls.
 $(TOOLS_BIN)/.protoc-gen-go-$(PROTOC_GEN_GO_VERSION):
@@ -83,7 +94,7 @@ model-go: ## Build the Go model container into tools/bin/rendezvous-model-go
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv mlserver tools go-plugins model-go ts browser ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, the TS generator and container, Chromium, Apache Pulsar
+setup: venv mlserver tools go-plugins model-go ts browser ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Jaeger, Go plugins and container, the TS generator and container, Chromium, Apache Pulsar
 	tools/pulsar.sh fetch
 
 gen: venv go-plugins $(TSGEN) ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
@@ -157,8 +168,8 @@ pulsar-down: ## Stop the broker
 ghz-smoke: setup ## Start a model container and call it through reflection with ghz
 	tools/ghz-smoke.sh
 
-up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere)
-	$(BIN)/rendezvous up $(if $(TLS),--tls)
+up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere; TRACES=1: Jaeger)
+	$(BIN)/rendezvous up $(if $(TLS),--tls) $(if $(TRACES),--traces)
 
 up-tls: ## Bring the mesh up with mTLS on every gRPC server and client (certificates in .run/certs)
 	$(MAKE) up TLS=1

@@ -1,6 +1,7 @@
 """The `rendezvous` command: bring a mesh up and down, look at it, score through it.
 
 rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls] [--auth]   broker + every component
+              [--traces]                          ... and Jaeger, every process tracing to it
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
@@ -12,6 +13,7 @@ rendezvous objective show|history|diff|apply|promote|split|rollback   the contro
 rendezvous report [--objective O] [--since T]      evaluation: terminal summary + HTML page
 rendezvous replay --model NAME --kind K            archived traffic through a model not live
 rendezvous token --subject S --scope SCOPE         mint a bearer token (mesh with auth on)
+rendezvous trace REQUEST_ID                        one request's trace as a waterfall (--traces)
 
 Client commands send `--token`, else $RDV_TOKEN, as `authorization: Bearer` (auth on).
 """
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services import token_command
+from services import token_command, trace_command
 from services.control import cli as objective_commands
 from services.core import client
 from services.core.channels import STATE_TLS_KEY, state_client_tls
@@ -125,6 +127,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         command.append("--owns-broker")
     if args.tls:
         command += ["--tls", "--certs-dir", str(args.certs_dir.resolve())]
+    if args.traces:
+        command.append("--traces")
     with log_file.open("ab") as log:
         # A session of its own: the mesh outlives this command, `rendezvous down` ends it.
         supervisor = subprocess.Popen(
@@ -179,6 +183,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
     )
+    traces = state.get(trace_command.STATE_TRACES_KEY)
+    if traces:
+        print(
+            f"\nTraces go to Jaeger (OTLP {traces['otlp_endpoint']}); its UI and query API at "
+            f"{traces['query_url']}. One request's waterfall:\n"
+            "  .venv/bin/rendezvous trace REQUEST_ID   (the request_id `rendezvous score` prints)"
+        )
     if args.auth:
         print(
             f"\nAuth is on (key: {token_command.mesh_secret(state_dir)}). Get a token first:\n"
@@ -274,13 +285,15 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from services.supervisor.app import Supervisor, SupervisorSettings
     from services.supervisor.certs import client_only, ensure_certs, mesh_tls
     from services.supervisor.live import LiveMesh
-    from services.supervisor.plan import EvaluatorAddress, Ports, plan_control
+    from services.supervisor.plan import EvaluatorAddress, Ports, plan_control, plan_jaeger
 
     configure_logging("supervisor")
     # Read here only to fail early on a bad file; the control component seeds the topic
     # from it and everything else is planned from the topic.
     mesh = load_mesh(args.mesh)
     settings = SupervisorSettings()
+    if args.traces:
+        settings.traces = True
     ports = Ports()
     tls = None
     if args.tls:
@@ -312,8 +325,16 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         pulsar=settings.pulsar,
         tls=tls,
     )
+    traces = settings.trace_store()
+    first = [control]
+    if traces is not None:
+        try:
+            first.insert(0, plan_jaeger(args.state_dir, traces, ports))
+        except FileNotFoundError as missing:
+            print(f"Cannot run traces: {missing}", file=sys.stderr)
+            return 2
     supervisor = Supervisor(
-        [control],
+        first,
         args.state_dir / "state.json",
         facts={
             "endpoint": mesh.rendezvous.listen,
@@ -334,6 +355,8 @@ def cmd_supervise(args: argparse.Namespace) -> int:
             "owns_broker": args.owns_broker,
             # What the command-line tools need to call a TLS mesh (services.core.channels).
             STATE_TLS_KEY: client_only(tls).model_dump(mode="json") if tls else None,
+            # Where `rendezvous trace` asks for a request's trace.
+            trace_command.STATE_TRACES_KEY: traces.facts() if traces else None,
         },
         settings=settings,
         live=live,
@@ -472,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--auth", action="store_true", help="bearer-token auth on, with a key under the state dir"
     )
+    up.add_argument(
+        "--traces",
+        action="store_true",
+        help="run Jaeger on loopback and send every process's spans to it (rendezvous trace)",
+    )
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -520,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_command.add_parser(sub)
     report_command.add_parser(sub)
     token_command.add_parser(sub)
+    trace_command.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)
@@ -528,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     supervise.add_argument("--owns-broker", action="store_true")
     supervise.add_argument("--tls", action="store_true")
     supervise.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
+    supervise.add_argument("--traces", action="store_true")
     supervise.set_defaults(handler=cmd_supervise)
     return parser
 

@@ -39,7 +39,7 @@ def test_the_settings_are_the_defaults_when_no_variable_is_set() -> None:
     assert config.exporter == "otlp"
     assert config.endpoint == "http://127.0.0.1:4417"
     assert isinstance(config.sampler, ParentBased)
-    assert "TraceIdRatioBased{0.1}" in config.sampler.get_description()
+    assert "TraceIdRatioBased{0.1}" in config.sampler.get_description()  # type: ignore[no-untyped-call]
     assert config.resource.attributes[SERVICE_NAME] == "rendezvous"
     assert config.resource.attributes[SERVICE_INSTANCE_ID] == "rdv-0"
 
