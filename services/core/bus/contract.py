@@ -26,6 +26,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.trace import Span, StatusCode
 
 from services.core.bus import dead_letter
@@ -135,13 +136,18 @@ class Publisher(abc.ABC, Generic[M]):
         timeout: float | None = None,
         context: otel_context.Context | None = None,
     ) -> None:
-        """Publish and wait for the broker's receipt, at most `timeout` seconds, inside a
-        PRODUCER span (child of `context`, default the current span) whose trace context
-        the message carries. Properties that name a trace (`traceparent`) parent it when
-        no `context` is given."""
+        """Publish and wait for the broker's receipt, at most `timeout` seconds.
+
+        Inside a trace (`context`, default the current one; else the trace the given
+        properties' `traceparent` names) the publish is a PRODUCER span of it, and the message
+        carries that span's context. Outside any trace (the control topic, status reports) it
+        starts none: no span, no trace context."""
         data = message.SerializeToString()
         if context is None and properties and TRACEPARENT in properties:
             context = extract(properties)
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            await self.publish_bytes(data, message_properties(message, properties), key, timeout)
+            return
         with producer_span(self.topic, len(data), context) as span:
             try:
                 await self.publish_bytes(

@@ -162,3 +162,15 @@ async def test_a_pulsar_hop_is_a_producer_span_then_a_consumer_span(
     assert processed.attributes["messaging.operation.type"] == "process"
     assert processed.attributes["messaging.destination.subscription.name"] == "runners"
     assert current.get_span_context().span_id == processed.context.span_id
+
+
+async def test_a_publish_outside_any_trace_starts_none(
+    memory_bus: MemoryBus, spans: Captured
+) -> None:
+    topic = memory_bus.topics.tasks("quiet")
+    subscription = await memory_bus.subscribe(topic, "s", task_pb2.EnrichedTask)
+    publisher = await memory_bus.publisher(topic, task_pb2.EnrichedTask)
+    await publisher.publish(task_pb2.EnrichedTask())
+    envelope = await asyncio.wait_for(subscription.receive(), 5)
+    assert "traceparent" not in envelope.properties
+    assert spans.named("send rdv.quiet.tasks") == []
