@@ -70,17 +70,37 @@ func setupTracing(ctx context.Context, getenv func(string) string, stdout io.Wri
 		// the caller's trace context.
 		return &tracing{grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithFilter(untraced))), noop}, nil
 	}
-	// Later options win: the environment's service name and attributes over the defaults.
-	res, err := resource.New(ctx,
-		resource.WithAttributes(attribute.String("service.name", defaultServiceName)),
-		resource.WithFromEnv())
-	if err != nil {
-		return nil, fmt.Errorf("the trace resource: %w", err)
-	}
+	res := resource.NewSchemaless(resourceAttributes(getenv)...)
 	// The sampler comes from OTEL_TRACES_SAMPLER (the SDK reads it); without it parent-based,
 	// always on, as the Python services' default ratio of 1.
 	provider := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exporter), sdktrace.WithResource(res))
 	otel.SetTracerProvider(provider)
 	handler := otelgrpc.NewServerHandler(otelgrpc.WithFilter(untraced), otelgrpc.WithTracerProvider(provider))
 	return &tracing{grpc.StatsHandler(handler), provider.Shutdown}, nil
+}
+
+// resourceAttributes are the spans' resource: service.name "model" unless
+// OTEL_RESOURCE_ATTRIBUTES (key=value,...) or OTEL_SERVICE_NAME, which wins, say otherwise.
+func resourceAttributes(getenv func(string) string) []attribute.KeyValue {
+	values := map[string]string{"service.name": defaultServiceName}
+	keys := []string{"service.name"}
+	for _, item := range strings.Split(getenv("OTEL_RESOURCE_ATTRIBUTES"), ",") {
+		key, value, found := strings.Cut(item, "=")
+		key = strings.TrimSpace(key)
+		if !found || key == "" {
+			continue
+		}
+		if _, seen := values[key]; !seen {
+			keys = append(keys, key)
+		}
+		values[key] = strings.TrimSpace(value)
+	}
+	if name := getenv("OTEL_SERVICE_NAME"); name != "" {
+		values["service.name"] = name
+	}
+	attributes := make([]attribute.KeyValue, 0, len(keys))
+	for _, key := range keys {
+		attributes = append(attributes, attribute.String(key, values[key]))
+	}
+	return attributes
 }
