@@ -19,10 +19,8 @@ from services.core.channels import aio_channel
 from services.core.consumer import BoundedConsumer
 from services.core.tracing import trace_config
 from tests.fakes.memory_bus import MemoryBus
+from tests.span_capture import Captured
 from tests.unit.models.model_testing import ServeModel
-from tests.unit.span_capture import Captured, spans
-
-__all__ = ["spans"]  # the fixture, used by name
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
