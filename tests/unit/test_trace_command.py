@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+import urllib.parse
 from typing import Any
 
-from services.trace_command import ordered, parse_jaeger_trace, render_waterfall
+import pytest
+
+from services.trace_command import (
+    TraceNotFound,
+    find_trace,
+    ordered,
+    parse_jaeger_trace,
+    render_waterfall,
+    wait_for_trace,
+)
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 T0 = 1_700_000_000_000_000
@@ -95,3 +108,42 @@ def test_the_waterfall_has_a_line_per_span_with_offset_duration_service_and_bar(
     assert delivered.endswith("|" + " " * 12 + "█" + " " * 3 + "|")
     assert "· answer (ridge)" in answer and answer.strip().startswith("7.00")
     assert answer.endswith("|" + " " * 14 + "◆" + " " * 1 + "|")
+
+
+def test_the_trace_is_found_by_the_request_id_then_fetched_whole() -> None:
+    asked: list[str] = []
+    whole = _jaeger()
+
+    class Jaeger(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            url = urllib.parse.urlsplit(self.path)
+            if url.path == "/api/traces":
+                query = urllib.parse.parse_qs(url.query)
+                tags = json.loads(query["tags"][0])
+                found = tags == {"rdv.request_id": "req-1"} and query["service"] == ["rendezvous"]
+                # The search answers only the matching span; the trace by id answers all.
+                body = {"data": [{**whole, "spans": whole["spans"][-1:]}] if found else []}
+            else:
+                body = {"data": [whole] if url.path == f"/api/traces/{TRACE}" else []}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Jaeger)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        trace = wait_for_trace(url, "req-1", wait_s=5, settle_s=0.05)
+        assert trace.trace_id == TRACE and len(trace.spans) == 5
+        with pytest.raises(TraceNotFound):
+            find_trace(url, "req-2")
+    finally:
+        server.shutdown()
+    assert asked[0].startswith("/api/traces?service=rendezvous&tags=")
+    assert f"/api/traces/{TRACE}" in asked
