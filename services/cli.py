@@ -186,8 +186,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     traces = state.get(trace_command.STATE_TRACES_KEY)
     if traces:
         print(
-            f"\nTraces go to Jaeger (OTLP {traces['otlp_endpoint']}); its UI and query API at "
-            f"{traces['query_url']}. One request's waterfall:\n"
+            f"\nTraces go to Jaeger (OTLP {traces['otlp_endpoint']}); its query API at "
+            f"{traces['query_url']}/api/traces. One request's waterfall:\n"
             "  .venv/bin/rendezvous trace REQUEST_ID   (the request_id `rendezvous score` prints)"
         )
     if args.auth:

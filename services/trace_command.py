@@ -174,18 +174,32 @@ def _label(span: TraceSpan) -> str:
     return f"{span.name}{suffix}{' !' if span.error else ''}"
 
 
+# The event attributes shown: ours, and an exception's type (not its message or stack).
+SHOWN_EVENT_ATTRIBUTES = ("rdv.", "exception.type")
+# A label longer than this is cut, so one long name cannot push the bars off the screen.
+MAX_LABEL = 96
+
+
 def _detail(event: SpanEvent) -> str:
-    shown = ", ".join(f"{value}" for value in event.attributes.values())
+    shown = ", ".join(
+        f"{value}"
+        for key, value in event.attributes.items()
+        if key.startswith(SHOWN_EVENT_ATTRIBUTES)
+    )
     return f" ({shown})" if shown else ""
+
+
+def _cut(label: str) -> str:
+    return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
 
 
 def render_waterfall(trace: Trace, *, request_id: str = "", width: int = 40) -> list[str]:
     """The trace as terminal lines: a header, then one line per span (and per span event)."""
     origin, total = trace.start_us, trace.end_us - trace.start_us
     walk = _walk(trace)
-    labels = {span.span_id: ("  " * depth) + _label(span) for depth, span, _ in walk}
+    labels = {span.span_id: _cut(("  " * depth) + _label(span)) for depth, span, _ in walk}
     event_labels = {
-        id(event): ("  " * (depth + 1)) + f"· {event.name}" + _detail(event)
+        id(event): _cut(("  " * (depth + 1)) + f"· {event.name}" + _detail(event))
         for depth, span, done in walk
         if done
         for event in span.events

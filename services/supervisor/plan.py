@@ -286,7 +286,7 @@ class TraceStore:
 
 def plan_jaeger(state_dir: Path, store: TraceStore, ports: Ports) -> ProcessSpec:
     """Jaeger on loopback with in-memory storage (deploy/jaeger/local.yaml): OTLP in, the
-    query API and UI out, gRPC health for the supervisor. Its binary is built by `make setup`."""
+    query API out, gRPC health for the supervisor. Its binary is built by `make setup`."""
     binary = REPO_ROOT / JAEGER_BINARY
     if not binary.exists():
         raise FileNotFoundError(f"{binary} is missing: `make setup` builds it")
