@@ -63,9 +63,10 @@ $(TOOLS_BIN)/grpcurl:
 
 # Jaeger, the trace store of `rendezvous up --traces`. Its module has replace directives, so
 # `go install ...@version` refuses it: tools/jaeger/go.mod pins it (a tool directive, go.sum
-# checking every module) and it is built from there. A first build takes long (measured:
-# ~25-40 min on this 2-core machine under load; the module download ~1.5 min); go's build
-# cache makes later ones quick, and a changed go.mod rebuilds.
+# checking every module) and it is built from there. A first build is long: measured 92 min
+# wall on this 2-core machine shared at load average 25-40, of which 10.4 min user and 2 min
+# system CPU (so several minutes on an idle machine), plus 1.5 min of module downloads; go's
+# build cache makes later builds quick, and a changed go.mod rebuilds.
 $(TOOLS_BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
 	mkdir -p $(TOOLS_BIN)
 	cd tools/jaeger && go build -o $(TOOLS_BIN)/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
