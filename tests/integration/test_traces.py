@@ -83,6 +83,9 @@ def mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iter
     env = {
         "RDV_SUPERVISOR_JAEGER_OTLP_LISTEN": f"127.0.0.1:{free_port()}",
         "RDV_SUPERVISOR_JAEGER_QUERY_LISTEN": f"127.0.0.1:{free_port()}",
+        # The warm-up is not what this test is about: on a busy machine it would take the
+        # full 90 s before serving anyway.
+        "RDV_RENDEZVOUS_WARMUP_MAX_S": "15",
     }
     # An OTEL_* variable in the environment would win over the supervisor's (by design).
     assert not [name for name in os.environ if name.startswith("OTEL_")]
