@@ -42,7 +42,7 @@ MODEL_TS := services/models/ts
 # Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
 GO_DIRS := services/models/go services/models/artifacts gen/go
 
-.PHONY: help setup setup-peers venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
+.PHONY: help setup setup-peers venv mlserver tools jaeger go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         helm-tools k8s-schemas helm-check \
         unit integration test test-go ts test-ts check \
         pulsar-up pulsar-down up up-tls down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
@@ -84,7 +84,19 @@ $(TOOLS_BIN)/grpcurl:
 	mkdir -p $(TOOLS_BIN)
 	GOBIN=$(TOOLS_BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
-tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
+# Jaeger, the trace store of `rendezvous up --traces`. Its module has replace directives, so
+# `go install ...@version` refuses it: tools/jaeger/go.mod pins it (a tool directive, go.sum
+# checking every module) and it is built from there. A first build is long: measured 92 min
+# wall on this 2-core machine shared at load average 25-40, of which 10.4 min user and 2 min
+# system CPU (so several minutes on an idle machine), plus 1.5 min of module downloads; go's
+# build cache makes later builds quick, and a changed go.mod rebuilds.
+$(TOOLS_BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
+	mkdir -p $(TOOLS_BIN)
+	cd tools/jaeger && go build -o $(TOOLS_BIN)/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
+
+jaeger: $(TOOLS_BIN)/jaeger ## Build Jaeger (pinned in tools/jaeger/go.mod) into tools/bin
+
+tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl $(TOOLS_BIN)/jaeger
 
 # A stamp per pinned version, so a bump reinstalls (helm's first build takes minutes).
 $(TOOLS_BIN)/.helm-$(HELM_VERSION):
@@ -130,7 +142,7 @@ model-go: ## Build the Go model container into tools/bin/rendezvous-model-go
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv mlserver tools go-plugins model-go ts browser helm-tools k8s-schemas ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, the TS generator and container, Chromium, helm, kubeconform and their schemas, Apache Pulsar
+setup: venv mlserver tools go-plugins model-go ts browser helm-tools k8s-schemas ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Jaeger, Go plugins and container, the TS generator and container, Chromium, helm, kubeconform and their schemas, Apache Pulsar
 	tools/pulsar.sh fetch
 
 gen: venv go-plugins $(TSGEN) ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
@@ -204,8 +216,8 @@ pulsar-down: ## Stop the broker
 ghz-smoke: setup ## Start a model container and call it through reflection with ghz
 	tools/ghz-smoke.sh
 
-up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere)
-	$(BIN)/rendezvous up $(if $(TLS),--tls)
+up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere; TRACES=1: Jaeger)
+	$(BIN)/rendezvous up $(if $(TLS),--tls) $(if $(TRACES),--traces)
 
 up-tls: ## Bring the mesh up with mTLS on every gRPC server and client (certificates in .run/certs)
 	$(MAKE) up TLS=1

@@ -1,6 +1,7 @@
 """The `rendezvous` command: bring a mesh up and down, look at it, score through it.
 
 rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls] [--auth]   broker + every component
+              [--traces]                          ... and Jaeger, every process tracing to it
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
               [--pulsar-tls] [--pulsar-tls-trust-certs-file F]  ... with the broker on TLS
 rendezvous status                                 what runs, where, and whether it is healthy
@@ -14,6 +15,7 @@ rendezvous report [--objective O] [--since T]      evaluation: terminal summary 
 rendezvous replay --model NAME --kind K            archived traffic through a model not live
 rendezvous token --subject S --scope SCOPE         mint a bearer token (mesh with auth on)
 rendezvous erase --subject ID [--objective O]      forget a subject (crypto-shredding)
+rendezvous trace REQUEST_ID                        one request's trace as a waterfall (--traces)
 
 Client commands send `--token`, else $RDV_TOKEN, as `authorization: Bearer` (auth on).
 """
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services import erase_command, token_command
+from services import erase_command, token_command, trace_command
 from services.control import cli as objective_commands
 from services.core import client
 from services.core.channels import STATE_TLS_KEY, state_client_tls
@@ -155,6 +157,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         command.append("--owns-broker")
     if args.tls:
         command += ["--tls", "--certs-dir", str(args.certs_dir.resolve())]
+    if args.traces:
+        command.append("--traces")
     with log_file.open("ab") as log:
         # A session of its own: the mesh outlives this command, `rendezvous down` ends it.
         supervisor = subprocess.Popen(
@@ -214,6 +218,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
     )
+    traces = state.get(trace_command.STATE_TRACES_KEY)
+    if traces:
+        print(
+            f"\nTraces go to Jaeger (OTLP {traces['otlp_endpoint']}); its query API at "
+            f"{traces['query_url']}/api/traces. One request's waterfall:\n"
+            "  .venv/bin/rendezvous trace REQUEST_ID   (the request_id `rendezvous score` prints)"
+        )
     if args.auth:
         print(
             f"\nAuth is on (key: {token_command.mesh_secret(state_dir)}). Get a token first:\n"
@@ -317,6 +328,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         Ports,
         PrivacyFiles,
         plan_control,
+        plan_jaeger,
         plan_keyring,
         privacy_env,
     )
@@ -326,6 +338,8 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     # from it and everything else is planned from the topic.
     mesh = load_mesh(args.mesh)
     settings = SupervisorSettings()
+    if args.traces:
+        settings.traces = True
     ports = Ports()
     tls = None
     if args.tls:
@@ -378,6 +392,13 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         tls=tls,
         privacy=privacy,
     )
+    traces = settings.trace_store()
+    if traces is not None:
+        try:
+            first.insert(0, plan_jaeger(args.state_dir, traces, ports))
+        except FileNotFoundError as missing:
+            print(f"Cannot run traces: {missing}", file=sys.stderr)
+            return 2
     supervisor = Supervisor(
         first,
         args.state_dir / "state.json",
@@ -398,6 +419,8 @@ def cmd_supervise(args: argparse.Namespace) -> int:
             "owns_broker": args.owns_broker,
             # What the command-line tools need to call a TLS mesh (services.core.channels).
             STATE_TLS_KEY: client_only(tls).model_dump(mode="json") if tls else None,
+            # Where `rendezvous trace` asks for a request's trace.
+            trace_command.STATE_TRACES_KEY: traces.facts() if traces else None,
         },
         settings=settings,
         live=live,
@@ -546,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--auth", action="store_true", help="bearer-token auth on, with a key under the state dir"
     )
+    up.add_argument(
+        "--traces",
+        action="store_true",
+        help="run Jaeger on loopback and send every process's spans to it (rendezvous trace)",
+    )
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -595,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_command.add_parser(sub)
     token_command.add_parser(sub)
     erase_command.add_parser(sub)
+    trace_command.add_parser(sub)
 
     supervise = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--mesh", type=Path, required=True)
@@ -603,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     supervise.add_argument("--owns-broker", action="store_true")
     supervise.add_argument("--tls", action="store_true")
     supervise.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
+    supervise.add_argument("--traces", action="store_true")
     supervise.set_defaults(handler=cmd_supervise)
     return parser
 

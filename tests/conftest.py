@@ -1,5 +1,7 @@
 """Fixtures every test may use: the real Pulsar broker (integration) and the in-memory twin.
 
+`spans` records the spans ended during one test (tests/span_capture.py).
+
 `pulsar` is session-scoped and only started when an integration test asks for it, so
 unit tests never need the broker. When a healthy broker is already up (`tools/pulsar.sh
 status` exits 0, e.g. because `tools/run-tests.sh` started it), the fixture uses it and
@@ -29,6 +31,7 @@ from hypothesis import settings as hypothesis_settings
 
 from services.core.bus import Bus, connect
 from services.core.settings import PulsarSettings
+from tests import span_capture
 from tests.fakes.memory_bus import MemoryBus
 
 # Property tests check logic, not speed: Hypothesis' per-example deadline (200 ms) turned a
@@ -41,6 +44,18 @@ pytest_plugins = ["tests.browser.fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 PULSAR_SH = REPO / "tools" / "pulsar.sh"
+
+# One tracer provider for the session: non-recording, as a service without an exporter,
+# except inside the `spans` fixture (tests/span_capture.py).
+span_capture.install()
+
+
+@pytest.fixture
+def spans() -> Iterator[span_capture.Captured]:
+    """The spans ended during the test, recorded (parent-based, always on) for it alone."""
+    with span_capture.capturing() as captured:
+        yield captured
+
 
 # Tests wait for nack redeliveries; the production default (1 s) would make them slow.
 TEST_NACK_DELAY_MS = 100

@@ -13,6 +13,10 @@ Predictions travel in bursts: what the client already holds is received at once,
 everything waiting to be sent goes in one DeliverRequest (up to `max_burst`), answered by
 one DeliverResponse. Under light load a burst is one prediction; under load the stream
 costs one write and one read per burst instead of per prediction.
+
+Each prediction's delivery is a CONSUMER span, from its receipt to the rendezvous' answer
+for it (`rdv.delivery_status`: accepted, late, duplicate, unknown mailbox); the stream
+itself is not traced (it lives as long as the collector).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from services.core.bus import Bus, BusError, Envelope, Subscription, Subscriptio
 from services.core.consumer import Window
 from services.core.lifecycle import Component, cancel_and_wait, run
 from services.core.telemetry import counter, histogram
+from services.core.tracing import consumer_span
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,15 @@ class Collector(Component):
                 log.warning("receiving predictions failed; retrying", exc_info=True)
                 await asyncio.sleep(self.settings.reconnect_initial_s)
                 continue
+            for envelope in burst:
+                # Ended when the rendezvous has answered for it (see _stream_once).
+                envelope.span = consumer_span(
+                    subscription.topic,
+                    subscription.name,
+                    len(envelope.raw.data),
+                    envelope.trace_context(),
+                    _span_attributes(envelope.message),
+                )
             self._window.take(len(burst))
             self._outbox.put_nowait(burst)
 
@@ -178,7 +192,13 @@ class Collector(Component):
                             BUS_ERRORS.labels("ack").inc()
                             log.warning("acknowledging a prediction failed", exc_info=True)
                         self.delivered[status] = self.delivered.get(status, 0) + 1
-                        DELIVERED.labels(delivery_pb2.DeliveryStatus.Name(status)).inc()
+                        name = delivery_pb2.DeliveryStatus.Name(status)
+                        DELIVERED.labels(name).inc()
+                        span = envelope.span
+                        if span is not None:
+                            # What the rendezvous did with it: accepted, late, duplicate...
+                            span.set_attribute("rdv.delivery_status", name)
+                            span.end()
 
             sender = asyncio.create_task(send())
             reader = asyncio.create_task(receive())
@@ -194,6 +214,10 @@ class Collector(Component):
                 call.cancel()
                 # Sent but never answered: first in line on the next stream, in order.
                 self._resend.extendleft(reversed([unanswered[k] for k in sorted(unanswered)]))
+
+
+def _span_attributes(event: task_pb2.PredictionEvent) -> dict[str, str | int]:
+    return {"rdv.request_id": event.request_id, "rdv.model": event.model}
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from services.core.settings import TlsSettings
+from services.core.tracing import client_interceptors
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -62,10 +63,11 @@ def aio_channel(
     options: ChannelOptions = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to `target`: TLS per `tls`, plaintext without it; `interceptors`
-    (e.g. the bearer token of `services.core.client`) on every call."""
+    """A grpc.aio channel to `target`: TLS per `tls`, plaintext without it; a CLIENT span per
+    call (`services.core.tracing`) and `interceptors` (e.g. the bearer token of
+    `services.core.client`) on every call."""
     credentials = _secure(target, tls)
-    chain = list(interceptors) or None
+    chain = [*client_interceptors(), *interceptors]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=list(options), interceptors=chain)
     return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=chain)

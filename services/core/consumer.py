@@ -15,6 +15,10 @@ leaves as one batch. A `burst_handler` takes the whole burst in one task instead
 runner scores it with one call), at most `max_bursts_in_flight` at once: while they run,
 new messages queue in the client and make up the next burst (dynamic batching).
 
+Each message is processed inside a CONSUMER span of its own (`Envelope.span`, child of the
+span that published it), current in a handler's task and ended when its handler ends; a
+burst handler continues each message's trace with `envelope.trace_context()`.
+
 The handler owns acknowledgement (ack, nack) and its own error handling; the consumer
 only logs what escapes it. The subscription stays the caller's to close.
 """
@@ -27,7 +31,11 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic
 
+from opentelemetry import context as otel_context
+from opentelemetry.trace import StatusCode
+
 from services.core.bus import Envelope, M, Subscription
+from services.core.tracing import consumer_span, in_span
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +157,24 @@ class BoundedConsumer(Generic[M]):
                     )
                 await asyncio.sleep(self._retry_delay_s)
                 continue
+            for envelope in burst:
+                envelope.span = consumer_span(
+                    subscription.topic,
+                    subscription.name,
+                    len(envelope.raw.data),
+                    envelope.trace_context(),
+                )
             if self._burst_handler is not None:
-                self._spawn(self._burst_handler(burst), len(burst))
+                self._spawn(self._burst_handler(burst), burst)
             else:
                 assert self._handler is not None
                 for envelope in burst:
-                    self._spawn(self._handler(envelope), 1)
+                    self._spawn(self._handler(envelope), [envelope])
 
-    def _spawn(self, work: Coroutine[Any, Any, None], messages: int) -> None:
-        self._window.take(messages)
-        handler = asyncio.create_task(work, name=f"{self.name}:handle")
-        self._handlers[handler] = messages
+    def _spawn(self, work: Coroutine[Any, Any, None], envelopes: list[Envelope[M]]) -> None:
+        self._window.take(len(envelopes))
+        handler = asyncio.create_task(_traced(work, envelopes), name=f"{self.name}:handle")
+        self._handlers[handler] = len(envelopes)
         handler.add_done_callback(self._finished)
 
     def _finished(self, handler: asyncio.Task[None]) -> None:
@@ -171,3 +186,23 @@ class BoundedConsumer(Generic[M]):
                 exc_info=handler.exception(),
                 extra={"consumer": self.name, "topic": self.subscription.topic},
             )
+
+
+async def _traced(work: Coroutine[Any, Any, None], envelopes: list[Envelope[M]]) -> None:
+    """Run a handler inside its messages' CONSUMER spans (the first one current), ending
+    them however it ends: each span covers the message's processing up to its ack."""
+    first = envelopes[0].span
+    assert first is not None
+    token = otel_context.attach(in_span(first))
+    try:
+        await work
+    except BaseException as exc:
+        for envelope in envelopes:
+            if envelope.span is not None:
+                envelope.span.set_status(StatusCode.ERROR, type(exc).__name__)
+        raise
+    finally:
+        otel_context.detach(token)
+        for envelope in envelopes:
+            if envelope.span is not None:
+                envelope.span.end()

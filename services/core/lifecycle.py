@@ -29,7 +29,8 @@ import uvloop
 from services.core.bus import Bus, connect
 from services.core.server import GrpcServer, Registrar, write_ready_file
 from services.core.settings import ServiceSettings
-from services.core.telemetry import configure_logging, configure_tracing, start_metrics_server
+from services.core.telemetry import configure_logging, start_metrics_server
+from services.core.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,13 @@ async def serve_until_signalled(build: Callable[[], Component]) -> int:
 def run(service: str, settings: ServiceSettings, build: Callable[[], Component]) -> None:
     """The body of every `python -m services.<name>`: logging, tracing, metrics, loop, serve."""
     configure_logging(service, settings.log_level, settings.log_format)
-    configure_tracing(service, settings.trace_exporter)
+    configure_tracing(
+        service,
+        exporter=settings.trace_exporter,
+        endpoint=settings.trace_endpoint,
+        sample_ratio=settings.trace_sample_ratio,
+        instance=settings.instance,
+    )
     start_metrics_server(settings.metrics_port)
     sys.setswitchinterval(settings.switch_interval_ms / 1000)
     status = uvloop.run(serve_until_signalled(build))

@@ -1,9 +1,10 @@
 """Server lifecycle shared by every component.
 
 `GrpcServer` wraps a grpc.aio server with the parts every component has: the
-error interceptor, the standard health service (which drains to NOT_SERVING
-before stop) and server reflection (what ghz, grpcurl and Kubernetes probes
-expect), and the auth interceptor (`services.core.auth`) when the service's auth
+tracing interceptor (a span per call, `services.core.tracing`), the error
+interceptor, the standard health service (which drains to NOT_SERVING before stop)
+and server reflection (what ghz, grpcurl and Kubernetes probes expect), and the
+auth interceptor (`services.core.auth`) when the service's auth
 settings enable it. The component lifecycle that owns it is `services.core.lifecycle`.
 
 Its TCP port is plaintext, TLS or mTLS per `TlsSettings` (`server_credentials`); its
@@ -28,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from services.core.channels import read_pem
 from services.core.errors import ErrorInterceptor
 from services.core.settings import AuthSettings, TlsSettings
+from services.core.tracing import server_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,10 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             *extra_options,
         ]
-        # The auth interceptor runs inside the error one, which maps its refusals.
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        # Tracing outermost (its span sees the status the client gets, and the caller's
+        # trace is current for everything inside); the auth interceptor runs inside the
+        # error one, which maps its refusals.
+        interceptors: list[grpc.aio.ServerInterceptor] = [server_interceptor(), ErrorInterceptor()]
         if auth is not None and auth.enabled:
             from services.core.auth import AuthInterceptor
 

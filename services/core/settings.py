@@ -311,8 +311,13 @@ class ServiceSettings(BaseSettings):
     mesh_file: Path | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
-    # "console" prints spans (debugging); "none" keeps tracing in-process only.
-    trace_exporter: Literal["none", "console"] = "none"
+    # Traces (services/core/tracing.py); each is the default of its standard OTEL_* variable.
+    # "otlp" sends to `trace_endpoint` (OTLP over gRPC: Jaeger, an OpenTelemetry collector);
+    # "console" prints spans (debugging); "none" records nothing, the ids still travel.
+    trace_exporter: Literal["none", "console", "otlp"] = "none"
+    trace_endpoint: str = "http://127.0.0.1:4317"
+    # The share of new traces kept (parent-based: a continued trace keeps its caller's choice).
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     metrics_port: int = 0
     # How long a thread may hold the GIL while another waits for it (Python's default 5 ms).
     # The Pulsar and gRPC client threads hand each message to the event loop through the GIL.

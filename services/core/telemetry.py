@@ -1,7 +1,8 @@
-"""Structured logs, OpenTelemetry traces and Prometheus-style metrics.
+"""Structured logs, OpenTelemetry trace context and Prometheus-style metrics.
 
-Trace context crosses every hop: gRPC metadata on calls, Pulsar message
-properties on messages (see `inject` / `extract`), so one request is one trace.
+Trace context crosses every hop: gRPC metadata on calls (the instrumentation's
+interceptors), Pulsar message properties on messages (see `inject` / `extract`), so one
+request is one trace. Where spans go and which are kept: `services.core.tracing`.
 Metrics live in one process-wide registry, exposed on `/metrics` when a
 service's `metrics_port` is set; label values are kept low-cardinality (model,
 objective, outcome), never request ids.
@@ -17,10 +18,6 @@ from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _STANDARD_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -61,20 +58,6 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def configure_tracing(service: str, exporter: str = "none") -> None:
-    """Install the process' tracer provider.
-
-    With no exporter a recorded span goes nowhere, so none is recorded: spans are the SDK's
-    non-recording ones (ALWAYS_OFF), which still carry the trace and span ids, so the trace
-    context keeps crossing gRPC and Pulsar, at a fraction of the cost per message.
-    """
-    sampler = ALWAYS_OFF if exporter == "none" else ALWAYS_ON
-    provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
-    if exporter == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-    trace.set_tracer_provider(provider)
 
 
 def tracer(name: str) -> trace.Tracer:

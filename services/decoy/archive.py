@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
 from rendezvous.v1 import common_pb2, task_pb2
 
 from services.core.bus import BusError, Envelope, Publisher
@@ -108,16 +108,26 @@ class Archiver:
         """True per task once its record is on the archive topic (or it is not to be archived:
         a warm-up task, a task marked skip_archive), False when the publish failed and the task
         should be redelivered."""
+        # Inside the first task's CONSUMER span; each record is published in its own task's
+        # trace (the first one's under this span).
         with _tracer.start_as_current_span(
             "decoy.archive",
             context=envelopes[0].trace_context(),
-            kind=trace.SpanKind.CONSUMER,
             attributes={"rdv.objective": self.objective, "rdv.batch_size": len(envelopes)},
         ):
             # Published in one turn of the loop: the records leave as one batch.
-            return list(await asyncio.gather(*(self._one(e.message) for e in envelopes)))
+            return list(
+                await asyncio.gather(
+                    *(
+                        self._one(e.message, None if i == 0 else e.trace_context())
+                        for i, e in enumerate(envelopes)
+                    )
+                )
+            )
 
-    async def _one(self, task: task_pb2.EnrichedTask) -> bool:
+    async def _one(
+        self, task: task_pb2.EnrichedTask, context: otel_context.Context | None = None
+    ) -> bool:
         if task.task.warmup:
             return True
         if task.task.skip_archive:
@@ -130,7 +140,9 @@ class Archiver:
             record = await self.sealer.seal(record, request.subject_id, request.objective)
         request_id = request.request_id
         try:
-            await self.publisher.publish(record, key=request_id or None, timeout=self._timeout_s)
+            await self.publisher.publish(
+                record, key=request_id or None, timeout=self._timeout_s, context=context
+            )
         except BusError as exc:
             self._failures.inc()
             log.warning(

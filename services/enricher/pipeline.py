@@ -19,7 +19,6 @@ import contextlib
 import logging
 import time
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from rendezvous.v1 import task_pb2
 
@@ -33,7 +32,7 @@ from services.core.bus import (
 )
 from services.core.consumer import BoundedConsumer
 from services.core.protos import seconds_until
-from services.core.telemetry import counter, extract, histogram, tracer
+from services.core.telemetry import counter, histogram
 from services.enricher.enrich import Enricher
 
 log = logging.getLogger(__name__)
@@ -48,17 +47,6 @@ TASK_SECONDS = histogram(
     "From receipt of a scoring task to its enriched task being on the tasks topic",
     ("objective",),
 )
-
-_tracer = tracer(__name__)
-
-TRACEPARENT = "traceparent"
-
-
-def parent_context(envelope: Envelope[task_pb2.ScoringTask]) -> otel_context.Context:
-    """The trace the task belongs to: the message's properties, else the task's own copy."""
-    if TRACEPARENT not in envelope.properties and envelope.message.trace_context:
-        return extract(envelope.message.trace_context)
-    return envelope.trace_context()
 
 
 class TaskPipeline:
@@ -137,33 +125,29 @@ class TaskPipeline:
             expired = task.HasField("deadline") and seconds_until(task.deadline) <= 0
             publisher = self._publisher
             assert publisher is not None
-            with _tracer.start_as_current_span(
-                "enricher.enrich",
-                context=parent_context(envelope),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "rdv.objective": self.objective,
-                    "rdv.request_id": task.request.request_id,
-                },
-            ) as span:
-                enriched = self._enricher.enrich(task)
-                try:
-                    # The current span's context goes out in the message's properties.
-                    await publisher.publish(
-                        enriched,
-                        key=task.request.request_id or None,
-                        timeout=self._send_timeout_s,
-                    )
-                except BusError as exc:
-                    span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-                    TASKS.labels(self.objective, "publish_failed").inc()
-                    log.warning(
-                        "publishing an enriched task failed; redelivery requested",
-                        extra={"topic": self.tasks_topic, "error": type(exc).__name__},
-                    )
-                    await subscription.nack(envelope)
-                    return
-                await subscription.ack(envelope)
+            # Inside the message's CONSUMER span (services.core.consumer): the enriched
+            # task's PRODUCER span is its child.
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attributes(
+                    {"rdv.objective": self.objective, "rdv.request_id": task.request.request_id}
+                )
+            enriched = self._enricher.enrich(task)
+            try:
+                await publisher.publish(
+                    enriched,
+                    key=task.request.request_id or None,
+                    timeout=self._send_timeout_s,
+                )
+            except BusError as exc:
+                TASKS.labels(self.objective, "publish_failed").inc()
+                log.warning(
+                    "publishing an enriched task failed; redelivery requested",
+                    extra={"topic": self.tasks_topic, "error": type(exc).__name__},
+                )
+                await subscription.nack(envelope)
+                return
+            await subscription.ack(envelope)
             TASKS.labels(self.objective, "expired" if expired else "enriched").inc()
             TASK_SECONDS.labels(self.objective).observe(time.monotonic() - received)
         except Exception:

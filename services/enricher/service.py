@@ -10,18 +10,9 @@ from opentelemetry import trace
 from rendezvous.v1 import enricher_pb2, enricher_pb2_grpc
 
 from services.core.errors import InvalidArgument, NotFound, Unavailable
-from services.core.telemetry import extract, tracer
 from services.enricher.enrich import Enricher
 
 SERVICE_NAME: str = enricher_pb2.DESCRIPTOR.services_by_name["EnricherService"].full_name
-
-_tracer = tracer(__name__)
-
-
-def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    return {
-        key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-    }
 
 
 class EnricherServicer(enricher_pb2_grpc.EnricherServiceServicer):
@@ -46,13 +37,11 @@ class EnricherServicer(enricher_pb2_grpc.EnricherServiceServicer):
         if not self._ready():
             # Answering from half-read state would hand models a wrong subject state.
             raise Unavailable("the subject state is still catching up with the events topic")
-        with _tracer.start_as_current_span(
-            "enricher.Enrich",
-            context=extract(_metadata(context)),
-            kind=trace.SpanKind.SERVER,
-            attributes={"rdv.objective": objective},
-        ):
-            return enricher_pb2.EnrichResponse(enriched_task=self._enricher.enrich(request.task))
+        # Inside the call's SERVER span (services.core.tracing), the caller's trace.
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("rdv.objective", objective)
+        return enricher_pb2.EnrichResponse(enriched_task=self._enricher.enrich(request.task))
 
 
 def registrar(servicer: EnricherServicer) -> Callable[[grpc.aio.Server], None]:

@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter
 from rendezvous.v1 import (
@@ -428,15 +429,19 @@ class Rendezvous(Component):
         arrived within the late grace."""
         objective = self.objectives[request.objective]
         first = asyncio.get_running_loop().create_future()
-        await self._race(
-            request,
-            objective,
-            objective.policy.sla_ms,
-            False,
-            time.monotonic_ns(),
-            warmup=True,
-            first_arrival=first,
-        )
+        # A trace of its own (no caller), named so a trace store tells it from real requests.
+        with _tracer.start_as_current_span(
+            "rendezvous.warmup", attributes={"rdv.objective": request.objective}
+        ):
+            await self._race(
+                request,
+                objective,
+                objective.policy.sla_ms,
+                False,
+                time.monotonic_ns(),
+                warmup=True,
+                first_arrival=first,
+            )
         try:
             return await asyncio.wait_for(first, objective.late_grace_s)
         except TimeoutError:
@@ -477,11 +482,25 @@ class Rendezvous(Component):
             SHED.labels(request.objective, "behind").inc()
             raise ResourceExhausted("the service is overloaded; retry later")
 
-        with _tracer.start_as_current_span("rendezvous.score", kind=trace.SpanKind.SERVER) as span:
-            span.set_attribute("rdv.objective", request.objective)
-            response = await self._race(request, objective, sla_ms, client_deadline, started_ns)
-            span.set_attribute("rdv.request_id", response.request_id)
-            span.set_attribute("rdv.answered_by", response.decision.model or "default")
+        response = await self._race(request, objective, sla_ms, client_deadline, started_ns)
+        # The call's SERVER span (services.core.tracing; the caller's trace when it sent
+        # one): `rendezvous trace REQUEST_ID` finds the request's trace by rdv.request_id.
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "rdv.objective": request.objective,
+                    "rdv.request_id": response.request_id,
+                    "rdv.objective_version": objective.version,
+                }
+            )
+            span.add_event(
+                "answer",
+                {
+                    "rdv.answered_by": response.decision.model or "default",
+                    "rdv.reason": scoring_pb2.DecisionReason.Name(response.decision.reason),
+                },
+            )
         objective.answered_by(response.decision.model).inc()
         objective.latency.observe(duration_ms(response.elapsed) / 1000)
         return response
@@ -640,6 +659,10 @@ class Rendezvous(Component):
                 sealed,
                 key=mailbox.request_id,
                 timeout=self.settings.outcome_publish_timeout_s,
+                # Not a hop of the request's trace (the close timer runs in its context): it
+                # leaves late_grace after the answer, off the answer path, and would stretch
+                # the request's waterfall to seconds.
+                context=otel_context.Context(),
             )
             OUTCOMES.labels("published").inc()
         except BusError:

@@ -27,7 +27,6 @@ from rendezvous.v1 import common_pb2, model_pb2, model_pb2_grpc, task_pb2
 
 from services.core.channels import aio_channel
 from services.core.settings import TlsSettings
-from services.core.telemetry import inject
 from services.runner.admission import call_timeout_s
 
 log = logging.getLogger(__name__)
@@ -144,7 +143,6 @@ class ModelClient:
             response: model_pb2.PredictResponse = await self._stub.Predict(
                 predict_request(enriched, objective),
                 timeout=self._timeout_s(enriched.task),
-                metadata=tuple(inject().items()),
             )
         except grpc.aio.AioRpcError as err:
             return model_error(err.code(), err.details() or "")
@@ -162,9 +160,7 @@ class ModelClient:
         # The call lives as long as the longest budget; each item carries its own deadline.
         timeout = max(self._timeout_s(t.task) for t in tasks)
         try:
-            response = await self._stub.PredictBatch(
-                batch, timeout=timeout, metadata=tuple(inject().items())
-            )
+            response = await self._stub.PredictBatch(batch, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._batch_capable = False

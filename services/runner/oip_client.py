@@ -35,7 +35,6 @@ from inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from rendezvous.v1 import model_pb2, task_pb2
 
 from services.core.oip import OipArgs
-from services.core.telemetry import inject
 from services.runner.admission import call_timeout_s
 from services.runner.model_client import (
     ChannelOptions,
@@ -185,9 +184,7 @@ class OipClient:
         # The call lives as long as the longest budget of its tasks.
         timeout = max(call_timeout_s(t.task, self._max_timeout_s) for t in tasks)
         try:
-            response = await self._stub.ModelInfer(
-                request, timeout=timeout, metadata=tuple(inject().items())
-            )
+            response = await self._stub.ModelInfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             return [model_error(err.code(), err.details() or "")] * len(tasks)
         except Exception as exc:

@@ -195,10 +195,11 @@ class ModelRunner:
                     ).get_span_context()
                 ).is_valid
             ]
+            # Inside the first task's CONSUMER span (the host's); the others are linked, and
+            # each prediction is published in its own task's trace (see _publish).
             with _tracer.start_as_current_span(
                 "runner.predict",
                 context=first.trace_context(),
-                kind=trace.SpanKind.CONSUMER,
                 links=links,
                 attributes={"rdv.model": self.model, "rdv.batch_size": len(batch)},
             ):
@@ -210,8 +211,10 @@ class ModelRunner:
                 # Published in the same turn of the loop: they leave as one batch.
                 outcomes = await asyncio.gather(
                     *(
-                        self._publish(queued, result, scored.elapsed_s)
-                        for queued, result in zip(batch, scored.results, strict=True)
+                        self._publish(queued, result, scored.elapsed_s, first=index == 0)
+                        for index, (queued, result) in enumerate(
+                            zip(batch, scored.results, strict=True)
+                        )
                     )
                 )
             for queued, published in zip(batch, outcomes, strict=True):
@@ -239,6 +242,8 @@ class ModelRunner:
         queued: _Queued,
         result: model_pb2.PredictResponse | common_pb2.ModelError,
         elapsed_s: float,
+        *,
+        first: bool,
     ) -> bool:
         task = queued.envelope.message.task
         event = prediction_event(
@@ -251,7 +256,11 @@ class ModelRunner:
                 max_delay_ms=self.settings.prediction_linger_ms,
             )
             await publisher.publish(
-                event, key=event.request_id, timeout=self.settings.publish_timeout_s
+                event,
+                key=event.request_id,
+                timeout=self.settings.publish_timeout_s,
+                # The first task's under the model call's span; each other one in its own trace.
+                context=None if first else queued.envelope.trace_context(),
             )
         except BusError as exc:
             self._publish_failures.inc()

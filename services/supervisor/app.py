@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.core.channels import aio_channel
 from services.core.settings import REPO_ROOT, PulsarSettings, TlsSettings
 from services.supervisor.live import LiveMesh
-from services.supervisor.plan import STAGE_MODELS, STARTED_FIRST, ProcessSpec, diff
+from services.supervisor.plan import STAGE_MODELS, STARTED_FIRST, ProcessSpec, TraceStore, diff
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,28 @@ class SupervisorSettings(BaseSettings):
     # How long a removed model's container keeps running after the change: the runner hosts
     # drain it first (RunnerSettings.drain_timeout_s, 5 s by default).
     model_stop_grace_s: float = Field(default=10.0, ge=0)
+    # Traces (`rendezvous up --traces`): Jaeger on loopback, in memory, and every process
+    # exporting to it (the standard OTEL_* variables; any already in the environment win).
+    traces: bool = False
+    jaeger_otlp_listen: str = "127.0.0.1:4317"
+    jaeger_query_listen: str = "127.0.0.1:16686"
+    jaeger_max_traces: int = Field(default=100_000, gt=0)
+    # The share of new traces kept (parent-based: a caller's decision is kept).
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # How often each process sends its spans (the SDK's default, 5 s, makes a fresh
+    # request's trace take that long to appear in `rendezvous trace`).
+    trace_export_delay_ms: int = Field(default=500, gt=0)
+
+    def trace_store(self) -> TraceStore | None:
+        if not self.traces:
+            return None
+        return TraceStore(
+            otlp_listen=self.jaeger_otlp_listen,
+            query_listen=self.jaeger_query_listen,
+            max_traces=self.jaeger_max_traces,
+            sample_ratio=self.trace_sample_ratio,
+            export_delay_ms=self.trace_export_delay_ms,
+        )
 
 
 async def check_health(
@@ -104,9 +126,12 @@ async def check_health(
 class Supervised:
     """One process and its restarts."""
 
-    def __init__(self, spec: ProcessSpec, settings: SupervisorSettings) -> None:
+    def __init__(
+        self, spec: ProcessSpec, settings: SupervisorSettings, traces: TraceStore | None = None
+    ) -> None:
         self.spec = spec
         self.settings = settings
+        self.traces = traces
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.status = "pending"
@@ -120,7 +145,10 @@ class Supervised:
         with contextlib.suppress(FileNotFoundError):
             self.spec.ready_file.unlink()
         log_handle = self.spec.log_file.open("ab")
-        env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
+        # Export to the mesh's trace store, each process as its own service; a variable the
+        # environment already sets wins.
+        traced = self.traces.env(self.spec.name) if self.traces and self.spec.traced else {}
+        env = {**traced, **os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
         argv = self.spec.command or [sys.executable, "-m", self.spec.module]
         self.process = await asyncio.create_subprocess_exec(
             *argv,
@@ -173,7 +201,8 @@ class Supervised:
         while time.monotonic() < deadline:
             if self._stopping:
                 return False
-            if self.spec.ready_file.exists() and await check_health(
+            written = self.spec.ready_file.exists() or not self.spec.writes_ready_file
+            if written and await check_health(
                 self.spec.endpoint, self.spec.health_service, tls=self.spec.client_tls
             ):
                 self.status = "ready"
@@ -257,7 +286,8 @@ class Supervisor:
         live: LiveMesh | None = None,
     ) -> None:
         self.settings = settings or SupervisorSettings()
-        self.processes = [Supervised(spec, self.settings) for spec in specs]
+        self.traces = self.settings.trace_store()
+        self.processes = [self._supervised(spec) for spec in specs]
         self.state_file = state_file
         self.facts = facts
         self.phase = "starting"
@@ -328,7 +358,7 @@ class Supervisor:
                 log.error("cannot plan the mesh", extra={"reason": str(error)})
                 return False
             live.write_directory(specs)
-            started = [Supervised(spec, self.settings) for spec in specs]
+            started = [self._supervised(spec) for spec in specs]
             self.processes.extend(started)
             return await self._start_stages(started, stopping)
 
@@ -401,8 +431,11 @@ class Supervisor:
     def _process(self, name: str) -> Supervised | None:
         return next((p for p in self.processes if p.spec.name == name), None)
 
+    def _supervised(self, spec: ProcessSpec) -> Supervised:
+        return Supervised(spec, self.settings, self.traces)
+
     async def _launch(self, spec: ProcessSpec) -> None:
-        process = Supervised(spec, self.settings)
+        process = self._supervised(spec)
         self.processes.append(process)
         await process.start()
         # Readiness is tracked on the side: a change is applied at once, and whoever needs

@@ -35,7 +35,7 @@ from pathlib import Path
 from rendezvous.v1 import common_pb2, objective_pb2
 
 from services.core.protos import values_dict
-from services.core.settings import TlsSettings
+from services.core.settings import REPO_ROOT, TlsSettings
 from services.runner.live import replica_group
 from services.runner.settings import group_subscription
 
@@ -43,6 +43,8 @@ from services.runner.settings import group_subscription
 # component seeds the topic everything else is planned from. The rendezvous and its
 # collector start together: the rendezvous serves only once a collector stream is open and
 # its warm-up through the whole path is done.
+# The trace store first (`rendezvous up --traces`): every process exports to it from its start.
+STAGE_TRACES = -1
 STAGE_CONTROL = 0
 STAGE_MODELS = 1
 STAGE_CONSUMERS = 2
@@ -50,15 +52,19 @@ STAGE_RENDEZVOUS = 3
 STAGE_COLLECTOR = STAGE_RENDEZVOUS
 
 RENDEZVOUS_INSTANCE = "rdv-0"
+JAEGER = "jaeger"
 CONTROL = "control"
 KEYRING = "keyring"
 # Planned once, before the control topic is read, and never planned from it: a new version
 # neither stops nor restarts them.
-STARTED_FIRST = frozenset({CONTROL, KEYRING})
+STARTED_FIRST = frozenset({JAEGER, CONTROL, KEYRING})
 ENRICHER = "enricher"
 EVALUATOR = "evaluator"
 # ProcessSpec.labels: which model a container serves.
 MODEL_LABEL = "model"
+# Jaeger, built by `make setup`, and its configuration for the local mesh.
+JAEGER_BINARY = "tools/bin/jaeger"
+JAEGER_CONFIG = "deploy/jaeger/local.yaml"
 
 
 @dataclass
@@ -83,6 +89,10 @@ class ProcessSpec:
     command: list[str] = field(default_factory=list)
     # How to reach the process's server (its health check): plaintext when None.
     client_tls: TlsSettings | None = None
+    # Whether the process writes `ready_file` (ours do; Jaeger answers health only).
+    writes_ready_file: bool = True
+    # Whether the process exports spans to the mesh's trace store, when it has one.
+    traced: bool = True
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -302,6 +312,71 @@ def privacy_env(
     if token_file is not None:
         env["PRIVACY__TOKEN_FILE"] = str(token_file)
     return env
+
+
+@dataclass(frozen=True)
+class TraceStore:
+    """Where the mesh's Jaeger takes spans (OTLP over gRPC) and answers queries (HTTP), and
+    what every process is told (`env`): export there, keep `sample_ratio` of new traces,
+    send a batch every `export_delay_ms`."""
+
+    otlp_listen: str
+    query_listen: str
+    max_traces: int
+    sample_ratio: float
+    export_delay_ms: int
+
+    @property
+    def query_url(self) -> str:
+        return f"http://{self.query_listen}"
+
+    @property
+    def otlp_endpoint(self) -> str:
+        return f"http://{self.otlp_listen}"
+
+    def env(self, service: str) -> dict[str, str]:
+        """The standard OTEL_* variables of one process, `service` its service.name."""
+        return {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": f"{self.sample_ratio:g}",
+            "OTEL_BSP_SCHEDULE_DELAY": str(self.export_delay_ms),
+            "OTEL_SERVICE_NAME": service,
+        }
+
+    def facts(self) -> dict[str, str]:
+        """What state.json records (`rendezvous trace` reads the query URL there)."""
+        return {"query_url": self.query_url, "otlp_endpoint": self.otlp_endpoint}
+
+
+def plan_jaeger(state_dir: Path, store: TraceStore, ports: Ports) -> ProcessSpec:
+    """Jaeger on loopback with in-memory storage (deploy/jaeger/local.yaml): OTLP in, the
+    query API out, gRPC health for the supervisor. Its binary is built by `make setup`."""
+    binary = REPO_ROOT / JAEGER_BINARY
+    if not binary.exists():
+        raise FileNotFoundError(f"{binary} is missing: `make setup` builds it")
+    health = ports.endpoint(JAEGER)
+    return ProcessSpec(
+        name=JAEGER,
+        module="",
+        stage=STAGE_TRACES,
+        env={
+            "RDV_JAEGER_OTLP_GRPC": store.otlp_listen,
+            "RDV_JAEGER_QUERY_HTTP": store.query_listen,
+            "RDV_JAEGER_QUERY_GRPC": ports.endpoint(f"{JAEGER}-query-grpc"),
+            "RDV_JAEGER_HEALTH": health,
+            "RDV_JAEGER_MAX_TRACES": str(store.max_traces),
+        },
+        endpoint=health,
+        ready_file=state_dir / "ready" / f"{JAEGER}.json",
+        log_file=state_dir / "logs" / f"{JAEGER}.log",
+        role="traces",
+        labels={"query": store.query_url, "otlp": store.otlp_endpoint},
+        command=[str(binary), "--config", str(REPO_ROOT / JAEGER_CONFIG)],
+        writes_ready_file=False,
+        traced=False,
+    )
 
 
 def local_model(deployment: objective_pb2.ModelDeployment) -> bool:

@@ -185,8 +185,9 @@ async def test_trace_context_continues_across_the_bus(bus: Bus, topic: str) -> N
     received = trace.get_current_span(envelope.trace_context()).get_span_context()
     assert "traceparent" in envelope.properties
     assert received.is_remote
+    # The message carries its PRODUCER span's context (a child of "dispatch" when the
+    # process records spans, "dispatch" itself when it does not): the same trace.
     assert received.trace_id == sent_context.trace_id
-    assert received.span_id == sent_context.span_id
 
 
 async def test_publish_outside_a_span_carries_no_trace_context(bus: Bus, topic: str) -> None:

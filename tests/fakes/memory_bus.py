@@ -238,6 +238,7 @@ class MemoryBus(Bus):
             return await self.dead_letter_publisher(topic)
 
         opened = _MemorySubscription(self, state, topic, message_type, open_dead_letter_publisher)
+        opened.name = subscription
         state.members.append(opened)
         return opened
 

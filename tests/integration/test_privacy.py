@@ -4,7 +4,8 @@ runners, the decoy, challenger and canary):
 - PII never leaks: requests carry unique markers in their PII fields (ScoreRequest.subject_id,
   SubjectEvent.subject_id), one bad request too; then every topic on the broker is read from
   the earliest message (payload, key and properties), every log file of the mesh (spans
-  printed to them too) and every metrics endpoint is searched for the markers. Hits are
+  printed to them too: every process's, each gRPC call and Pulsar hop) and every metrics
+  endpoint is searched for the markers. Hits are
   allowed only where the design needs the raw subject id (`ALLOWED_TOPICS`), and there they
   must be found: the scan is shown to see what it looks for.
 - Consent: a subject who denied experimentation is scored by no challenger and no canary;
@@ -212,16 +213,27 @@ def _scan_topics(broker: PulsarBroker) -> tuple[Scan, list[str]]:
     return scan, topics
 
 
-def _scan_logs(mesh: RunningMesh) -> tuple[Scan, int]:
+# What the printed spans must include for the scan to cover every process's spans: each
+# component's service name, and every kind of span (gRPC server and client, Pulsar producer
+# and consumer).
+SPAN_SERVICES = ("rendezvous", "collector", "enricher", "runner", "model")
+SPAN_KINDS = ("SpanKind.SERVER", "SpanKind.CLIENT", "SpanKind.PRODUCER", "SpanKind.CONSUMER")
+
+
+def _scan_logs(mesh: RunningMesh) -> tuple[Scan, int, set[str]]:
     scan = Scan()
     root = mesh.state_dir.parent
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".log", ".json"))
     spans = 0
+    seen: set[str] = set()
     for path in files:
         data = path.read_bytes()
         spans += data.count(b'"span_id"')
         scan.search(str(path.relative_to(root)), data)
-    return scan, spans
+        text = data.decode(errors="replace")
+        seen |= {s for s in SPAN_SERVICES if f'"service.name": "{s}"' in text}
+        seen |= {k for k in SPAN_KINDS if f'"kind": "{k}"' in text}
+    return scan, spans, seen
 
 
 def _scan_metrics(mesh: RunningMesh) -> Scan:
@@ -252,7 +264,7 @@ def test_pii_is_nowhere_but_where_the_design_needs_it(mesh: RunningMesh, sent: S
     # Let the archive catch up with the last task before reading everything.
     time.sleep(2.0)
     topics, names = _scan_topics(mesh.broker)
-    logs, spans = _scan_logs(mesh)
+    logs, spans, seen = _scan_logs(mesh)
     metrics = _scan_metrics(mesh)
     allowed = {t: n for t, n in topics.hits.items() if ALLOWED_TOPICS.search(t)}
     leaks = {
@@ -275,6 +287,8 @@ def test_pii_is_nowhere_but_where_the_design_needs_it(mesh: RunningMesh, sent: S
     for sink in ("results", "archive"):
         assert f"persistent://public/default/rdv.{OBJECTIVE}.{sink}" in names, sink
     assert spans > 0, "no span reached the logs: the trace scan scanned nothing"
+    # ... and it scanned the spans of every process and of every hop.
+    assert seen == {*SPAN_SERVICES, *SPAN_KINDS}, seen
     assert metrics.sinks > 0
 
 

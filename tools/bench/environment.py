@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,8 +108,20 @@ def ensure_broker(broker_port: int, web_port: int) -> Broker:
 class Mesh:
     """The bench mesh under the real supervisor (`services.cli supervise`), as the tests run it."""
 
-    def __init__(self, broker: Broker, work_dir: Path, mesh_template: Path = BENCH_MESH) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        work_dir: Path,
+        mesh_template: Path = BENCH_MESH,
+        *,
+        supervise_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`supervise_args` and `env`: more options of `rendezvous supervise` (e.g. `--traces`)
+        and more environment for the supervisor (e.g. RDV_SUPERVISOR_*)."""
         self.broker = broker
+        self.supervise_args = list(supervise_args)
+        self.env = dict(env or {})
         self.root = work_dir / "mesh"
         self.state_dir = self.root / "state"
         self.document: dict[str, Any] = yaml.safe_load(mesh_template.read_text())
@@ -136,6 +149,7 @@ class Mesh:
                     self.broker.service_url,
                     "--pulsar-admin-url",
                     self.broker.admin_url,
+                    *self.supervise_args,
                 ],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
@@ -148,6 +162,7 @@ class Mesh:
                     **os.environ,
                     "RDV_SUPERVISOR_CONTROL_LISTEN": self.control_endpoint,
                     "RDV_SUPERVISOR_EVALUATOR_LISTEN": "",
+                    **self.env,
                 },
             )
         log(f"mesh starting (supervisor pid {self._process.pid}, logs in {self.root})")

@@ -2,7 +2,7 @@
 
 Every message on a topic is one serialized protobuf. Each carries properties:
 `rdv-type` (the message's full proto name, checked on receipt) and the W3C trace
-context of the span that published it, so a trace continues across the broker.
+context of the PRODUCER span that published it, so a trace continues across the broker.
 
 `Bus` hands out `Publisher`s, `Subscription`s and `Reader`s; an adapter (`pulsar.py`)
 implements the few abstract steps that touch a broker, and everything a service can
@@ -26,16 +26,21 @@ from typing import Any, Generic, Literal, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, StatusCode
 
 from services.core.bus import dead_letter
 from services.core.bus.errors import BusError, PublishTimeout
 from services.core.settings import PulsarSettings
 from services.core.telemetry import counter, extract, inject
 from services.core.topics import Topics
+from services.core.tracing import in_span, producer_span
 
 M = TypeVar("M", bound=Message)
 
 TYPE_PROPERTY = "rdv-type"
+# The W3C trace context property (the propagator's name for it).
+TRACEPARENT = "traceparent"
 
 PUBLISH_FAILURES = counter("rdv_publish_failures", "Publishes that failed or timed out", ("topic",))
 
@@ -75,6 +80,9 @@ class Envelope(Generic[M]):
     redelivery_count: int
     publish_time_ms: int
     raw: RawMessage = field(repr=False)
+    # The CONSUMER span of this message's processing, once a consumer opened one
+    # (services.core.tracing.consumer_span): the work on the message continues it.
+    span: Span | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, message: M, raw: RawMessage) -> Envelope[M]:
@@ -89,6 +97,10 @@ class Envelope(Generic[M]):
         )
 
     def trace_context(self) -> otel_context.Context:
+        """The context work on this message continues: its processing span when a consumer
+        opened one, else the publisher's span the message's properties carry."""
+        if self.span is not None:
+            return in_span(self.span)
         return extract(self.properties)
 
 
@@ -122,10 +134,28 @@ class Publisher(abc.ABC, Generic[M]):
         key: str | None = None,
         properties: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        context: otel_context.Context | None = None,
     ) -> None:
-        """Publish and wait for the broker's receipt, at most `timeout` seconds."""
+        """Publish and wait for the broker's receipt, at most `timeout` seconds.
+
+        Inside a trace (`context`, default the current one; else the trace the given
+        properties' `traceparent` names) the publish is a PRODUCER span of it, and the message
+        carries that span's context. Outside any trace (the control topic, status reports) it
+        starts none: no span, no trace context."""
         data = message.SerializeToString()
-        await self.publish_bytes(data, message_properties(message, properties), key, timeout)
+        if context is None and properties and TRACEPARENT in properties:
+            context = extract(properties)
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            await self.publish_bytes(data, message_properties(message, properties), key, timeout)
+            return
+        with producer_span(self.topic, len(data), context) as span:
+            try:
+                await self.publish_bytes(
+                    data, message_properties(message, properties), key, timeout
+                )
+            except BusError as exc:
+                span.set_status(StatusCode.ERROR, type(exc).__name__)
+                raise
 
     async def publish_bytes(
         self,
@@ -170,6 +200,8 @@ class Subscription(abc.ABC, Generic[M]):
         self.message_type = message_type
         self._dead_letter_publisher = dead_letter_publisher
         self.dead_lettered = 0
+        # The subscription's name, for the spans of what it consumes (set by the bus).
+        self.name = ""
 
     async def receive(self) -> Envelope[M]:
         while True:

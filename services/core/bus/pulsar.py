@@ -365,6 +365,7 @@ class PulsarBus(Bus):
             self._dead_letter_publisher(topic, subscription),
             nack_counter=nack_counter,
         )
+        opened.name = subscription
         self._open.append(opened)
         return opened
 

@@ -12,7 +12,8 @@
 //	                      and key (PEM; plaintext when unset)
 //	RDV_MODEL_TLS__CLIENT_CA_FILE  mTLS: a client must present a certificate this CA signed
 //
-// and serves the model with the gRPC health service and server reflection. A bad
+// and the standard OTEL_* variables for traces (tracing.go: a span per call, exported over
+// OTLP when OTEL_TRACES_EXPORTER=otlp), and serves the model with the gRPC health service and server reflection. A bad
 // configuration (the artifact and the TLS files included) exits with status 2, a failure to serve with 1; SIGTERM or SIGINT drains
 // (health NOT_SERVING, calls in flight finish within 5 s) and exits 0. Logs are JSON lines
 // on stderr; -verbose adds debug ones.
@@ -70,8 +71,21 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		log.Error("invalid configuration: " + err.Error())
 		return 2
 	}
+	traces, err := setupTracing(ctx, getenv, os.Stdout)
+	if err != nil {
+		log.Error("invalid configuration: " + err.Error())
+		return 2
+	}
+	// Spans still queued go out before the process exits (at most shutdownGrace).
+	defer func() {
+		flush, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+		defer cancel()
+		if err := traces.shutdown(flush); err != nil {
+			log.Warn("spans not exported at exit: " + err.Error())
+		}
+	}()
 	model := NewDiabetes(artifact, config.Name, config.Version)
-	if err := serveUntilDone(ctx, config, creds, model, shutdownGrace, log); err != nil {
+	if err := serveUntilDone(ctx, config, creds, model, shutdownGrace, log, traces.serverOption); err != nil {
 		log.Error("cannot serve: " + err.Error())
 		return 1
 	}

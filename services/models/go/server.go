@@ -37,15 +37,16 @@ type container struct {
 }
 
 // listen binds the configured address and registers the services; nothing is served yet.
-// creds makes the server TLS (nil: plaintext).
-func listen(config Config, creds credentials.TransportCredentials, service *modelService, log *slog.Logger) (*container, error) {
+// creds makes the server TLS (nil: plaintext); extra are more server options (the tracing
+// stats handler).
+func listen(config Config, creds credentials.TransportCredentials, service *modelService, log *slog.Logger, extra ...grpc.ServerOption) (*container, error) {
 	listener, err := net.Listen("tcp", config.Listen)
 	if err != nil {
 		return nil, err
 	}
 	host, _, _ := net.SplitHostPort(config.Listen)
 	port := listener.Addr().(*net.TCPAddr).Port
-	options := []grpc.ServerOption{grpc.MaxRecvMsgSize(maxMessageBytes), grpc.MaxSendMsgSize(maxMessageBytes)}
+	options := append([]grpc.ServerOption{grpc.MaxRecvMsgSize(maxMessageBytes), grpc.MaxSendMsgSize(maxMessageBytes)}, extra...)
 	if creds != nil {
 		options = append(options, grpc.Creds(creds))
 	}
@@ -126,8 +127,8 @@ func writeReadyFile(path string, facts readyFacts) error {
 
 // serveUntilDone serves model as config says (over TLS with creds) until ctx ends (a
 // signal), then drains within grace. A nil error means a clean stop.
-func serveUntilDone(ctx context.Context, config Config, creds credentials.TransportCredentials, model *Diabetes, grace time.Duration, log *slog.Logger) error {
-	c, err := listen(config, creds, newModelService(model, config.Version, log), log)
+func serveUntilDone(ctx context.Context, config Config, creds credentials.TransportCredentials, model *Diabetes, grace time.Duration, log *slog.Logger, extra ...grpc.ServerOption) error {
+	c, err := listen(config, creds, newModelService(model, config.Version, log), log, extra...)
 	if err != nil {
 		return fmt.Errorf("%s=%q: %w", envListen, config.Listen, err)
 	}

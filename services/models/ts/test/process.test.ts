@@ -1,7 +1,7 @@
 // The container as the supervisor starts it: `node dist/main.js` with the RDV_MODEL_* env
 // contract writes its ready file, serves, and stops cleanly on SIGTERM; bad config exits
 // non-zero with a clear message before anything listens.
-import { credentials, status } from "@grpc/grpc-js";
+import { credentials, Metadata, status } from "@grpc/grpc-js";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
@@ -142,4 +142,49 @@ test("started with the TLS settings: serves mTLS only, and says so in its start 
   } finally {
     proc.child.kill("SIGKILL");
   }
+});
+test("traces: the caller's traceparent is continued, the span printed by the console exporter", async () => {
+  const readyPath = join(tempDir(), "ready.json");
+  const child = spawn(process.execPath, [MAIN], {
+    env: {
+      PATH: process.env["PATH"] ?? "",
+      RDV_MODEL_READY_FILE: readyPath,
+      OTEL_TRACES_EXPORTER: "console",
+      OTEL_SERVICE_NAME: "model-diabetes-node",
+    },
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  let stdout = "";
+  child.stdout?.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
+  try {
+    const ready = await readyFile(readyPath);
+    assert.equal(await healthStatus(ready.endpoint), "SERVING");
+    const client = new ModelServiceClient(ready.endpoint, credentials.createInsecure());
+    const metadata = new Metadata();
+    metadata.set("traceparent", `00-${traceId}-00f067aa0ba902b7-01`);
+    try {
+      await new Promise<void>((resolve, reject) =>
+        client.predict(predictRequest(FIXTURE.rows[0] as Record<string, number>), metadata, (err) => (err ? reject(err) : resolve())),
+      );
+    } finally {
+      client.close();
+    }
+    child.kill("SIGTERM");
+    // The batch still queued is exported before the process exits.
+    assert.equal(await exited, 0);
+    assert.match(stdout, new RegExp(`traceId: '${traceId}'`));
+    assert.match(stdout, /name: 'grpc\.rendezvous\.v1\.ModelService\/Predict'/);
+    assert.match(stdout, /'service\.name': 'model-diabetes-node'/);
+    assert.doesNotMatch(stdout, /Health/, "health checks make no span");
+  } finally {
+    child.kill("SIGKILL");
+  }
+});
+
+test("traces: an unknown exporter is bad configuration (exit 2)", async () => {
+  const proc = start({ OTEL_TRACES_EXPORTER: "zipkin" });
+  assert.equal(await proc.exited, 2);
+  assert.match(proc.stderr(), /OTEL_TRACES_EXPORTER="zipkin": expected otlp, console or none/);
 });
