@@ -1,10 +1,11 @@
 """Server lifecycle shared by every component.
 
-`GrpcServer` wraps a grpc.aio server with the parts every component has: the
-error interceptor, the standard health service (which drains to NOT_SERVING
-before stop) and server reflection (what ghz, grpcurl and Kubernetes probes
-expect), and the auth interceptor (`services.core.auth`) when the service's auth
-settings enable it. The component lifecycle that owns it is `services.core.lifecycle`.
+`GrpcServer` wraps a grpc.aio server with the parts every component has: the per-RPC
+metrics (`services.core.rpc_metrics`) and error interceptors, the standard health service
+(which drains to NOT_SERVING before stop) and server reflection (what ghz, grpcurl and
+Kubernetes probes expect), and the auth interceptor (`services.core.auth`) when the
+service's auth settings enable it. The component lifecycle that owns it is
+`services.core.lifecycle`.
 
 Its TCP port is plaintext, TLS or mTLS per `TlsSettings` (`server_credentials`); its
 unix-domain socket is always local and plaintext (file permissions protect it).
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core.channels import read_pem
 from services.core.errors import ErrorInterceptor
+from services.core.rpc_metrics import RpcMetricsInterceptor
 from services.core.settings import AuthSettings, TlsSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,24 @@ def server_credentials(tls: TlsSettings | None) -> grpc.ServerCredentials | None
     )
 
 
+def server_interceptors(auth: AuthSettings | None) -> list[grpc.aio.ServerInterceptor]:
+    """Every server's interceptors, outermost first.
+
+    Observability comes first, so it sees each call as the client does (the status after
+    the error mapping, the whole time spent); the error interceptor next; the auth
+    interceptor inside it, which maps its refusals.
+    """
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RpcMetricsInterceptor(),
+        ErrorInterceptor(),
+    ]
+    if auth is not None and auth.enabled:
+        from services.core.auth import AuthInterceptor
+
+        interceptors.append(AuthInterceptor(auth))
+    return interceptors
+
+
 class GrpcServer:
     """A grpc.aio server with health, reflection and error mapping built in."""
 
@@ -99,14 +119,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             *extra_options,
         ]
-        # The auth interceptor runs inside the error one, which maps its refusals.
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
-        if auth is not None and auth.enabled:
-            from services.core.auth import AuthInterceptor
-
-            interceptors.append(AuthInterceptor(auth))
         self._server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=server_interceptors(auth),
             options=options,
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         )
