@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
@@ -56,6 +57,8 @@ class Mailbox:
     received_ns: int = 0
     # The answer the client got, kept for the outcome (None if the client went away first).
     response: scoring_pb2.ScoreResponse | None = None
+    # Told of each first copy's arrival: (model, ms since receipt, late); the metrics.
+    on_arrival: Callable[[str, float, bool], None] | None = None
     _timer: asyncio.TimerHandle | None = None
 
     def elapsed_ms(self, now_ns: int | None = None) -> float:
@@ -76,6 +79,8 @@ class Mailbox:
         now = self.elapsed_ms()
         late = self.answered
         self.arrivals[event.model] = Arrival(event, now, late)
+        if self.on_arrival is not None:
+            self.on_arrival(event.model, now, late)
         if self.first_arrival is not None and not self.first_arrival.done():
             self.first_arrival.set_result(now - duration_ms(event.model_latency))
         if late:
