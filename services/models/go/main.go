@@ -8,8 +8,10 @@
 //	RDV_MODEL_VERSION     its version (default "1")
 //	RDV_MODEL_ARGS        a JSON object: {"algorithm": "ridge"|"linear", "artifact": path}
 //	RDV_MODEL_READY_FILE  where to write {"pid", "endpoint", ...} once serving (optional)
+//	RDV_MODEL_METRICS_PORT  Prometheus /metrics port (default 0: none)
+//	RDV_MODEL_METRICS_HOST  the address it binds (default 127.0.0.1)
 //
-// and serves the model with the gRPC health service and server reflection. A bad
+// and serves the model with the gRPC health service, server reflection and per-RPC metrics. A bad
 // configuration (the artifact included) exits with status 2, a failure to serve with 1; SIGTERM or SIGINT drains
 // (health NOT_SERVING, calls in flight finish within 5 s) and exits 0. Logs are JSON lines
 // on stderr; -verbose adds debug ones.

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -25,11 +26,13 @@ import (
 // RESOURCE_EXHAUSTED.
 const maxMessageBytes = 4 * 1024 * 1024
 
-// container is a gRPC server with the model service, health and reflection.
+// container is a gRPC server with the model service, health, reflection and per-RPC metrics.
 type container struct {
 	server   *grpc.Server
 	health   *health.Server
 	listener net.Listener
+	// registry holds the per-RPC and process metrics /metrics serves.
+	registry *prometheus.Registry
 	// endpoint is host:port as configured, with the port actually bound.
 	endpoint string
 	log      *slog.Logger
@@ -43,7 +46,13 @@ func listen(config Config, service *modelService, log *slog.Logger) (*container,
 	}
 	host, _, _ := net.SplitHostPort(config.Listen)
 	port := listener.Addr().(*net.TCPAddr).Port
-	server := grpc.NewServer(grpc.MaxRecvMsgSize(maxMessageBytes), grpc.MaxSendMsgSize(maxMessageBytes))
+	registry, metrics := newRegistry()
+	server := grpc.NewServer(
+		grpc.MaxRecvMsgSize(maxMessageBytes),
+		grpc.MaxSendMsgSize(maxMessageBytes),
+		grpc.ChainUnaryInterceptor(metrics.unary()),
+		grpc.ChainStreamInterceptor(metrics.stream()),
+	)
 	pb.RegisterModelServiceServer(server, service)
 	healthServer := health.NewServer()
 	healthpb.RegisterHealthServer(server, healthServer)
@@ -52,6 +61,7 @@ func listen(config Config, service *modelService, log *slog.Logger) (*container,
 		server:   server,
 		health:   healthServer,
 		listener: listener,
+		registry: registry,
 		endpoint: net.JoinHostPort(host, strconv.Itoa(port)),
 		log:      log,
 	}, nil
@@ -125,6 +135,11 @@ func serveUntilDone(ctx context.Context, config Config, model *Diabetes, grace t
 	if err != nil {
 		return fmt.Errorf("%s=%q: %w", envListen, config.Listen, err)
 	}
+	metrics, err := serveMetrics(config.MetricsHost, config.MetricsPort, c.registry, log)
+	if err != nil {
+		return fmt.Errorf("%s=%q, %s=%d: %w", envMetricsHost, config.MetricsHost, envMetricsPort, config.MetricsPort, err)
+	}
+	defer metrics.close()
 	done := c.serve()
 	facts := readyFacts{os.Getpid(), c.endpoint, config.Name, kind, config.Version}
 	if err := writeReadyFile(config.ReadyFile, facts); err != nil {
