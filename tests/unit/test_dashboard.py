@@ -10,12 +10,14 @@ names against a running mesh's /metrics pages.
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import generate_latest
 
 from tests.promql import (
+    REPO,
     alert_rules,
     dashboard,
     dashboard_queries,
@@ -38,6 +40,7 @@ COMPONENTS = (
     "services.models.app",
     "services.core.rpc_metrics",
 )
+OBSERVABILITY = REPO / "docs" / "observability.md"
 # The broker exports these (its own /metrics/); the integration test scrapes it.
 BROKER_PREFIX = "pulsar_"
 
@@ -113,3 +116,17 @@ def test_metric_names_come_from_selectors_and_name_matchers() -> None:
         ' > on () max({__name__="b"}) + vector(1)'
     )
     assert metric_names(expr) == {"a_bucket", "b"}
+
+
+def test_every_metric_the_code_registers_is_documented() -> None:
+    registered()
+    documented = set(re.findall(r"`(rdv_[a-z0-9_]+)`", OBSERVABILITY.read_text()))
+    undocumented = {
+        family.name
+        for family in REGISTRY.collect()
+        if family.name.startswith("rdv_")
+        and family.name not in documented
+        and f"{family.name}_total" not in documented
+        and not family.name.startswith("rdv_test")
+    }
+    assert not undocumented, f"not in docs/observability.md: {sorted(undocumented)}"
