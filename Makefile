@@ -13,6 +13,17 @@ BIN := $(VENV)/bin
 TOOLS_BIN := $(CURDIR)/tools/bin
 GHZ_VERSION := v0.120.0
 GRPCURL_VERSION := v1.9.4
+# The Helm chart's checks (make helm-check): helm and kubeconform built from their Go
+# modules like ghz; the Kubernetes schemas of these releases (the kubernetes-validate
+# package) and KEDA's CRDs (its Go module) made into kubeconform's offline layout.
+HELM_VERSION := v3.22.0
+KUBECONFORM_VERSION := v0.8.0
+KEDA_VERSION := v2.21.0
+export K8S_SCHEMA_VERSIONS := 1.29.0 1.37.0
+export K8S_SCHEMAS := $(CURDIR)/.cache/k8s-schemas
+empty :=
+space := $(empty) $(empty)
+K8S_SCHEMA_STAMP := $(K8S_SCHEMAS)/.made-keda-$(KEDA_VERSION)-k8s-$(subst $(space),_,$(K8S_SCHEMA_VERSIONS))
 # Go code generators (tools/gen_go.sh refuses any other version: their output names them).
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
@@ -30,11 +41,12 @@ MODEL_TS := services/models/ts
 GO_DIRS := services/models/go services/models/artifacts gen/go
 
 .PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
+        helm-tools k8s-schemas helm-check \
         unit integration test test-go ts test-ts check \
         pulsar-up pulsar-down up up-tls down status demo report demo-promote score ghz-smoke bench bench-smoke chaos profile clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -63,6 +75,30 @@ $(TOOLS_BIN)/grpcurl:
 
 tools: $(TOOLS_BIN)/ghz $(TOOLS_BIN)/grpcurl
 
+# A stamp per pinned version, so a bump reinstalls (helm's first build takes minutes).
+$(TOOLS_BIN)/.helm-$(HELM_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	touch $@
+
+$(TOOLS_BIN)/.kubeconform-$(KUBECONFORM_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) go install github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION)
+	touch $@
+
+helm-tools: $(TOOLS_BIN)/.helm-$(HELM_VERSION) $(TOOLS_BIN)/.kubeconform-$(KUBECONFORM_VERSION) ## helm and kubeconform, pinned, into tools/bin
+
+$(K8S_SCHEMA_STAMP): $(VENV)/.installed tools/k8s_schemas.py
+	rm -rf $(K8S_SCHEMAS)
+	$(PY) -m tools.k8s_schemas --out $(K8S_SCHEMAS) --keda-version $(KEDA_VERSION) \
+	  $(foreach version,$(K8S_SCHEMA_VERSIONS),--kubernetes-version $(version))
+	touch $@
+
+k8s-schemas: $(K8S_SCHEMA_STAMP) ## Offline JSON schemas for kubeconform: Kubernetes (kubernetes-validate) and KEDA's CRDs
+
+helm-check: venv helm-tools k8s-schemas ## hadolint the Dockerfiles; helm lint, helm template and kubeconform -strict the chart; check it against the code
+	tools/helm-check.sh
+
 # A stamp per pinned version, so a bump reinstalls.
 $(TOOLS_BIN)/.protoc-gen-go-$(PROTOC_GEN_GO_VERSION):
 	mkdir -p $(TOOLS_BIN)
@@ -83,7 +119,7 @@ model-go: ## Build the Go model container into tools/bin/rendezvous-model-go
 browser: venv ## Headless Chromium for the report page's browser tests (RDV_CHROMIUM overrides)
 	tools/browser.sh
 
-setup: venv mlserver tools go-plugins model-go ts browser ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, the TS generator and container, Chromium, Apache Pulsar
+setup: venv mlserver tools go-plugins model-go ts browser helm-tools k8s-schemas ## Install everything: virtualenvs (ours, MLServer's), buf, ghz, grpcurl, Go plugins and container, the TS generator and container, Chromium, helm, kubeconform and their schemas, Apache Pulsar
 	tools/pulsar.sh fetch
 
 gen: venv go-plugins $(TSGEN) ## Regenerate gen/ from protos/ (Python, Go, and TypeScript once tools/gen_ts.sh exists)
@@ -135,13 +171,13 @@ $(MODEL_TS)/node_modules/.installed: $(MODEL_TS)/package-lock.json
 ts: $(TSGEN) $(MODEL_TS)/node_modules/.installed ## Install the TS generator and build the Node model container (tsc)
 	cd $(MODEL_TS) && npm run --silent build
 
-test-ts: ts ## The Node model container's tests (node --test, real loopback gRPC)
+test-ts: venv ts ## The Node model container's tests (node --test, real loopback gRPC; TLS with tools/certs.py's certificates)
 	cd $(MODEL_TS) && npm test
 
 test-go: ## Go tests: go test ./... (the Go model container against the Python model)
 	go test -count=1 ./...
 
-test: setup lint gen-check test-go test-ts ## Every check: lint, gen drift, Go and TS tests, ghz and bench smoke, unit and integration tests on a real broker
+test: setup lint gen-check helm-check test-go test-ts ## Every check: lint, gen drift, the images and the Helm chart, Go and TS tests, ghz and bench smoke, unit and integration tests on a real broker
 	tools/ghz-smoke.sh
 	$(PY) -m tools.bench --smoke
 	tools/run-tests.sh
@@ -195,5 +231,5 @@ profile: setup ## py-spy on every process of S2 under load (PROFILE_ARGS="--syst
 
 clean: ## Remove the virtualenv, caches and run state (keeps the Pulsar download in ~/.m2)
 	-tools/pulsar.sh down
-	rm -rf $(VENV) $(MLSERVER_VENV) .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) .run .mypy_cache .ruff_cache .pytest_cache $(K8S_SCHEMAS)
 	rm -rf tools/tsgen/node_modules $(MODEL_TS)/node_modules $(MODEL_TS)/dist

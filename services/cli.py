@@ -2,6 +2,7 @@
 
 rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls] [--auth]   broker + every component
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
+              [--pulsar-tls] [--pulsar-tls-trust-certs-file F]  ... with the broker on TLS
 rendezvous status [--metrics]                     what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
@@ -34,7 +35,7 @@ from services import token_command
 from services.control import cli as objective_commands
 from services.core import client
 from services.core.channels import STATE_TLS_KEY, state_client_tls
-from services.core.settings import REPO_ROOT
+from services.core.settings import REPO_ROOT, PulsarSettings
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
 from services.supervisor.certs import DEFAULT_CERTS_DIR
@@ -66,18 +67,52 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _pulsar_env() -> dict[str, str]:
+def _pulsar_env(env: dict[str, str]) -> dict[str, str]:
     out = subprocess.run(
-        [str(PULSAR_SCRIPT), "env"], check=True, capture_output=True, text=True
+        [str(PULSAR_SCRIPT), "env"], check=True, capture_output=True, text=True, env=env
     ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-# The supervisor's setting (SupervisorSettings.pulsar) it passes on to every process.
+# The supervisor's settings (SupervisorSettings.pulsar) it passes on to every process.
 SUPERVISOR_TOKEN_FILE_ENV = "RDV_SUPERVISOR_PULSAR__TOKEN_FILE"
+SUPERVISOR_TLS_TRUST_ENV = "RDV_SUPERVISOR_PULSAR__TLS_TRUST_CERTS_FILE"
 
 
 # ---------------------------------------------------------------------------- up / down / status
+
+
+def start_broker(args: argparse.Namespace) -> None:
+    """`tools/pulsar.sh up`, with token authentication (--pulsar-auth) and TLS only
+    (--pulsar-tls: no plaintext port left open) when asked; then `args` name its URLs, token
+    file and CA as `pulsar.sh env` prints them."""
+    broker_env = {
+        **os.environ,
+        "PULSAR_AUTH": "token" if args.pulsar_auth else "none",
+        "PULSAR_TLS": "only" if args.pulsar_tls else "none",
+    }
+    subprocess.run([str(PULSAR_SCRIPT), "up"], check=True, env=broker_env)
+    env = _pulsar_env(broker_env)
+    args.pulsar_url = env["PULSAR_SERVICE_URL"]
+    args.pulsar_admin_url = env["PULSAR_ADMIN_URL"]
+    if "PULSAR_TOKEN_FILE" in env:
+        args.pulsar_token_file = Path(env["PULSAR_TOKEN_FILE"])
+    if "PULSAR_TLS_TRUST_CERTS_FILE" in env:
+        args.pulsar_tls_trust_certs_file = Path(env["PULSAR_TLS_TRUST_CERTS_FILE"])
+
+
+def supervisor_env(args: argparse.Namespace) -> dict[str, str]:
+    """The supervisor's environment: the mesh's bearer-token key (--auth), and the broker's
+    token file and CA, which it passes on to every process (PulsarSettings.security_env)."""
+    env = {
+        **os.environ,
+        **(token_command.mesh_auth_env(args.state_dir) if args.auth else {}),
+    }
+    if args.pulsar_token_file is not None:
+        env[SUPERVISOR_TOKEN_FILE_ENV] = str(args.pulsar_token_file.resolve())
+    if args.pulsar_tls_trust_certs_file is not None:
+        env[SUPERVISOR_TLS_TRUST_ENV] = str(args.pulsar_tls_trust_certs_file.resolve())
+    return env
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -86,27 +121,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if current and _alive(current.get("supervisor_pid")) and current.get("phase") == "ready":
         print(f"The mesh is already up: {current['endpoint']}")
         return 0
-    broker_started = False
-    supervisor_env = dict(os.environ)
-    if args.pulsar_url is None:
-        # The broker's own choice of authentication: on with --pulsar-auth, else off.
-        broker_env = {**os.environ, "PULSAR_AUTH": "token" if args.pulsar_auth else "none"}
-        subprocess.run([str(PULSAR_SCRIPT), "up"], check=True, env=broker_env)
-        broker_started = True
-        env = _pulsar_env()
-        args.pulsar_url = env["PULSAR_SERVICE_URL"]
-        args.pulsar_admin_url = env["PULSAR_ADMIN_URL"]
-        if "PULSAR_TOKEN_FILE" in env:
-            args.pulsar_token_file = Path(env["PULSAR_TOKEN_FILE"])
-    if args.pulsar_token_file is not None:
-        supervisor_env[SUPERVISOR_TOKEN_FILE_ENV] = str(args.pulsar_token_file.resolve())
+    broker_started = args.pulsar_url is None
+    if broker_started:
+        start_broker(args)
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log_file = state_dir / "supervisor.log"
-    supervisor_env = {
-        **os.environ,
-        **(token_command.mesh_auth_env(state_dir) if args.auth else {}),
-    }
     command = [
         sys.executable,
         "-m",
@@ -134,7 +154,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             stderr=log,
             start_new_session=True,
             cwd=REPO,
-            env=supervisor_env,
+            env=supervisor_env(args),
         )
     started = time.monotonic()
     while time.monotonic() - started < args.timeout:
@@ -340,12 +360,9 @@ def cmd_supervise(args: argparse.Namespace) -> int:
                 else None
             ),
             "mesh": str(args.mesh),
-            "pulsar_url": args.pulsar_url,
-            "pulsar_admin_url": args.pulsar_admin_url,
-            # Where the token is (never the token): for the commands that read the topics.
-            "pulsar_token_file": (
-                str(settings.pulsar.token_file) if settings.pulsar.token_file else None
-            ),
+            # The broker, and where its token and CA are (never the token): for the
+            # commands that read the topics (PulsarSettings.for_mesh).
+            **live.pulsar.state_facts(),
             "owns_broker": args.owns_broker,
             # What the command-line tools need to call a TLS mesh (services.core.channels).
             STATE_TLS_KEY: client_only(tls).model_dump(mode="json") if tls else None,
@@ -440,8 +457,7 @@ def cmd_demo_promote(args: argparse.Namespace) -> int:
                 argparse.Namespace(target=args.control_target, state_dir=args.state_dir)
             ),
             objective=args.objective,
-            pulsar_url=state.get("pulsar_url", "pulsar://127.0.0.1:6650"),
-            pulsar_token_file=state.get("pulsar_token_file"),
+            pulsar=PulsarSettings().for_mesh(state),
             rate=args.rate,
             hold_s=args.hold,
             challenger=args.challenger,
@@ -476,6 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--pulsar-token-file",
         type=Path,
         help="the token of a given broker (--pulsar-url) with authentication on",
+    )
+    up.add_argument(
+        "--pulsar-tls",
+        action="store_true",
+        help="start the broker on TLS only (tools/pulsar.sh, PULSAR_TLS=only): pulsar+ssl:// "
+        "and https:// with a local CA every component trusts; combines with --pulsar-auth",
+    )
+    up.add_argument(
+        "--pulsar-tls-trust-certs-file",
+        type=Path,
+        help="the CA of a given broker (--pulsar-url pulsar+ssl://...) on TLS",
     )
     up.add_argument("--timeout", type=float, default=360.0)
     up.add_argument(

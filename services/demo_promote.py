@@ -346,17 +346,16 @@ async def run_drill(  # noqa: PLR0917 (the drill's knobs, all from the command l
     target: str,
     control_target: str,
     objective: str,
-    pulsar_url: str,
+    pulsar: PulsarSettings,
     rate: float,
     hold_s: float,
     challenger: str,
     ready_timeout_s: float = 120.0,
     outcome_wait_s: float = 30.0,
-    pulsar_token_file: str | None = None,
     tls: TlsSettings | None = None,
 ) -> DrillReport:
-    """Traffic, then add / promote / roll back, then the checks. `pulsar_token_file`: the
-    broker's token, when it runs with authentication."""
+    """Traffic, then add / promote / roll back, then the checks. `pulsar`: how to read the
+    mesh's outcomes (its broker, token and CA)."""
     run_id = f"promote-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     report = DrillReport(objective=objective, rate=rate)
@@ -424,13 +423,7 @@ async def run_drill(  # noqa: PLR0917 (the drill's knobs, all from the command l
     measure_switches(report.changes, report.answers, challenger, incumbent)
 
     answered = {a.request_id for a in report.answers if a.code == "OK"}
-    bus = PulsarBus(
-        PulsarSettings(
-            service_url=pulsar_url,
-            token_file=Path(pulsar_token_file) if pulsar_token_file else None,
-        ),
-        "demo-promote",
-    )
+    bus = PulsarBus(pulsar, "demo-promote")
     try:
         found = [
             await _read_request_ids(

@@ -5,8 +5,9 @@ unit tests never need the broker. When a healthy broker is already up (`tools/pu
 status` exits 0, e.g. because `tools/run-tests.sh` started it), the fixture uses it and
 leaves it running; otherwise it starts one with `tools/pulsar.sh up` and stops it when the
 session ends. `broker_started` starts a broker of a test module's own (other ports, a run
-dir of its own, `PULSAR_AUTH=token`, ...). A broker with token authentication hands its
-token file to the settings and the admin helpers.
+dir of its own, `PULSAR_AUTH=token`, `PULSAR_TLS=only`, ...). A broker with token
+authentication hands its token file, one on TLS its CA, to the settings and the admin
+helpers.
 """
 
 from __future__ import annotations
@@ -58,13 +59,26 @@ class PulsarBroker:
     admin_url: str
     # The clients' token when the broker runs with token authentication.
     token_file: Path | None = None
+    # The CA its certificate chains to when it runs with TLS (pulsar+ssl://, https://).
+    tls_trust_certs_file: Path | None = None
 
     def settings(self, **overrides: Any) -> PulsarSettings:
         """PulsarSettings pointing at this broker, tuned for tests (short nack delay)."""
         values: dict[str, Any] = {"service_url": self.service_url, "admin_url": self.admin_url}
         if self.token_file is not None:
             values["token_file"] = self.token_file
+        if self.tls_trust_certs_file is not None:
+            values["tls_trust_certs_file"] = self.tls_trust_certs_file
         return quick_settings(**{**values, **overrides})
+
+    def supervisor_env(self) -> dict[str, str]:
+        """The supervisor's settings for this broker's token and CA (it passes them on)."""
+        env: dict[str, str] = {}
+        if self.token_file is not None:
+            env["RDV_SUPERVISOR_PULSAR__TOKEN_FILE"] = str(self.token_file)
+        if self.tls_trust_certs_file is not None:
+            env["RDV_SUPERVISOR_PULSAR__TLS_TRUST_CERTS_FILE"] = str(self.tls_trust_certs_file)
+        return env
 
     def admin_headers(self) -> dict[str, str]:
         """What every admin REST call carries (the bearer token when there is one)."""
@@ -74,7 +88,8 @@ class PulsarBroker:
         """GET `path` from the admin REST API (e.g. `/admin/v2/persistent/public/default`)."""
         url = self.admin_url.rstrip("/") + "/" + path.lstrip("/")
         request = urllib.request.Request(url, headers=self.admin_headers())
-        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT_S) as response:
+        context = self.settings().admin_ssl_context()
+        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT_S, context=context) as response:
             body = response.read()
         return json.loads(body) if body else None
 
@@ -98,10 +113,12 @@ def _broker_urls(env: Mapping[str, str] | None = None) -> PulsarBroker:
             f"tools/pulsar.sh env printed no URLs (exit {printed.returncode}):\n{printed.stdout}"
         )
     token_file = values.get("PULSAR_TOKEN_FILE")
+    trust_file = values.get("PULSAR_TLS_TRUST_CERTS_FILE")
     return PulsarBroker(
         service_url=values["PULSAR_SERVICE_URL"],
         admin_url=values["PULSAR_ADMIN_URL"],
         token_file=Path(token_file) if token_file else None,
+        tls_trust_certs_file=Path(trust_file) if trust_file else None,
     )
 
 

@@ -6,7 +6,8 @@
 #   tools/pulsar.sh down     stop it (SIGTERM, then SIGKILL)
 #   tools/pulsar.sh restart  stop it and start it again with its data (topics, cursors) kept
 #   tools/pulsar.sh status   exit 0 and print the URLs if healthy, non-zero otherwise
-#   tools/pulsar.sh env      print PULSAR_SERVICE_URL / PULSAR_ADMIN_URL (/ PULSAR_TOKEN_FILE) lines
+#   tools/pulsar.sh env      print PULSAR_SERVICE_URL / PULSAR_ADMIN_URL (/ PULSAR_TOKEN_FILE,
+#                            PULSAR_TLS_TRUST_CERTS_FILE) lines
 #
 # Environment (all optional):
 #   PULSAR_VERSION        distribution version                  (default 4.0.8)
@@ -15,12 +16,20 @@
 #   PULSAR_RUN_DIR        config, data, logs, tokens            (default .run/pulsar)
 #   PULSAR_AUTH           none | token: token authentication and authorization on `up`
 #                         (a fresh secret key and tokens in PULSAR_RUN_DIR/auth, 0600)
+#   PULSAR_TLS            none | on | only: TLS on `up`, the TLS ports beside the plaintext ones
+#                         (on) or instead of them (only); a fresh local CA and a certificate for
+#                         127.0.0.1 in PULSAR_RUN_DIR/tls (tools/certs.py); the URLs `env`
+#                         prints are then pulsar+ssl:// and https://
+#   PULSAR_BROKER_TLS_PORT  binary protocol port over TLS       (default 6651)
+#   PULSAR_WEB_TLS_PORT     HTTPS admin port                    (default 8443)
 #   PULSAR_START_TIMEOUT  seconds `up` waits for readiness      (default 180)
 #   PULSAR_STOP_TIMEOUT   seconds `down` waits before SIGKILL   (default 15)
 #   PULSAR_MEM, PULSAR_GC JVM heap/GC flags (defaults sized for 2 cores)
-#   PYTHON                interpreter for the round-trip check  (default .venv/bin/python, else python3)
+#   PYTHON                interpreter for the round-trip check and tools/certs.py
+#                         (default .venv/bin/python, else python3)
 #
-# See docs/pulsar.md.
+# `status`, `env` and `restart` find the authentication and TLS of the broker `up` started in
+# its run dir; the ports come from the same variables as for `up`. See docs/pulsar.md.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -39,6 +48,9 @@ readonly CACHE_DIR="${REPO_ROOT}/.cache/pulsar"
 readonly PULSAR_HOME_DIR="${CACHE_DIR}/apache-pulsar-${PULSAR_VERSION}"
 readonly UNPACKED_MARKER="${PULSAR_HOME_DIR}/.rendezvous-unpacked"
 PULSAR_AUTH="${PULSAR_AUTH:-none}"
+PULSAR_TLS="${PULSAR_TLS:-none}"
+PULSAR_BROKER_TLS_PORT="${PULSAR_BROKER_TLS_PORT:-6651}"
+PULSAR_WEB_TLS_PORT="${PULSAR_WEB_TLS_PORT:-8443}"
 RUN_DIR="${PULSAR_RUN_DIR:-${REPO_ROOT}/.run/pulsar}"
 [[ "${RUN_DIR}" == /* ]] || RUN_DIR="${REPO_ROOT}/${RUN_DIR}"
 readonly RUN_DIR
@@ -53,6 +65,14 @@ readonly BROKER_TOKEN_FILE="${AUTH_DIR}/broker.token"
 readonly CLIENT_TOKEN_FILE="${AUTH_DIR}/client.token"
 readonly ADMIN_HEADER_FILE="${AUTH_DIR}/admin.header"
 readonly BROKER_ROLE=broker
+# TLS (PULSAR_TLS=on|only): tools/certs.py's CA, server certificate (127.0.0.1, ::1,
+# localhost) and key, made by `up`, kept by `restart`; `mode` records the choice for the
+# commands that find it in the run dir.
+readonly TLS_DIR="${RUN_DIR}/tls"
+readonly TLS_CA_FILE="${TLS_DIR}/ca.pem"
+readonly TLS_CERT_FILE="${TLS_DIR}/server.pem"
+readonly TLS_KEY_FILE="${TLS_DIR}/server-key.pem"
+readonly TLS_MODE_FILE="${TLS_DIR}/mode"
 readonly CLIENT_ROLE=rendezvous
 readonly PID_FILE="${RUN_DIR}/pulsar.pid"
 readonly LOG_DIR="${RUN_DIR}/logs"
@@ -60,9 +80,29 @@ readonly CONF_TEMPLATE="${REPO_ROOT}/deploy/pulsar/standalone.conf"
 readonly RENDERED_CONF="${RUN_DIR}/standalone.conf"
 readonly STANDALONE_CLASS=org.apache.pulsar.PulsarStandaloneStarter
 
-SERVICE_URL="pulsar://${HOST}:${PULSAR_BROKER_PORT}"
-ADMIN_URL="http://${HOST}:${PULSAR_WEB_PORT}"
-readonly SERVICE_URL ADMIN_URL
+# Where clients connect: the TLS ports when TLS is on (set_urls, once the mode is known).
+SERVICE_URL=""
+ADMIN_URL=""
+set_urls() {
+    if [[ "${PULSAR_TLS}" == none ]]; then
+        SERVICE_URL="pulsar://${HOST}:${PULSAR_BROKER_PORT}"
+        ADMIN_URL="http://${HOST}:${PULSAR_WEB_PORT}"
+    else
+        SERVICE_URL="pulsar+ssl://${HOST}:${PULSAR_BROKER_TLS_PORT}"
+        ADMIN_URL="https://${HOST}:${PULSAR_WEB_TLS_PORT}"
+    fi
+}
+
+# The authentication and TLS of the broker `up` started in RUN_DIR (what status, env and
+# restart must speak), whatever the caller's variables say.
+find_run_security() {
+    [[ -s "${CLIENT_TOKEN_FILE}" ]] && PULSAR_AUTH=token
+    if [[ -s "${TLS_MODE_FILE}" ]]; then
+        PULSAR_TLS="$(<"${TLS_MODE_FILE}")"
+        [[ "${PULSAR_TLS}" == on || "${PULSAR_TLS}" == only ]] || die "${TLS_MODE_FILE} says '${PULSAR_TLS}'"
+    fi
+    return 0
+}
 
 log() { printf 'pulsar.sh: %s\n' "$*" >&2; }
 die() {
@@ -71,18 +111,21 @@ die() {
 }
 
 usage() {
-    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    # The header comment, up to the first line that is not one.
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
 }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 validate_env() {
     local name
-    for name in PULSAR_BROKER_PORT PULSAR_WEB_PORT PULSAR_START_TIMEOUT PULSAR_STOP_TIMEOUT; do
+    for name in PULSAR_BROKER_PORT PULSAR_WEB_PORT PULSAR_BROKER_TLS_PORT PULSAR_WEB_TLS_PORT \
+        PULSAR_START_TIMEOUT PULSAR_STOP_TIMEOUT; do
         is_uint "${!name}" || die "${name} must be a non-negative integer, got '${!name}'"
     done
     [[ "${PULSAR_VERSION}" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "PULSAR_VERSION must look like 4.0.8, got '${PULSAR_VERSION}'"
     [[ "${PULSAR_AUTH}" == none || "${PULSAR_AUTH}" == token ]] || die "PULSAR_AUTH must be none or token, got '${PULSAR_AUTH}'"
+    [[ "${PULSAR_TLS}" =~ ^(none|on|only)$ ]] || die "PULSAR_TLS must be none, on or only, got '${PULSAR_TLS}'"
 }
 
 now() { date +%s.%N; }
@@ -248,10 +291,12 @@ rss_mib() {
 }
 
 # curl on the admin API, with the bearer token when the broker runs with authentication
-# (read by curl from the header file: never on a command line).
+# (read by curl from the header file: never on a command line), and over https trusting the
+# broker's CA (and only it) when it runs with TLS.
 admin_curl() {
     local auth=()
     [[ -f "${ADMIN_HEADER_FILE}" ]] && auth=(-H "@${ADMIN_HEADER_FILE}")
+    [[ "${ADMIN_URL}" == https:* ]] && auth+=(--cacert "${TLS_CA_FILE}")
     curl "${auth[@]}" "$@"
 }
 
@@ -284,21 +329,25 @@ round_trip() {
     topic="persistent://public/default/rendezvous-selfcheck-$(date +%s%N)"
     payload="ping-$$-${RANDOM}"
     py="$(python_bin)"
-    local token_file=""
+    local token_file="" trust_file=""
     [[ -f "${CLIENT_TOKEN_FILE}" ]] && token_file="${CLIENT_TOKEN_FILE}"
+    [[ "${SERVICE_URL}" == pulsar+ssl:* ]] && trust_file="${TLS_CA_FILE}"
     if "${py}" -c 'import pulsar' >/dev/null 2>&1; then
-        timeout -k 5 "${budget}" "${py}" - "${SERVICE_URL}" "${topic}" "${payload}" "${token_file}" <<'PY' >>"${LOG_DIR}/selfcheck.log" 2>&1
+        timeout -k 5 "${budget}" "${py}" - "${SERVICE_URL}" "${topic}" "${payload}" "${token_file}" "${trust_file}" <<'PY' >>"${LOG_DIR}/selfcheck.log" 2>&1
 import sys
 import pulsar
 
-url, topic, payload, token_file = sys.argv[1], sys.argv[2], sys.argv[3].encode(), sys.argv[4]
+url, topic, payload, token_file, trust_file = sys.argv[1], sys.argv[2], sys.argv[3].encode(), sys.argv[4], sys.argv[5]
 auth = None
 if token_file:
     with open(token_file) as f:
         auth = pulsar.AuthenticationToken(f.read().strip())
+# Over TLS: trust the broker's CA only, and check the certificate names 127.0.0.1.
+tls = {"use_tls": True, "tls_trust_certs_file_path": trust_file,
+       "tls_validate_hostname": True} if trust_file else {}
 client = pulsar.Client(url, authentication=auth, operation_timeout_seconds=10,
                        connection_timeout_ms=5000,
-                       logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
+                       logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn), **tls)
 try:
     consumer = client.subscribe(topic, "selfcheck",
                                 initial_position=pulsar.InitialPosition.Earliest)
@@ -318,6 +367,7 @@ PY
             client+=(--auth-plugin org.apache.pulsar.client.impl.auth.AuthenticationToken
                 --auth-params "file://${token_file}")
         fi
+        [[ -n "${trust_file}" ]] && client+=(--tlsTrustCertsFilePath "${trust_file}")
         out="$(mktemp)"
         if timeout -k 5 "${budget}" "${client[@]}" produce "${topic}" -m "${payload}" >>"${LOG_DIR}/selfcheck.log" 2>&1 &&
             timeout -k 5 "${budget}" "${client[@]}" consume "${topic}" -s selfcheck \
@@ -366,6 +416,36 @@ render_conf() {
         set_conf brokerClientAuthenticationPlugin org.apache.pulsar.client.impl.auth.AuthenticationToken
         set_conf brokerClientAuthenticationParameters "file://${BROKER_TOKEN_FILE}"
     fi
+    if [[ "${PULSAR_TLS}" != none ]]; then
+        set_conf brokerServicePortTls "${PULSAR_BROKER_TLS_PORT}"
+        set_conf webServicePortTls "${PULSAR_WEB_TLS_PORT}"
+        set_conf tlsCertificateFilePath "${TLS_CERT_FILE}"
+        set_conf tlsKeyFilePath "${TLS_KEY_FILE}"
+        set_conf tlsTrustCertsFilePath "${TLS_CA_FILE}"
+        set_conf tlsAllowInsecureConnection false
+        # The standalone's internal client and admin calls (public/default) go over TLS too:
+        # with `only` there is no plaintext port for them.
+        set_conf brokerClientTlsEnabled true
+        set_conf brokerClientTrustCertsFilePath "${TLS_CA_FILE}"
+        if [[ "${PULSAR_TLS}" == only ]]; then
+            # Empty: the port is not opened.
+            set_conf brokerServicePort ""
+            set_conf webServicePort ""
+        fi
+    fi
+}
+
+# The broker's CA, certificate and key (tools/certs.py, run by the venv's Python: it needs
+# `cryptography`) and the TLS mode. Kept across `restart`, made anew by `up`.
+make_certs() {
+    if [[ ! -s "${TLS_CA_FILE}" || ! -s "${TLS_CERT_FILE}" || ! -s "${TLS_KEY_FILE}" ]]; then
+        local py
+        py="$(python_bin)"
+        (cd "${REPO_ROOT}" && "${py}" -m tools.certs --out "${TLS_DIR}") >>"${LOG_DIR}/certs.log" 2>&1 ||
+            die "tools/certs.py failed (${py}; run 'make setup'); see ${LOG_DIR#"${REPO_ROOT}"/}/certs.log"
+        log "TLS on (${PULSAR_TLS}): CA and certificate for ${HOST} in ${TLS_DIR#"${REPO_ROOT}"/}"
+    fi
+    printf '%s\n' "${PULSAR_TLS}" >"${TLS_MODE_FILE}"
 }
 
 # Set KEY=VALUE in the rendered config: the template's line is replaced (one line per key;
@@ -440,8 +520,10 @@ cmd_up() {
     fi
     cmd_fetch
 
-    local port
-    for port in "${PULSAR_BROKER_PORT}" "${PULSAR_WEB_PORT}"; do
+    local port ports=()
+    [[ "${PULSAR_TLS}" != only ]] && ports+=("${PULSAR_BROKER_PORT}" "${PULSAR_WEB_PORT}")
+    [[ "${PULSAR_TLS}" != none ]] && ports+=("${PULSAR_BROKER_TLS_PORT}" "${PULSAR_WEB_TLS_PORT}")
+    for port in "${ports[@]}"; do
         if port_in_use "${port}"; then
             die "${HOST}:${port} is already in use (another broker without our pid file? see 'ss -ltnp')"
         fi
@@ -458,6 +540,7 @@ cmd_up() {
         mkdir -p "${RUN_DIR}/data" "${LOG_DIR}"
     fi
     [[ "${PULSAR_AUTH}" == token ]] && make_tokens
+    [[ "${PULSAR_TLS}" != none ]] && make_certs
     render_conf
 
     # Sized for 2 cores / a small dev box. ZGC, as the distribution has it, but without
@@ -547,8 +630,7 @@ cmd_down() {
 # Stop and start the same broker, keeping its data (what a broker restart is in production).
 cmd_restart() {
     take_lock
-    # The same broker: with authentication if it had it.
-    [[ -s "${CLIENT_TOKEN_FILE}" ]] && PULSAR_AUTH=token
+    # The same broker: with the authentication and TLS it had (main found them).
     stop_broker
     KEEP_DATA=1 cmd_up
 }
@@ -603,10 +685,18 @@ cmd_env() {
     if [[ -s "${CLIENT_TOKEN_FILE}" ]]; then
         printf 'PULSAR_TOKEN_FILE=%s\n' "${CLIENT_TOKEN_FILE}"
     fi
+    # The CA to trust (PulsarSettings.tls_trust_certs_file).
+    if [[ "${PULSAR_TLS}" != none ]]; then
+        printf 'PULSAR_TLS_TRUST_CERTS_FILE=%s\n' "${TLS_CA_FILE}"
+    fi
 }
 
 main() {
     validate_env
+    case "${1:-}" in
+        status | env | restart) find_run_security ;;
+    esac
+    set_urls
     case "${1:-}" in
         fetch) cmd_fetch ;;
         up) cmd_up ;;

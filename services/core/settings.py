@@ -13,8 +13,9 @@ import os
 import socket
 import ssl
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -35,6 +36,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _default_instance() -> str:
     # Unique per process so that a restarted instance never reuses a return address.
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+# PulsarSettings field -> its key in a mesh's state file (`PulsarSettings.state_facts`).
+STATE_PULSAR_KEYS = {
+    "service_url": "pulsar_url",
+    "admin_url": "pulsar_admin_url",
+    "token_file": "pulsar_token_file",
+    "tls_trust_certs_file": "pulsar_tls_trust_certs_file",
+}
 
 
 class PulsarSettings(BaseModel):
@@ -105,6 +115,30 @@ class PulsarSettings(BaseModel):
         else:
             context.check_hostname = self.tls_validate_hostname
         return context
+
+    def state_facts(self) -> dict[str, str | None]:
+        """What a mesh's state file (state.json) records of its broker, for the command-line
+        tools that read the topics: the URLs and the files of the token and the CA, never a
+        secret (a literal `token` is not recorded)."""
+        facts: dict[str, str | None] = {}
+        for field, state_key in STATE_PULSAR_KEYS.items():
+            value = getattr(self, field)
+            facts[state_key] = None if value is None else str(value)
+        return facts
+
+    def for_mesh(self, state: Mapping[str, Any]) -> PulsarSettings:
+        """These settings pointed at the broker a mesh's state file records (`state_facts`),
+        unless they name a broker of their own (`service_url` set: env, YAML or an argument);
+        a token or CA file set here wins over the state's."""
+        own_broker = "service_url" in self.model_fields_set
+        if own_broker or not state.get(STATE_PULSAR_KEYS["service_url"]):
+            return self
+        update = {
+            field: state[state_key]
+            for field, state_key in STATE_PULSAR_KEYS.items()
+            if state.get(state_key) and field not in self.model_fields_set
+        }
+        return PulsarSettings.model_validate({**self.model_dump(exclude_unset=True), **update})
 
     def security_env(self) -> dict[str, str]:
         """The authentication and TLS settings that are set, as the environment variables

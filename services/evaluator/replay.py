@@ -1105,14 +1105,8 @@ def pulsar_settings(
     """--pulsar-url, else the settings' when set (env, YAML), else the running mesh's."""
     if explicit_url:
         return settings.pulsar.model_copy(update={"service_url": explicit_url})
-    if "service_url" in settings.pulsar.model_fields_set or not state.get("pulsar_url"):
-        return settings.pulsar
-    update: dict[str, Any] = {"service_url": state["pulsar_url"]}
-    if state.get("pulsar_admin_url"):
-        update["admin_url"] = state["pulsar_admin_url"]
-    if state.get("pulsar_token_file") and "token_file" not in settings.pulsar.model_fields_set:
-        update["token_file"] = Path(state["pulsar_token_file"])
-    return settings.pulsar.model_copy(update=update)
+    # The mesh's broker, with its token and CA files.
+    return settings.pulsar.for_mesh(state)
 
 
 def options_from_args(

@@ -14,9 +14,10 @@ gives a running process the same settings), a ready file, and its settings as
 `RDV_<SERVICE>_*` environment variables: the same settings objects the services read in
 production, nothing supervisor-specific. With TLS (`rendezvous up --tls`) every process gets
 the same `RDV_<SERVICE>_TLS__*` settings: its server on mTLS, its clients presenting the
-client certificate. Polyglot model containers (a `command`) are plaintext-only for now, so a
-TLS plan refuses them. The endpoints of the local model containers are
-written to the model directory (`model_directory`), where live runner hosts look them up.
+client certificate; a polyglot model container (a `command`) reads the same
+`RDV_MODEL_TLS__*` server settings as the Python one. The endpoints of the local model
+containers are written to the model directory (`model_directory`), where live runner hosts
+look them up.
 """
 
 from __future__ import annotations
@@ -282,13 +283,6 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             # A container per model name (names are what predictions and the directory carry).
             if deployment.name in containers:
                 continue
-            if deployment.command and tls is not None:
-                raise ValueError(
-                    f"model {deployment.name!r} of {objective!r} runs a command "
-                    f"({deployment.command[0]}): polyglot containers serve plaintext only, "
-                    "so a TLS mesh cannot run it; run the mesh without --tls, or give the "
-                    "model an endpoint behind a TLS-terminating proxy"
-                )
             containers.add(deployment.name)
             spec = add(
                 f"model-{deployment.name}",
@@ -304,8 +298,9 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
                 role=_ROLE_NAMES.get(deployment.role, ""),
                 labels={MODEL_LABEL: deployment.name, "objective": objective},
             )
-            # Any language: run with the RDV_MODEL_* environment above, in the repository root
-            # (the control topic holds no mesh file location to resolve relative paths by).
+            # Any language: run with the RDV_MODEL_* environment above (TLS included), in the
+            # repository root (the control topic holds no mesh file location to resolve
+            # relative paths by).
             spec.command = list(deployment.command)
         # Deployments that scale together (the same replica count) share runner hosts: host r
         # of a group receives each task once for all of the group's models, and the decoy

@@ -3,11 +3,12 @@
 The supervisor runs as `rendezvous supervise` would run it for `rendezvous up`, on the test
 session's broker, with a control plane on a port of its own (beside whatever listens on the
 default one), and is stopped (SIGTERM, then SIGKILL) when the block ends. A broker with
-token authentication gives the supervisor its token file.
+token authentication gives the supervisor its token file, one on TLS its CA.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,7 +23,9 @@ from typing import Any
 
 import pytest
 import yaml
+from rendezvous.v1 import task_pb2
 
+from services.core.bus import PulsarBus
 from services.supervisor.plan import free_port
 from tests.conftest import REPO, PulsarBroker
 
@@ -48,6 +51,24 @@ class RunningMesh:
     @property
     def control_endpoint(self) -> str:
         return str(self.state()["control_endpoint"])
+
+    async def outcomes(
+        self, objective: str, ids: set[str], timeout_s: float = 30.0
+    ) -> dict[str, task_pb2.Outcome]:
+        """The outcomes of the requests `ids` on the objective's results topic, by request id
+        (each read within `timeout_s` of the one before)."""
+        bus = PulsarBus(self.broker.settings(), "test-outcomes")
+        found: dict[str, task_pb2.Outcome] = {}
+        try:
+            reader = await bus.reader(bus.topics.results(objective), task_pb2.Outcome)
+            while len(found) < len(ids):
+                envelope = await asyncio.wait_for(reader.read_next(), timeout_s)
+                if envelope.message.request_id in ids:
+                    found[envelope.message.request_id] = envelope.message
+            await reader.close()
+        finally:
+            await bus.close()
+        return found
 
 
 @contextmanager
@@ -87,12 +108,8 @@ def supervised_mesh(
             "RDV_SUPERVISOR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_EVALUATOR_LISTEN": f"127.0.0.1:{free_port()}",
             "RDV_SUPERVISOR_DASHBOARD_LISTEN": f"127.0.0.1:{free_port()}",
-            # The broker's token, for the supervisor and (passed on) every process.
-            **(
-                {"RDV_SUPERVISOR_PULSAR__TOKEN_FILE": str(pulsar.token_file)}
-                if pulsar.token_file
-                else {}
-            ),
+            # The broker's token and CA, for the supervisor and (passed on) every process.
+            **pulsar.supervisor_env(),
             **(env or {}),
         },
         stdin=subprocess.DEVNULL,

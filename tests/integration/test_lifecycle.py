@@ -83,7 +83,7 @@ def test_add_promote_rollback_under_load_loses_nothing(
             target=mesh.endpoint,
             control_target=mesh.control_endpoint,
             objective=objective,
-            pulsar_url=pulsar.service_url,
+            pulsar=pulsar.settings(),
             rate=RATE,
             hold_s=HOLD_S,
             challenger="ridge-b",

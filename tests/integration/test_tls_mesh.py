@@ -1,10 +1,12 @@
 """A whole mesh on mTLS (`rendezvous supervise --tls`) on the real broker.
 
 The supervisor makes the loopback certificates, starts every process with its
-RDV_<SERVICE>_TLS__* settings and health-checks each over mTLS. A request scored through
-TLS is answered by the model; a plaintext client and a TLS client without a certificate are
-refused, by the rendezvous and by the control plane alike; `rendezvous score` and
-`rendezvous status` find the TLS in state.json.
+RDV_<SERVICE>_TLS__* settings and health-checks each over mTLS, the Go and the Node model
+containers (`command` deployments) included. A request scored through TLS is answered by
+the model, and its outcome holds the Go and the Node challengers' scores (their runner
+reached them over mTLS); a plaintext client and a TLS client without a certificate are
+refused by the rendezvous, the control plane and the Go and Node containers alike;
+`rendezvous score` and `rendezvous status` find the TLS in state.json.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,27 @@ from tests.integration.supervised import RunningMesh, supervised_mesh
 
 pytestmark = pytest.mark.integration
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
 OBJECTIVE = "secure"
 FEATURES = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
 TIMEOUT_S = 10.0
+# Challengers in other languages (model name -> the program the supervisor runs): they score
+# every request beside the incumbent, which alone answers.
+POLYGLOT = {
+    "go-ridge": ["tools/bin/rendezvous-model-go"],
+    "node-ridge": ["node", "services/models/ts/dist/main.js"],
+}
+CONTAINERS = ["model-go-ridge", "model-node-ridge"]
+REQUESTS = 5
+AGREEMENT = 1e-9
 
 
 def mesh_document(listen: str) -> dict[str, Any]:
+    challengers = [
+        {"name": name, "role": "challenger", "kind": "diabetes", "command": command}
+        for name, command in POLYGLOT.items()
+    ]
     return {
         "rendezvous": {"listen": listen},
         "objectives": {
@@ -45,9 +63,13 @@ def mesh_document(listen: str) -> dict[str, Any]:
                 "late_grace_ms": 1000,
                 "enrichment": "none",
                 "features": [{"name": name} for name in FEATURES],
-                "models": [{"name": "ridge", "role": "incumbent", "kind": "diabetes"}],
+                "models": [
+                    {"name": "ridge", "role": "incumbent", "kind": "diabetes"},
+                    *challengers,
+                ],
                 "policy": [{"until_ms": 120, "accept": ["ridge"]}],
                 "default": {"score": 152.13},
+                "sampling": {"challenger_fraction": 1.0, "archive_fraction": 0.0},
             }
         },
     }
@@ -62,18 +84,20 @@ def mesh(pulsar: PulsarBroker, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield running
 
 
-def _request() -> scoring_pb2.ScoreRequest:
-    request = scoring_pb2.ScoreRequest(objective=OBJECTIVE)
-    set_values(request.features, diabetes_rows()[0])
+def _request(index: int = 0) -> scoring_pb2.ScoreRequest:
+    request = scoring_pb2.ScoreRequest(objective=OBJECTIVE, request_id=f"tls-{uuid.uuid4()}")
+    set_values(request.features, diabetes_rows()[index])
     return request
 
 
-async def _score(endpoint: str, tls: TlsSettings | None) -> scoring_pb2.ScoreResponse:
+async def _score(
+    endpoint: str, tls: TlsSettings | None, index: int = 0
+) -> scoring_pb2.ScoreResponse:
     async with aio_channel(endpoint, tls) as channel:
         stub: scoring_pb2_grpc.ScoringServiceAsyncStub = scoring_pb2_grpc.ScoringServiceStub(
             channel
         )
-        response: scoring_pb2.ScoreResponse = await stub.Score(_request(), timeout=TIMEOUT_S)
+        response: scoring_pb2.ScoreResponse = await stub.Score(_request(index), timeout=TIMEOUT_S)
         return response
 
 
@@ -108,9 +132,36 @@ async def test_a_request_is_scored_through_mtls(mesh: RunningMesh) -> None:
     assert response.decision.model == "ridge"
 
 
-@pytest.mark.parametrize("component", ["rendezvous", "control"])
+async def test_the_go_and_node_challengers_score_over_mtls(mesh: RunningMesh) -> None:
+    tls = state_client_tls(mesh.state())
+    answers = [await _score(mesh.endpoint, tls, index) for index in range(REQUESTS)]
+    assert {a.decision.model for a in answers} == {"ridge"}
+    outcomes = await mesh.outcomes(OBJECTIVE, {a.request_id for a in answers})
+    assert len(outcomes) == REQUESTS
+    for outcome in outcomes.values():
+        scores = {
+            c.prediction.model: c.prediction.prediction.score
+            for c in outcome.candidates
+            if c.prediction.WhichOneof("result") == "prediction"
+        }
+        # Every container scored it: the runner reached Go and Node over mTLS.
+        assert set(scores) == {"ridge", *POLYGLOT}, outcome
+        assert all(abs(score - scores["ridge"]) <= AGREEMENT for score in scores.values())
+
+
+def _endpoint(mesh: RunningMesh, component: str) -> str:
+    if component == "rendezvous":
+        return mesh.endpoint
+    if component == "control":
+        return mesh.control_endpoint
+    return str(mesh.process(component)["endpoint"])
+
+
+@pytest.mark.parametrize("component", ["rendezvous", "control", *CONTAINERS])
 async def test_a_plaintext_client_is_refused(mesh: RunningMesh, component: str) -> None:
-    endpoint = mesh.endpoint if component == "rendezvous" else mesh.control_endpoint
+    endpoint = _endpoint(mesh, component)
+    # The same endpoint answers a client with the mesh's certificate.
+    assert await _health(endpoint, state_client_tls(mesh.state())) == SERVING
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _health(endpoint, None)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -120,6 +171,16 @@ async def test_a_client_without_a_certificate_is_refused(mesh: RunningMesh) -> N
     tls = state_client_tls(mesh.state())
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _score(mesh.endpoint, TlsSettings(ca_file=tls.ca_file))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("component", CONTAINERS)
+async def test_a_container_refuses_a_client_without_a_certificate(
+    mesh: RunningMesh, component: str
+) -> None:
+    tls = state_client_tls(mesh.state())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _health(_endpoint(mesh, component), TlsSettings(ca_file=tls.ca_file))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -42,6 +42,8 @@ type Config struct {
 	// MetricsPort, when not 0, serves Prometheus /metrics on MetricsHost:MetricsPort.
 	MetricsPort int
 	MetricsHost string
+	// TLS is the server's TLS (RDV_MODEL_TLS__*): plaintext, TLS or mTLS.
+	TLS TLSConfig
 }
 
 // DiabetesArgs are RDV_MODEL_ARGS for the diabetes model (services/models/diabetes.py).
@@ -77,6 +79,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		return Config{}, fmt.Errorf("%s: %w", envArgs, err)
 	}
 	config.Args = args
+	if config.TLS, err = loadTLSConfig(getenv); err != nil {
+		return Config{}, err
+	}
 	return config, nil
 }
 

@@ -8,11 +8,14 @@
 //	RDV_MODEL_VERSION     its version (default "1")
 //	RDV_MODEL_ARGS        a JSON object: {"algorithm": "ridge"|"linear", "artifact": path}
 //	RDV_MODEL_READY_FILE  where to write {"pid", "endpoint", ...} once serving (optional)
+//	RDV_MODEL_TLS__CERT_FILE, RDV_MODEL_TLS__KEY_FILE  serve TLS with this certificate
+//	                      and key (PEM; plaintext when unset)
+//	RDV_MODEL_TLS__CLIENT_CA_FILE  mTLS: a client must present a certificate this CA signed
 //	RDV_MODEL_METRICS_PORT  Prometheus /metrics port (default 0: none)
 //	RDV_MODEL_METRICS_HOST  the address it binds (default 127.0.0.1)
 //
 // and serves the model with the gRPC health service, server reflection and per-RPC metrics. A bad
-// configuration (the artifact included) exits with status 2, a failure to serve with 1; SIGTERM or SIGINT drains
+// configuration (the artifact and the TLS files included) exits with status 2, a failure to serve with 1; SIGTERM or SIGINT drains
 // (health NOT_SERVING, calls in flight finish within 5 s) and exits 0. Logs are JSON lines
 // on stderr; -verbose adds debug ones.
 package main
@@ -64,8 +67,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return 2
 	}
 	log.Debug("artifact loaded", "artifact", source)
+	creds, err := config.TLS.serverCredentials()
+	if err != nil {
+		log.Error("invalid configuration: " + err.Error())
+		return 2
+	}
 	model := NewDiabetes(artifact, config.Name, config.Version)
-	if err := serveUntilDone(ctx, config, model, shutdownGrace, log); err != nil {
+	if err := serveUntilDone(ctx, config, creds, model, shutdownGrace, log); err != nil {
 		log.Error("cannot serve: " + err.Error())
 		return 1
 	}

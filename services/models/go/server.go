@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -39,7 +40,8 @@ type container struct {
 }
 
 // listen binds the configured address and registers the services; nothing is served yet.
-func listen(config Config, service *modelService, log *slog.Logger) (*container, error) {
+// creds makes the server TLS (nil: plaintext).
+func listen(config Config, creds credentials.TransportCredentials, service *modelService, log *slog.Logger) (*container, error) {
 	listener, err := net.Listen("tcp", config.Listen)
 	if err != nil {
 		return nil, err
@@ -47,12 +49,16 @@ func listen(config Config, service *modelService, log *slog.Logger) (*container,
 	host, _, _ := net.SplitHostPort(config.Listen)
 	port := listener.Addr().(*net.TCPAddr).Port
 	registry, metrics := newRegistry()
-	server := grpc.NewServer(
+	options := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(maxMessageBytes),
 		grpc.MaxSendMsgSize(maxMessageBytes),
 		grpc.ChainUnaryInterceptor(metrics.unary()),
 		grpc.ChainStreamInterceptor(metrics.stream()),
-	)
+	}
+	if creds != nil {
+		options = append(options, grpc.Creds(creds))
+	}
+	server := grpc.NewServer(options...)
 	pb.RegisterModelServiceServer(server, service)
 	healthServer := health.NewServer()
 	healthpb.RegisterHealthServer(server, healthServer)
@@ -128,10 +134,10 @@ func writeReadyFile(path string, facts readyFacts) error {
 	return os.Rename(tmp, path)
 }
 
-// serveUntilDone serves model as config says until ctx ends (a signal), then drains within
-// grace. A nil error means a clean stop.
-func serveUntilDone(ctx context.Context, config Config, model *Diabetes, grace time.Duration, log *slog.Logger) error {
-	c, err := listen(config, newModelService(model, config.Version, log), log)
+// serveUntilDone serves model as config says (over TLS with creds) until ctx ends (a
+// signal), then drains within grace. A nil error means a clean stop.
+func serveUntilDone(ctx context.Context, config Config, creds credentials.TransportCredentials, model *Diabetes, grace time.Duration, log *slog.Logger) error {
+	c, err := listen(config, creds, newModelService(model, config.Version, log), log)
 	if err != nil {
 		return fmt.Errorf("%s=%q: %w", envListen, config.Listen, err)
 	}
@@ -147,7 +153,7 @@ func serveUntilDone(ctx context.Context, config Config, model *Diabetes, grace t
 		return fmt.Errorf("%s=%q: %w", envReadyFile, config.ReadyFile, err)
 	}
 	log.Info("model-"+config.Name+" started", "endpoint", c.endpoint, "model", config.Name,
-		"kind", kind, "version", config.Version, "algorithm", config.Args.Algorithm)
+		"kind", kind, "version", config.Version, "algorithm", config.Args.Algorithm, "tls", config.TLS.Mode())
 	select {
 	case err := <-done:
 		return fmt.Errorf("the server stopped by itself: %w", err)

@@ -29,10 +29,11 @@ import (
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-// dial is a client connection to address, closed with the test.
+// dial is a client connection to address, closed with the test: plaintext unless options
+// give other transport credentials (the last one given wins).
 func dial(t *testing.T, address string, options ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
-	options = append(options, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	options = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, options...)
 	conn, err := grpc.NewClient(address, options...)
 	if err != nil {
 		t.Fatal(err)
@@ -45,7 +46,7 @@ func dial(t *testing.T, address string, options ...grpc.DialOption) *grpc.Client
 func inMemory(t *testing.T) pb.ModelServiceClient {
 	t.Helper()
 	service := newModelService(mustModel(t, "ridge"), "7", quiet)
-	c, err := listen(Config{Listen: "127.0.0.1:0"}, service, quiet)
+	c, err := listen(Config{Listen: "127.0.0.1:0"}, nil, service, quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,9 +211,9 @@ func TestGetModelMetadata(t *testing.T) {
 }
 
 // startProcess runs the whole program (run) on a real TCP port with env and returns the
-// ready file's facts, a connection to the endpoint, and a stop function giving the exit
-// status.
-func startProcess(t *testing.T, env map[string]string) (readyFacts, *grpc.ClientConn, func() int) {
+// ready file's facts, a connection to the endpoint (dialled with options), and a stop
+// function giving the exit status.
+func startProcess(t *testing.T, env map[string]string, options ...grpc.DialOption) (readyFacts, *grpc.ClientConn, func() int) {
 	t.Helper()
 	readyFile := filepath.Join(t.TempDir(), "ready", "model.json")
 	env["RDV_MODEL_READY_FILE"] = readyFile
@@ -229,7 +230,7 @@ func startProcess(t *testing.T, env map[string]string) (readyFacts, *grpc.Client
 			if err := json.Unmarshal(data, &facts); err != nil {
 				t.Fatalf("ready file %q: %v", data, err)
 			}
-			return facts, dial(t, facts.Endpoint), stop
+			return facts, dial(t, facts.Endpoint, options...), stop
 		}
 		select {
 		case code := <-exit:

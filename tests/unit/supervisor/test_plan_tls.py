@@ -1,12 +1,10 @@
 """A TLS plan (`rendezvous up --tls`): every process gets the same RDV_<SERVICE>_TLS__*
-settings and the supervisor's health check speaks TLS to it; a polyglot container, which
-serves plaintext only, is refused with a clear message."""
+settings and the supervisor's health check speaks TLS to it, a polyglot container (a
+`command`) included."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
 
 from services.core.mesh import Mesh
 from services.supervisor.certs import mesh_tls
@@ -59,9 +57,15 @@ def test_plaintext_is_the_default_plan(tmp_path: Path) -> None:
     assert all(spec.client_tls is None for spec in specs)
 
 
-def test_a_polyglot_container_is_refused_under_tls(tmp_path: Path) -> None:
+def test_a_polyglot_container_gets_the_same_tls_settings(tmp_path: Path) -> None:
+    tls = mesh_tls(tmp_path / "certs")
     configs = _mesh(["tools/bin/rendezvous-model-go"]).objective_configs()
-    with pytest.raises(ValueError, match="polyglot containers serve plaintext only"):
-        plan(configs, tmp_path, "p", "h", "l:1", tls=mesh_tls(tmp_path))
-    # Without TLS it runs as before.
-    assert plan(configs, tmp_path, "p", "h", "l:1")
+    specs = {spec.name: spec for spec in plan(configs, tmp_path, "p", "h", "l:1", tls=tls)}
+    polyglot, python = specs["model-other"], specs["model-py"]
+    assert polyglot.command == ["tools/bin/rendezvous-model-go"]
+    # What the Go and Node containers read (their server side), as the Python one does.
+    for key in ("TLS__CERT_FILE", "TLS__KEY_FILE", "TLS__CLIENT_CA_FILE"):
+        assert polyglot.env[f"RDV_MODEL_{key}"] == python.env[f"RDV_MODEL_{key}"]
+    assert polyglot.env["RDV_MODEL_TLS__CLIENT_CA_FILE"] == str(tls.client_ca_file)
+    # The supervisor checks its health over mTLS.
+    assert polyglot.client_tls == tls

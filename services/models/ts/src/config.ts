@@ -16,6 +16,22 @@ export interface Listen {
   port: number;
 }
 
+/**
+ * The server side of the TLS settings every container reads (TlsSettings in
+ * services/core/settings.py, RDV_MODEL_TLS__*): a certificate and key to serve TLS with, and
+ * with clientCaFile mTLS (a client must present a certificate that CA signed). The client
+ * side (CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE) is for channels a container never opens.
+ */
+export interface TlsConfig {
+  certFile: string;
+  keyFile: string;
+  clientCaFile?: string;
+}
+
+export const ENV_TLS_CERT = "RDV_MODEL_TLS__CERT_FILE";
+export const ENV_TLS_KEY = "RDV_MODEL_TLS__KEY_FILE";
+export const ENV_TLS_CLIENT_CA = "RDV_MODEL_TLS__CLIENT_CA_FILE";
+
 export interface Config {
   listen: Listen;
   name: string;
@@ -24,6 +40,8 @@ export interface Config {
   readyFile?: string;
   /** Prometheus /metrics (port 0: none); loopback unless a deployment says 0.0.0.0. */
   metrics: Listen;
+  /** Plaintext when absent. */
+  tls?: TlsConfig;
 }
 
 export const KIND = "diabetes";
@@ -48,7 +66,28 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
   if (readyFile) {
     config.readyFile = readyFile;
   }
+  const tls = parseTls(env);
+  if (tls) {
+    config.tls = tls;
+  }
   return config;
+}
+
+/** The TLS variables, checked as TlsSettings checks them; undefined when TLS is off. */
+export function parseTls(env: NodeJS.ProcessEnv): TlsConfig | undefined {
+  const certFile = env[ENV_TLS_CERT] || "";
+  const keyFile = env[ENV_TLS_KEY] || "";
+  const clientCaFile = env[ENV_TLS_CLIENT_CA] || "";
+  if (!certFile !== !keyFile) {
+    throw new ConfigError(`${ENV_TLS_CERT} and ${ENV_TLS_KEY} go together`);
+  }
+  if (clientCaFile && !certFile) {
+    throw new ConfigError(`${ENV_TLS_CLIENT_CA} (mTLS) needs ${ENV_TLS_CERT} and ${ENV_TLS_KEY}`);
+  }
+  if (!certFile) {
+    return undefined;
+  }
+  return clientCaFile ? { certFile, keyFile, clientCaFile } : { certFile, keyFile };
 }
 
 /** host:port; IPv6 hosts in brackets ([::1]:0). */

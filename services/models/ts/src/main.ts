@@ -7,6 +7,7 @@ import { Logger } from "./log";
 import { rpcMetrics, serveMetrics } from "./metrics";
 import { writeReadyFile } from "./ready";
 import { startModelServer } from "./server";
+import { serverCredentials, tlsMode } from "./tls";
 
 export const SHUTDOWN_GRACE_MS = 5000;
 export const EXIT_BAD_CONFIG = 2;
@@ -15,10 +16,12 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
   const log = new Logger("model", "rendezvous.models.ts");
   let config;
   let model;
+  let credentials;
   try {
     config = readConfig(env);
-    // Built first, so a bad artifact fails before anything listens.
+    // Built first, so a bad artifact or TLS file fails before anything listens.
     model = new DiabetesModel(config.name, config.version, config.args);
+    credentials = serverCredentials(config.tls);
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`rendezvous model (node): bad configuration: ${err.message}\n`);
@@ -36,6 +39,7 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
       listen: config.listen,
       version: config.version,
       log,
+      credentials,
       interceptors: [metrics.interceptor],
     });
   } catch (err) {
@@ -61,6 +65,7 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
     endpoint: server.endpoint,
     ...facts,
     algorithm: model.artifact.algorithm,
+    tls: tlsMode(config.tls),
     platform: `node ${process.version}`,
   });
   const signal = await signalled;

@@ -1,6 +1,7 @@
 // A grpc-js server with what every Rendezvous component has: the standard health service
 // (NOT_SERVING until the owner says otherwise, and again while draining), server reflection
-// (what grpcurl, ghz and probes expect) and the owner's interceptors, besides ModelService.
+// (what grpcurl, ghz and probes expect) and the owner's interceptors, besides ModelService;
+// plaintext unless given TLS credentials (tls.ts).
 import { Server, ServerCredentials, type ServerInterceptor } from "@grpc/grpc-js";
 import type { PackageDefinition } from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
@@ -29,7 +30,13 @@ export interface ModelServer {
 
 export async function startModelServer(
   model: Model,
-  options: { listen: Listen; version: string; log: Logger; interceptors?: ServerInterceptor[] },
+  options: {
+    listen: Listen;
+    version: string;
+    log: Logger;
+    credentials?: ServerCredentials;
+    interceptors?: ServerInterceptor[];
+  },
 ): Promise<ModelServer> {
   const server = new Server({
     "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
@@ -47,7 +54,7 @@ export async function startModelServer(
 
   const { host, port: wanted } = options.listen;
   const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(`${host}:${wanted}`, ServerCredentials.createInsecure(), (err, bound) =>
+    server.bindAsync(`${host}:${wanted}`, options.credentials ?? ServerCredentials.createInsecure(), (err, bound) =>
       err ? reject(err) : resolve(bound),
     ),
   );

@@ -1,8 +1,16 @@
 // Shared by the tests: a real server on 127.0.0.1:0 with a real grpc-js client, promise
 // wrappers for the calls, and decoding of the status details a failed call carried.
-import { credentials, loadPackageDefinition, makeClientConstructor, Metadata, type ServiceError } from "@grpc/grpc-js";
+import {
+  ChannelCredentials,
+  credentials,
+  loadPackageDefinition,
+  makeClientConstructor,
+  Metadata,
+  type ServiceError,
+} from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { service as healthService } from "grpc-health-check";
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { Any } from "../gen/google/protobuf/any";
@@ -97,10 +105,15 @@ export function details(err: ServiceError): { code: number; badRequest?: BadRequ
   return result;
 }
 
-/** grpc.health.v1.Health/Check for `service` ("" is the server as a whole). */
-export async function healthStatus(endpoint: string, service = ""): Promise<string> {
+/** grpc.health.v1.Health/Check for `service` ("" is the server as a whole), plaintext
+ * unless given `channel` credentials. */
+export async function healthStatus(
+  endpoint: string,
+  service = "",
+  channel: ChannelCredentials = credentials.createInsecure(),
+): Promise<string> {
   const Health = makeClientConstructor(healthService, "Health");
-  const client = new Health(endpoint, credentials.createInsecure()) as unknown as {
+  const client = new Health(endpoint, channel) as unknown as {
     check(request: { service: string }, callback: Callback<{ status: string }>): void;
     close(): void;
   };
@@ -149,4 +162,37 @@ export async function reflect(endpoint: string, request: Record<string, string>)
   } finally {
     client.close();
   }
+}
+
+export const REPO_ROOT = resolve(__dirname, "..", "..", "..", "..", "..");
+
+/** The loopback certificates a TLS mesh uses, made by the same tool (tools/certs.py, run by
+ * the Python the Makefile exports as $PYTHON, else the repository's .venv) into `dir`. */
+export interface Certs {
+  ca: string;
+  serverCert: string;
+  serverKey: string;
+  clientCert: string;
+  clientKey: string;
+}
+
+export function makeCerts(dir: string): Certs {
+  const python = process.env["PYTHON"] || resolve(REPO_ROOT, ".venv", "bin", "python");
+  execFileSync(python, ["-m", "tools.certs", "--out", dir, "--days", "1"], { cwd: REPO_ROOT, stdio: "ignore" });
+  return {
+    ca: resolve(dir, "ca.pem"),
+    serverCert: resolve(dir, "server.pem"),
+    serverKey: resolve(dir, "server-key.pem"),
+    clientCert: resolve(dir, "client.pem"),
+    clientKey: resolve(dir, "client-key.pem"),
+  };
+}
+
+/** A TLS channel trusting `certs.ca`, presenting `client`'s certificate when given. */
+export function tlsChannel(certs: Certs, client?: { cert: string; key: string }): ChannelCredentials {
+  return credentials.createSsl(
+    readFileSync(certs.ca),
+    client ? readFileSync(client.key) : null,
+    client ? readFileSync(client.cert) : null,
+  );
 }

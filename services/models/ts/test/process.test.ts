@@ -1,7 +1,7 @@
 // The container as the supervisor starts it: `node dist/main.js` with the RDV_MODEL_* env
 // contract writes its ready file, serves, and stops cleanly on SIGTERM; bad config exits
 // non-zero with a clear message before anything listens.
-import { credentials, status as Status } from "@grpc/grpc-js";
+import { credentials, status } from "@grpc/grpc-js";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, test } from "node:test";
 import { ModelServiceClient } from "../gen/rendezvous/v1/model";
-import { call, failure, FIXTURE, healthStatus, predictRequest, TOLERANCE } from "./helpers";
+import { call, failure, FIXTURE, healthStatus, makeCerts, predictRequest, TOLERANCE, tlsChannel } from "./helpers";
 
 const MAIN = resolve(__dirname, "..", "main.js");
 const dirs: string[] = [];
@@ -90,6 +90,11 @@ test("bad configuration: exit 2, the reason on stderr, nothing listens, no ready
     [{ RDV_MODEL_ARGS: '{"algorithm": "lasso"}' }, /algorithm must be one of ridge, linear/],
     [{ RDV_MODEL_LISTEN: "nowhere" }, /RDV_MODEL_LISTEN="nowhere": expected host:port/],
     [{ RDV_MODEL_ARGS: '{"artifact": "/nonexistent/diabetes.json"}' }, /cannot read the diabetes artifact/],
+    [{ RDV_MODEL_TLS__CERT_FILE: "/tmp/server.pem" }, /RDV_MODEL_TLS__CERT_FILE and RDV_MODEL_TLS__KEY_FILE go together/],
+    [
+      { RDV_MODEL_TLS__CERT_FILE: "/nonexistent/server.pem", RDV_MODEL_TLS__KEY_FILE: "/nonexistent/key.pem" },
+      /RDV_MODEL_TLS__CERT_FILE="\/nonexistent\/server.pem": ENOENT/,
+    ],
   ] as [Record<string, string>, RegExp][]) {
     const proc = start({ ...env, RDV_MODEL_READY_FILE: readyPath });
     assert.equal(await proc.exited, 2, JSON.stringify(env));
@@ -133,7 +138,7 @@ test("RDV_MODEL_METRICS_PORT: /metrics counts calls by code and times them, as t
       const features = FIXTURE.rows[0] as Record<string, number>;
       for (let i = 0; i < 3; i++) await call(client.predict.bind(client), predictRequest(features), 5000);
       const err = await failure(call(client.predict.bind(client), predictRequest({}), 5000));
-      assert.equal(err.code, Status.INVALID_ARGUMENT);
+      assert.equal(err.code, status.INVALID_ARGUMENT);
     } finally {
       client.close();
     }
@@ -156,5 +161,32 @@ test("RDV_MODEL_METRICS_PORT: /metrics counts calls by code and times them, as t
   } finally {
     proc.child.kill("SIGTERM");
     assert.equal(await proc.exited, 0);
+  }
+});
+
+test("started with the TLS settings: serves mTLS only, and says so in its start line", async () => {
+  const dir = tempDir();
+  const certs = makeCerts(join(dir, "certs"));
+  const readyPath = join(dir, "ready.json");
+  const proc = start({
+    RDV_MODEL_READY_FILE: readyPath,
+    RDV_MODEL_TLS__CERT_FILE: certs.serverCert,
+    RDV_MODEL_TLS__KEY_FILE: certs.serverKey,
+    RDV_MODEL_TLS__CLIENT_CA_FILE: certs.ca,
+    // The client side a supervisor passes to every process: nothing for a container to do.
+    RDV_MODEL_TLS__CA_FILE: certs.ca,
+  });
+  try {
+    const ready = await readyFile(readyPath);
+    const mtls = tlsChannel(certs, { cert: certs.clientCert, key: certs.clientKey });
+    assert.equal(await healthStatus(ready.endpoint, "", mtls), "SERVING");
+    assert.equal((await failure(healthStatus(ready.endpoint))).code, status.UNAVAILABLE);
+    assert.equal((await failure(healthStatus(ready.endpoint, "", tlsChannel(certs)))).code, status.UNAVAILABLE);
+    proc.child.kill("SIGTERM");
+    assert.equal(await proc.exited, 0);
+    const started = JSON.parse(proc.stderr().split("\n")[0] as string) as Record<string, unknown>;
+    assert.equal(started["tls"], "mtls");
+  } finally {
+    proc.child.kill("SIGKILL");
   }
 });
