@@ -4,7 +4,7 @@ rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls] [--auth]   broker + every
               [--traces]                          ... and Jaeger, every process tracing to it
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
               [--pulsar-tls] [--pulsar-tls-trust-certs-file F]  ... with the broker on TLS
-rendezvous status                                 what runs, where, and whether it is healthy
+rendezvous status [--metrics]                     what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
 rendezvous demo-promote [--rate R]                add, promote, roll back a challenger under load
@@ -272,6 +272,19 @@ def _print_processes(state: dict[str, Any] | None) -> None:
             )
 
 
+def _print_metrics(state: dict[str, Any], state_dir: Path) -> None:
+    """Every process's Prometheus endpoint, and the broker's (what
+    `prometheus-targets.json` in the state dir lists for a Prometheus to scrape)."""
+    from services.supervisor.app import PROMETHEUS_TARGETS, prometheus_targets
+
+    print(f"{'process':28} metrics")
+    for group in prometheus_targets(state["processes"], state.get("pulsar_admin_url")):
+        labels = group["labels"]
+        scheme, path = labels.get("__scheme__", "http"), labels.get("__metrics_path__", "/metrics")
+        print(f"{labels['component']:28} {scheme}://{group['targets'][0]}{path}")
+    print(f"\nPrometheus file_sd targets: {state_dir / PROMETHEUS_TARGETS}")
+
+
 def _versions(state: dict[str, Any]) -> str:
     versions: dict[str, int] = state.get("objective_versions") or {}
     return ", ".join(f"{name} v{version}" for name, version in sorted(versions.items())) or "-"
@@ -303,6 +316,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             process["status"] = f"NOT SERVING ({process['status']})"
     if args.json:
         print(json.dumps(state, indent=2))
+    elif args.metrics:
+        _print_metrics(state, args.state_dir)
     else:
         print(
             f"phase: {state['phase']}  endpoint: {state['endpoint']}  "
@@ -582,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show every process and its health")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--metrics", action="store_true", help="list every process's Prometheus /metrics URL"
+    )
     status.set_defaults(handler=cmd_status)
 
     score = sub.add_parser("score", help="send one request and print the answer")

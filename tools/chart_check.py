@@ -59,9 +59,9 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "services.rendezvous": RendezvousSettings,
     "services.runner": RunnerSettings,
 }
-# Settings the chart sets ahead of the code that reads them (issue 14's metrics bind
-# address, on its own branch): accepted by name only, until the field exists.
-PENDING_FIELDS = {"METRICS_HOST"}
+# Settings the chart sets ahead of the code that reads them: accepted by name only, until
+# the field exists (none now: METRICS_HOST is ServiceSettings.metrics_host).
+PENDING_FIELDS: set[str] = set()
 # What a `valueFrom` variable (the pod's name) reads as when the settings are built here.
 FIELD_REF_STAND_IN = "rdv-pod-0"
 MESH_KEY = "mesh.yaml"

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import uvloop
 
 from services.core.bus import Bus, connect
+from services.core.loop_lag import LoopLag
 from services.core.server import GrpcServer, Registrar, write_ready_file
 from services.core.settings import ServiceSettings
 from services.core.telemetry import configure_logging, start_metrics_server
@@ -70,6 +71,8 @@ class Component:
         self._stack = contextlib.AsyncExitStack()
         self.failed = asyncio.Event()
         self.stopping = False
+        # Set by start: the event-loop lag probe every process runs.
+        self.loop_lag: LoopLag | None = None
 
     @property
     def bus(self) -> Bus:
@@ -87,6 +90,8 @@ class Component:
             if self.uses_bus and self._bus is None:
                 self._bus = connect(self.settings.pulsar, f"{self.name}-{self.settings.instance}")
                 stack.push_async_callback(self._bus.close)
+            lag = self.loop_lag = self.make_loop_lag()
+            stack.callback(lag.stop)
             await self.server.start()
             stack.push_async_callback(self.server.stop, self.settings.shutdown_grace_s)
             await self.server.set_serving(False)
@@ -106,6 +111,11 @@ class Component:
         await self.server.set_serving(False)
         await self.drain()
         await self._stack.aclose()
+
+    def make_loop_lag(self) -> LoopLag:
+        """The process' event-loop lag probe (`rdv_event_loop_lag_seconds`), labelled by the
+        kind of process (its settings section: bounded, unlike instance names)."""
+        return LoopLag(self.settings.config_section, self.settings.loop_lag_probe_interval_s)
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         """Open what the component needs, registering each closer on `stack`."""
@@ -189,7 +199,7 @@ def run(service: str, settings: ServiceSettings, build: Callable[[], Component])
         sample_ratio=settings.trace_sample_ratio,
         instance=settings.instance,
     )
-    start_metrics_server(settings.metrics_port)
+    start_metrics_server(settings.metrics_port, settings.metrics_host)
     sys.setswitchinterval(settings.switch_interval_ms / 1000)
     status = uvloop.run(serve_until_signalled(build))
     if status:

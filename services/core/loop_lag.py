@@ -19,6 +19,8 @@ import time
 
 from services.core.telemetry import histogram
 
+# Every asyncio process runs a probe (`Component.start`); `process` is its kind (rendezvous,
+# runner, model, ...), the process itself being the scrape target.
 LOOP_LAG = histogram(
     "rdv_event_loop_lag_seconds",
     "How late the event loop ran a timer that was due (per probe)",
@@ -29,7 +31,7 @@ LOOP_LAG = histogram(
 class LoopLag:
     """A probe timer on the running loop; `stop` cancels it."""
 
-    def __init__(self, process: str, interval_s: float, backlog_window_s: float) -> None:
+    def __init__(self, process: str, interval_s: float, backlog_window_s: float = 0.0) -> None:
         self._interval_s = interval_s
         self._backlog_window_s = backlog_window_s
         self._histogram = LOOP_LAG.labels(process)

@@ -1,10 +1,10 @@
 """Server lifecycle shared by every component.
 
 `GrpcServer` wraps a grpc.aio server with the parts every component has: the
-tracing interceptor (a span per call, `services.core.tracing`), the error
-interceptor, the standard health service (which drains to NOT_SERVING before stop)
-and server reflection (what ghz, grpcurl and Kubernetes probes expect), and the
-auth interceptor (`services.core.auth`) when the service's auth
+tracing interceptor (a span per call, `services.core.tracing`), the per-RPC metrics
+(`services.core.rpc_metrics`) and error interceptors, the standard health service (which
+drains to NOT_SERVING before stop) and server reflection (what ghz, grpcurl and Kubernetes
+probes expect), and the auth interceptor (`services.core.auth`) when the service's auth
 settings enable it. The component lifecycle that owns it is `services.core.lifecycle`.
 
 Its TCP port is plaintext, TLS or mTLS per `TlsSettings` (`server_credentials`); its
@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core.channels import read_pem
 from services.core.errors import ErrorInterceptor
+from services.core.rpc_metrics import RpcMetricsInterceptor
 from services.core.settings import AuthSettings, TlsSettings
 from services.core.tracing import server_interceptor
 
@@ -79,6 +80,26 @@ def server_credentials(tls: TlsSettings | None) -> grpc.ServerCredentials | None
     )
 
 
+def server_interceptors(auth: AuthSettings | None) -> list[grpc.aio.ServerInterceptor]:
+    """Every server's interceptors, outermost first.
+
+    Observability comes first, so it sees each call as the client does (the status after
+    the error mapping, the whole time spent): tracing outermost (the caller's trace is
+    current for everything inside), then the per-RPC metrics; the error interceptor next;
+    the auth interceptor inside it, which maps its refusals.
+    """
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        server_interceptor(),
+        RpcMetricsInterceptor(),
+        ErrorInterceptor(),
+    ]
+    if auth is not None and auth.enabled:
+        from services.core.auth import AuthInterceptor
+
+        interceptors.append(AuthInterceptor(auth))
+    return interceptors
+
+
 class GrpcServer:
     """A grpc.aio server with health, reflection and error mapping built in."""
 
@@ -101,16 +122,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             *extra_options,
         ]
-        # Tracing outermost (its span sees the status the client gets, and the caller's
-        # trace is current for everything inside); the auth interceptor runs inside the
-        # error one, which maps its refusals.
-        interceptors: list[grpc.aio.ServerInterceptor] = [server_interceptor(), ErrorInterceptor()]
-        if auth is not None and auth.enabled:
-            from services.core.auth import AuthInterceptor
-
-            interceptors.append(AuthInterceptor(auth))
         self._server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=server_interceptors(auth),
             options=options,
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         )

@@ -318,7 +318,12 @@ class ServiceSettings(BaseSettings):
     trace_endpoint: str = "http://127.0.0.1:4317"
     # The share of new traces kept (parent-based: a continued trace keeps its caller's choice).
     trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
-    metrics_port: int = 0
+    # Prometheus `/metrics` on metrics_host:metrics_port (0: none). Loopback by default; a
+    # container or Kubernetes deployment sets 0.0.0.0 so its scraper reaches it.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Period of the event-loop lag probe every process runs (rdv_event_loop_lag_seconds).
+    loop_lag_probe_interval_s: float = Field(default=0.1, gt=0)
     # How long a thread may hold the GIL while another waits for it (Python's default 5 ms).
     # The Pulsar and gRPC client threads hand each message to the event loop through the GIL.
     switch_interval_ms: float = Field(default=5.0, gt=0)

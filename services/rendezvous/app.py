@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from rendezvous.v1 import (
     common_pb2,
     delivery_pb2,
@@ -76,8 +76,30 @@ from services.rendezvous.warmup import Warmup
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-ANSWERS = counter("rdv_answers", "Score answers by source", ("objective", "source", "model"))
+ANSWERS = counter(
+    "rdv_answers",
+    "Score answers by source, answering model and its role (the default: model default)",
+    ("objective", "source", "model", "role"),
+)
 ANSWER_LATENCY = histogram("rdv_answer_latency_seconds", "Score time to answer", ("objective",))
+ARRIVAL_LATENCY = histogram(
+    "rdv_arrival_latency_seconds",
+    "When a model's prediction (or error) reached its mailbox, from the request's receipt",
+    ("objective", "model"),
+)
+LATE = counter(
+    "rdv_late_predictions",
+    "Predictions that reached their mailbox after the answer (within the late grace)",
+    ("objective", "model"),
+)
+MAILBOXES = gauge(
+    "rdv_mailboxes",
+    "Open mailboxes: awaiting their answer, or answered and open for late predictions (grace)",
+    ("state",),
+)
+OUTCOME_BACKLOG = gauge(
+    "rdv_outcome_backlog", "Outcomes of closed mailboxes whose publish has not completed"
+)
 DELIVERIES = counter("rdv_deliveries", "Predictions delivered by the collector", ("status",))
 SHED = counter("rdv_shed", "Score calls shed for overload", ("objective", "why"))
 DISPATCH_FAILURES = counter("rdv_dispatch_failures", "Tasks not published in time", ("objective",))
@@ -85,6 +107,14 @@ OUTCOMES = counter("rdv_outcomes", "Outcomes published to the results topic", ("
 OBJECTIVE_VERSION = gauge(
     "rdv_objective_version", "The configuration version new requests are decided by", ("objective",)
 )
+OBJECTIVE_SLA = gauge(
+    "rdv_objective_sla_seconds",
+    "The SLA of the configuration version new requests are decided by",
+    ("objective",),
+)
+
+# The model label of an arrival from a model the request's version does not list.
+UNLISTED_MODEL = "unlisted"
 
 _SERVICES = (
     scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
@@ -123,27 +153,55 @@ class _Objective:
         self.late_grace_s = duration_ms(config.late_grace) / 1000
         # ENRICHMENT_UNSPECIFIED keeps the enricher on the path: the safe reading.
         self.enriched = config.enrichment != objective_pb2.ENRICHMENT_NONE
-        # Labelled children looked up once, by the model that answered ("" for the default).
+        # Labelled children looked up once, by the model that answered ("" for the default),
+        # and by the model that arrived. Created now, so every series exists from zero.
         model_source = scoring_pb2.AnswerSource.Name(scoring_pb2.ANSWER_SOURCE_MODEL)
+        scoring_models = [m for m in config.models if m.role != common_pb2.MODEL_ROLE_DECOY]
         self.answers = {
-            m.name: ANSWERS.labels(config.objective, model_source, m.name) for m in config.models
+            m.name: ANSWERS.labels(
+                config.objective, model_source, m.name, common_pb2.ModelRole.Name(m.role)
+            )
+            for m in scoring_models
         }
         self.answers[""] = ANSWERS.labels(
             config.objective,
             scoring_pb2.AnswerSource.Name(scoring_pb2.ANSWER_SOURCE_DEFAULT),
             "default",
+            common_pb2.ModelRole.Name(common_pb2.MODEL_ROLE_UNSPECIFIED),
         )
+        self.arrivals = {m.name: self._arrival_children(m.name) for m in scoring_models}
         self.latency = ANSWER_LATENCY.labels(config.objective)
 
-    def answered_by(self, model: str) -> Counter:
-        """The answer counter's child for `model` ("" for the default)."""
-        child = self.answers.get(model)
+    def in_force(self) -> None:
+        """Say in the metrics that this version decides new requests."""
+        OBJECTIVE_VERSION.labels(self.name).set(self.version)
+        OBJECTIVE_SLA.labels(self.name).set(self.policy.sla_ms / 1000)
+
+    def answered(self, decision: scoring_pb2.Decision) -> Counter:
+        """The answer counter's child for `decision`'s model ("" for the default)."""
+        child = self.answers.get(decision.model)
         if child is None:
             # Not a deployment of this version (cannot win its policy); counted all the same.
-            child = self.answers[model] = ANSWERS.labels(
-                self.name, scoring_pb2.AnswerSource.Name(scoring_pb2.ANSWER_SOURCE_MODEL), model
+            child = self.answers[decision.model] = ANSWERS.labels(
+                self.name,
+                scoring_pb2.AnswerSource.Name(scoring_pb2.ANSWER_SOURCE_MODEL),
+                decision.model,
+                common_pb2.ModelRole.Name(decision.role),
             )
         return child
+
+    def _arrival_children(self, model: str) -> tuple[Histogram, Counter]:
+        return ARRIVAL_LATENCY.labels(self.name, model), LATE.labels(self.name, model)
+
+    def arrived(self, model: str, at_ms: float, late: bool) -> None:
+        """A prediction of `model` reached a mailbox of this version `at_ms` after receipt."""
+        children = self.arrivals.get(model)
+        if children is None:
+            # Only this version's scorers are asked; any other name is one bounded label.
+            children = self.arrivals[model] = self._arrival_children(UNLISTED_MODEL)
+        children[0].observe(at_ms / 1000)
+        if late:
+            children[1].inc()
 
     def sample(self, task: task_pb2.ScoringTask) -> None:
         """Write who scores `task` and whether it is archived, by its request id (its
@@ -223,9 +281,13 @@ class Rendezvous(Component):
         # Insertion-ordered: the first entry is the oldest answered mailbox.
         self._closers: dict[str, asyncio.TimerHandle] = {}
         self._awaiting = 0
+        self._outcomes_publishing = 0
         self._streams = 0
+        # Read at scrape time, nothing on the request path (one rendezvous per process).
+        MAILBOXES.labels("awaiting").set_function(lambda: self._awaiting)
+        MAILBOXES.labels("grace").set_function(lambda: len(self._closers))
+        OUTCOME_BACKLOG.set_function(lambda: self._outcomes_publishing)
         self._warm = not settings.warmup
-        self._lag: LoopLag | None = None
         # Set once open() is done: from then on a new version rewrites the ready file.
         self._opened = False
         self._warming: asyncio.Task[None] | None = None
@@ -254,17 +316,19 @@ class Rendezvous(Component):
         else:
             for objective in self.objectives.values():
                 await self._open_publishers(objective)
-                OBJECTIVE_VERSION.labels(objective.name).set(objective.version)
-        lag = self._lag = LoopLag(
-            "rendezvous",
-            self.settings.loop_lag_probe_interval_s,
-            self.settings.loop_lag_backlog_window_s,
-        )
-        stack.callback(lag.stop)
+                objective.in_force()
         self._opened = True
         # A collector may have connected while the objectives were still being read: the
         # warm-up waited for them, and starts now.
         self._start_warmup()
+
+    def make_loop_lag(self) -> LoopLag:
+        # Also the request clock's correction (`behind_s`): a faster probe, and a backlog window.
+        return LoopLag(
+            self.settings.config_section,
+            self.settings.loop_lag_probe_interval_s,
+            self.settings.loop_lag_backlog_window_s,
+        )
 
     async def _follow(self, stack: contextlib.AsyncExitStack) -> None:
         """Follow the control topic; return once it holds an objective (bounded by
@@ -328,8 +392,8 @@ class Rendezvous(Component):
                     )
                     await asyncio.sleep(self.settings.control_retry_delay_s)
             self.objectives[name] = compiled
+            compiled.in_force()
             self._holding.set()
-        OBJECTIVE_VERSION.labels(name).set(config.version)
         if self._opened:
             # `rendezvous status` shows the versions in force.
             self._write_ready_file()
@@ -452,8 +516,8 @@ class Rendezvous(Component):
     async def score(
         self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> scoring_pb2.ScoreResponse:
-        assert self._lag is not None  # Score is served only once started
-        behind_ms = self._lag.behind_s() * 1000
+        assert self.loop_lag is not None  # Score is served only once started
+        behind_ms = self.loop_lag.behind_s() * 1000
         started_ns = time.monotonic_ns() - int(behind_ms * 1e6)
         if self.stopping:
             raise Unavailable("the service is draining")
@@ -501,7 +565,7 @@ class Rendezvous(Component):
                     "rdv.reason": scoring_pb2.DecisionReason.Name(response.decision.reason),
                 },
             )
-        objective.answered_by(response.decision.model).inc()
+        objective.answered(response.decision).inc()
         objective.latency.observe(duration_ms(response.elapsed) / 1000)
         return response
 
@@ -535,6 +599,8 @@ class Rendezvous(Component):
             warmup=warmup,
             first_arrival=first_arrival,
             subject_id=request.subject_id,
+            # Warm-up traffic is never counted.
+            on_arrival=None if warmup else objective.arrived,
         )
         self.registry.add(mailbox)
         mailbox.start()
@@ -635,9 +701,16 @@ class Rendezvous(Component):
             return
         mailbox.close()
         if not mailbox.warmup:
+            self._outcomes_publishing += 1
             self._spawn(self._publish_outcome(mailbox))
 
     async def _publish_outcome(self, mailbox: Mailbox) -> None:
+        try:
+            await self._send_outcome(mailbox)
+        finally:
+            self._outcomes_publishing -= 1
+
+    async def _send_outcome(self, mailbox: Mailbox) -> None:
         outcome = task_pb2.Outcome(
             request_id=mailbox.request_id,
             objective=mailbox.objective,

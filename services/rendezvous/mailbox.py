@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rendezvous.v1 import delivery_pb2, scoring_pb2, task_pb2
@@ -59,6 +60,8 @@ class Mailbox:
     # The request's subject, whose key seals the outcome ("" : nobody, the outcome stays
     # readable). Held in memory only, never written.
     subject_id: str = ""
+    # Told of each first copy's arrival: (model, ms since receipt, late); the metrics.
+    on_arrival: Callable[[str, float, bool], None] | None = None
     _timer: asyncio.TimerHandle | None = None
 
     def elapsed_ms(self, now_ns: int | None = None) -> float:
@@ -79,6 +82,8 @@ class Mailbox:
         now = self.elapsed_ms()
         late = self.answered
         self.arrivals[event.model] = Arrival(event, now, late)
+        if self.on_arrival is not None:
+            self.on_arrival(event.model, now, late)
         if self.first_arrival is not None and not self.first_arrival.done():
             self.first_arrival.set_result(now - duration_ms(event.model_latency))
         if late:

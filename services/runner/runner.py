@@ -25,7 +25,7 @@ from rendezvous.v1 import common_pb2, model_pb2, task_pb2
 
 from services.core.bus import Bus, BusError, Envelope
 from services.core.oip import OIP_KIND, OipArgs
-from services.core.telemetry import counter, histogram, tracer
+from services.core.telemetry import counter, gauge, histogram, tracer
 from services.core.topics import Topics
 from services.runner.admission import SKIP_REASONS, skip_reason
 from services.runner.events import Deployment, prediction_event
@@ -53,6 +53,12 @@ MODEL_LATENCY = histogram(
     "Duration of Predict calls as the runner saw them",
     ("model", "outcome"),
 )
+QUEUED = gauge(
+    "rdv_runner_queued",
+    "Tasks waiting for a model call (every call slot busy: max_calls_in_flight)",
+    ("model",),
+)
+CALLS_IN_FLIGHT = gauge("rdv_runner_calls_in_flight", "Model calls in progress", ("model",))
 BATCH_SIZE = histogram(
     "rdv_runner_batch_size",
     "Tasks per model call (PredictBatch, or 1 for Predict)",
@@ -123,6 +129,9 @@ class ModelRunner:
         }
         self._publish_failures = PUBLISH_FAILURES.labels(self.model)
         self._closed = False
+        # Read at scrape time: nothing on the task path.
+        QUEUED.labels(self.model).set_function(lambda: len(self._queue))
+        CALLS_IN_FLIGHT.labels(self.model).set_function(lambda: len(self._calls))
 
     def update(self, role: RunnerRole, model_version: str) -> None:
         """A new role or configured version, for every event from now on."""

@@ -5,7 +5,9 @@ the rendezvous and its collector); a stage is ready when each process wrote its 
 and answers the standard gRPC health check with SERVING. A process that exits
 unexpectedly is restarted on the same port with a growing backoff. SIGTERM
 stops everything in reverse order: SIGTERM, then SIGKILL after the grace.
-The supervisor's view is written to `state.json` for `rendezvous status`.
+The supervisor's view is written to `state.json` for `rendezvous status`, and every
+process's metrics endpoint (and the broker's) to `prometheus-targets.json` beside it, a
+Prometheus file-based service discovery file (`deploy/prometheus/prometheus.yml` reads it).
 
 With a `LiveMesh`, only the control component is planned up front; once it is ready the
 mesh is planned from the control topic, and planned again for every new version. The
@@ -26,6 +28,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,37 @@ from services.supervisor.live import LiveMesh
 from services.supervisor.plan import STAGE_MODELS, STARTED_FIRST, ProcessSpec, TraceStore, diff
 
 log = logging.getLogger(__name__)
+
+# Beside state.json: the scrape targets, in Prometheus' file_sd format.
+PROMETHEUS_TARGETS = "prometheus-targets.json"
+# The target label naming the process (a process's own metrics use `process` already).
+COMPONENT_LABEL = "component"
+
+
+def prometheus_targets(
+    processes: list[dict[str, Any]], pulsar_admin_url: str | None
+) -> list[dict[str, Any]]:
+    """A file_sd target group per process serving metrics (its `metrics` address), labelled
+    with its name; the broker's own /metrics/ on its admin port when it is known."""
+    groups: list[dict[str, Any]] = [
+        {"targets": [process["metrics"]], "labels": {COMPONENT_LABEL: process["name"]}}
+        for process in processes
+        if process.get("metrics")
+    ]
+    if pulsar_admin_url:
+        broker = urllib.parse.urlsplit(pulsar_admin_url)
+        if broker.netloc:
+            groups.append(
+                {
+                    "targets": [broker.netloc],
+                    "labels": {
+                        COMPONENT_LABEL: "pulsar",
+                        "__metrics_path__": "/metrics/",
+                        "__scheme__": broker.scheme or "http",
+                    },
+                }
+            )
+    return groups
 
 
 class SupervisorSettings(BaseSettings):
@@ -106,6 +140,12 @@ class SupervisorSettings(BaseSettings):
             sample_ratio=self.trace_sample_ratio,
             export_delay_ms=self.trace_export_delay_ms,
         )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 async def check_health(
@@ -296,24 +336,32 @@ class Supervisor:
         self._retiring: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._apply_lock = asyncio.Lock()
+        self._targets_written = ""
 
     def write_state(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
         versions = self.live.versions if self.live is not None else {}
-        tmp.write_text(
+        processes = [p.describe() for p in self.processes]
+        _write_atomically(
+            self.state_file,
             json.dumps(
                 {
                     "phase": self.phase,
                     "supervisor_pid": os.getpid(),
                     **self.facts,
                     **({"objective_versions": versions} if versions else {}),
-                    "processes": [p.describe() for p in self.processes],
+                    "processes": processes,
                 },
                 indent=2,
-            )
+            ),
         )
-        tmp.replace(self.state_file)
+        targets = json.dumps(
+            prometheus_targets(processes, self.facts.get("pulsar_admin_url")), indent=2
+        )
+        # Rewritten only when it changes: Prometheus re-reads the file on every write.
+        if targets != self._targets_written:
+            _write_atomically(self.state_file.parent / PROMETHEUS_TARGETS, targets)
+            self._targets_written = targets
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -10,16 +10,20 @@ import (
 
 // The configuration contract every polyglot model container shares: the supervisor starts
 // it with these variables (services/supervisor/plan.py). Others it sets (RDV_MODEL_KIND,
-// RDV_MODEL_METRICS_PORT, ...) are for the Python container and ignored here.
+// ...) are for the Python container and ignored here.
 const (
-	envListen    = "RDV_MODEL_LISTEN"
-	envName      = "RDV_MODEL_NAME"
-	envVersion   = "RDV_MODEL_VERSION"
-	envArgs      = "RDV_MODEL_ARGS"
-	envReadyFile = "RDV_MODEL_READY_FILE"
+	envListen      = "RDV_MODEL_LISTEN"
+	envName        = "RDV_MODEL_NAME"
+	envVersion     = "RDV_MODEL_VERSION"
+	envArgs        = "RDV_MODEL_ARGS"
+	envReadyFile   = "RDV_MODEL_READY_FILE"
+	envMetricsPort = "RDV_MODEL_METRICS_PORT"
+	envMetricsHost = "RDV_MODEL_METRICS_HOST"
 
 	defaultListen  = "127.0.0.1:0"
 	defaultVersion = "1"
+	// Loopback, as the Python services' metrics_host; a container deployment sets 0.0.0.0.
+	defaultMetricsHost = "127.0.0.1"
 	// kind is the only model this container serves; it names it when RDV_MODEL_NAME is empty.
 	kind = "diabetes"
 )
@@ -35,6 +39,9 @@ type Config struct {
 	Args DiabetesArgs
 	// ReadyFile, when set, receives {"endpoint", "pid", ...} once the container serves.
 	ReadyFile string
+	// MetricsPort, when not 0, serves Prometheus /metrics on MetricsHost:MetricsPort.
+	MetricsPort int
+	MetricsHost string
 	// TLS is the server's TLS (RDV_MODEL_TLS__*): plaintext, TLS or mTLS.
 	TLS TLSConfig
 }
@@ -51,13 +58,21 @@ type DiabetesArgs struct {
 // naming the variable.
 func loadConfig(getenv func(string) string) (Config, error) {
 	config := Config{
-		Listen:    orDefault(getenv(envListen), defaultListen),
-		Name:      orDefault(getenv(envName), kind),
-		Version:   orDefault(getenv(envVersion), defaultVersion),
-		ReadyFile: getenv(envReadyFile),
+		Listen:      orDefault(getenv(envListen), defaultListen),
+		Name:        orDefault(getenv(envName), kind),
+		Version:     orDefault(getenv(envVersion), defaultVersion),
+		ReadyFile:   getenv(envReadyFile),
+		MetricsHost: orDefault(getenv(envMetricsHost), defaultMetricsHost),
 	}
 	if err := checkListen(config.Listen); err != nil {
 		return Config{}, fmt.Errorf("%s=%q: %w", envListen, config.Listen, err)
+	}
+	if port := getenv(envMetricsPort); port != "" {
+		number, err := strconv.ParseUint(port, 10, 16)
+		if err != nil {
+			return Config{}, fmt.Errorf("%s=%q: must be a port number from 0 to 65535", envMetricsPort, port)
+		}
+		config.MetricsPort = int(number)
 	}
 	args, err := parseArgs(getenv(envArgs))
 	if err != nil {

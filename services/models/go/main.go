@@ -11,9 +11,12 @@
 //	RDV_MODEL_TLS__CERT_FILE, RDV_MODEL_TLS__KEY_FILE  serve TLS with this certificate
 //	                      and key (PEM; plaintext when unset)
 //	RDV_MODEL_TLS__CLIENT_CA_FILE  mTLS: a client must present a certificate this CA signed
+//	RDV_MODEL_METRICS_PORT  Prometheus /metrics port (default 0: none)
+//	RDV_MODEL_METRICS_HOST  the address it binds (default 127.0.0.1)
 //
 // and the standard OTEL_* variables for traces (tracing.go: a span per call, exported over
-// OTLP when OTEL_TRACES_EXPORTER=otlp), and serves the model with the gRPC health service and server reflection. A bad
+// OTLP when OTEL_TRACES_EXPORTER=otlp), and serves the model with the gRPC health service,
+// server reflection and per-RPC metrics. A bad
 // configuration (the artifact and the TLS files included) exits with status 2, a failure to serve with 1; SIGTERM or SIGINT drains
 // (health NOT_SERVING, calls in flight finish within 5 s) and exits 0. Logs are JSON lines
 // on stderr; -verbose adds debug ones.

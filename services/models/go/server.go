@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -26,11 +27,13 @@ import (
 // RESOURCE_EXHAUSTED.
 const maxMessageBytes = 4 * 1024 * 1024
 
-// container is a gRPC server with the model service, health and reflection.
+// container is a gRPC server with the model service, health, reflection and per-RPC metrics.
 type container struct {
 	server   *grpc.Server
 	health   *health.Server
 	listener net.Listener
+	// registry holds the per-RPC and process metrics /metrics serves.
+	registry *prometheus.Registry
 	// endpoint is host:port as configured, with the port actually bound.
 	endpoint string
 	log      *slog.Logger
@@ -46,7 +49,13 @@ func listen(config Config, creds credentials.TransportCredentials, service *mode
 	}
 	host, _, _ := net.SplitHostPort(config.Listen)
 	port := listener.Addr().(*net.TCPAddr).Port
-	options := append([]grpc.ServerOption{grpc.MaxRecvMsgSize(maxMessageBytes), grpc.MaxSendMsgSize(maxMessageBytes)}, extra...)
+	registry, metrics := newRegistry()
+	options := append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(maxMessageBytes),
+		grpc.MaxSendMsgSize(maxMessageBytes),
+		grpc.ChainUnaryInterceptor(metrics.unary()),
+		grpc.ChainStreamInterceptor(metrics.stream()),
+	}, extra...)
 	if creds != nil {
 		options = append(options, grpc.Creds(creds))
 	}
@@ -59,6 +68,7 @@ func listen(config Config, creds credentials.TransportCredentials, service *mode
 		server:   server,
 		health:   healthServer,
 		listener: listener,
+		registry: registry,
 		endpoint: net.JoinHostPort(host, strconv.Itoa(port)),
 		log:      log,
 	}, nil
@@ -132,6 +142,11 @@ func serveUntilDone(ctx context.Context, config Config, creds credentials.Transp
 	if err != nil {
 		return fmt.Errorf("%s=%q: %w", envListen, config.Listen, err)
 	}
+	metrics, err := serveMetrics(config.MetricsHost, config.MetricsPort, c.registry, log)
+	if err != nil {
+		return fmt.Errorf("%s=%q, %s=%d: %w", envMetricsHost, config.MetricsHost, envMetricsPort, config.MetricsPort, err)
+	}
+	defer metrics.close()
 	done := c.serve()
 	facts := readyFacts{os.Getpid(), c.endpoint, config.Name, kind, config.Version}
 	if err := writeReadyFile(config.ReadyFile, facts); err != nil {

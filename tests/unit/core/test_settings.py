@@ -119,3 +119,14 @@ def test_an_unknown_setting_in_the_section_is_rejected(
     config_file(monkeypatch, tmp_path, "probe:\n  lisen: typo:1\n")
     with pytest.raises(ValidationError, match="lisen"):
         ProbeSettings()
+
+
+def test_metrics_bind_loopback_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (ProbeSettings().metrics_host, ProbeSettings().metrics_port) == ("127.0.0.1", 0)
+    monkeypatch.setenv("RDV_PROBE_METRICS_HOST", "0.0.0.0")
+    monkeypatch.setenv("RDV_PROBE_METRICS_PORT", "9464")
+    probe = ProbeSettings()
+    assert (probe.metrics_host, probe.metrics_port) == ("0.0.0.0", 9464)
+    monkeypatch.setenv("RDV_PROBE_METRICS_PORT", "70000")
+    with pytest.raises(ValidationError):
+        ProbeSettings()

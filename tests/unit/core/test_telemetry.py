@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from services.core.telemetry import LATENCY_BUCKETS_S, counter, histogram
+from services.core.telemetry import SLA_BUCKETS_S, counter, histogram
 
 
 def test_asking_twice_for_a_counter_returns_the_same_one() -> None:
@@ -17,7 +17,7 @@ def test_asking_twice_for_a_counter_returns_the_same_one() -> None:
 
 def test_asking_twice_for_a_histogram_returns_the_same_one() -> None:
     first = histogram("rdv_test_twice_seconds", "asked twice", ("model",))
-    assert histogram("rdv_test_twice_seconds", "again", ("model",), LATENCY_BUCKETS_S) is first
+    assert histogram("rdv_test_twice_seconds", "again", ("model",), SLA_BUCKETS_S) is first
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,7 @@ async def test_warm_up_runs_the_real_path_then_serves_and_records_nothing(
         "objective": "demo",
         "source": "ANSWER_SOURCE_MODEL",
         "model": "incumbent",
+        "role": "MODEL_ROLE_INCUMBENT",
     }
     answers_before = metric_value("rdv_answers_total", answered_by_incumbent)
     await rendezvous.start()

@@ -38,6 +38,8 @@ export interface Config {
   version: string;
   args: DiabetesArgs;
   readyFile?: string;
+  /** Prometheus /metrics (port 0: none); loopback unless a deployment says 0.0.0.0. */
+  metrics: Listen;
   /** Plaintext when absent. */
   tls?: TlsConfig;
 }
@@ -55,6 +57,10 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     name: env["RDV_MODEL_NAME"] || KIND,
     version: env["RDV_MODEL_VERSION"] || "1",
     args: parseArgs(env["RDV_MODEL_ARGS"] || "{}"),
+    metrics: {
+      host: env["RDV_MODEL_METRICS_HOST"] || "127.0.0.1",
+      port: parsePort("RDV_MODEL_METRICS_PORT", env["RDV_MODEL_METRICS_PORT"] || "0"),
+    },
   };
   const readyFile = env["RDV_MODEL_READY_FILE"];
   if (readyFile) {
@@ -93,6 +99,14 @@ export function parseListen(value: string): Listen {
     throw new ConfigError(`RDV_MODEL_LISTEN=${JSON.stringify(value)}: expected host:port, e.g. 127.0.0.1:0`);
   }
   return { host, port };
+}
+
+export function parsePort(variable: string, value: string): number {
+  const port = /^\d{1,5}$/.test(value) ? Number(value) : NaN;
+  if (!(port <= 65535)) {
+    throw new ConfigError(`${variable}=${JSON.stringify(value)}: expected a port number from 0 to 65535`);
+  }
+  return port;
 }
 
 export function parseArgs(value: string): DiabetesArgs {

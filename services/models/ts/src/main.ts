@@ -4,6 +4,7 @@
 import { readConfig, ConfigError, KIND } from "./config";
 import { DiabetesModel } from "./diabetes";
 import { Logger } from "./log";
+import { rpcMetrics, serveMetrics } from "./metrics";
 import { writeReadyFile } from "./ready";
 import { startModelServer } from "./server";
 import { serverCredentials, tlsMode } from "./tls";
@@ -30,11 +31,26 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
     throw err;
   }
   const facts = { model: config.name, kind: KIND, version: config.version };
+  const metrics = rpcMetrics();
   let server;
+  let metricsServer;
   try {
-    server = await startModelServer(model, { listen: config.listen, version: config.version, log, credentials });
+    server = await startModelServer(model, {
+      listen: config.listen,
+      version: config.version,
+      log,
+      credentials,
+      interceptors: [metrics.interceptor],
+    });
   } catch (err) {
     log.error("cannot serve", { listen: `${config.listen.host}:${config.listen.port}` }, err);
+    return 1;
+  }
+  try {
+    metricsServer = await serveMetrics(metrics.registry, { ...config.metrics, log });
+  } catch (err) {
+    log.error("cannot serve the metrics", { metrics: `${config.metrics.host}:${config.metrics.port}` }, err);
+    await server.shutdown(0);
     return 1;
   }
   const signalled = new Promise<NodeJS.Signals>((resolve) => {
@@ -55,6 +71,7 @@ export async function main(env: NodeJS.ProcessEnv = process.env): Promise<number
   const signal = await signalled;
   log.info("draining", { reason: "signal", signal, grace_ms: SHUTDOWN_GRACE_MS });
   await server.shutdown(SHUTDOWN_GRACE_MS);
+  await metricsServer?.close();
   log.info("stopped", { endpoint: server.endpoint });
   return 0;
 }

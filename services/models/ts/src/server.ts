@@ -1,8 +1,8 @@
 // A grpc-js server with what every Rendezvous component has: the standard health service
-// (NOT_SERVING until the owner says otherwise, and again while draining) and server
-// reflection (what grpcurl, ghz and probes expect), besides ModelService; plaintext unless
-// given TLS credentials (tls.ts).
-import { Server, ServerCredentials } from "@grpc/grpc-js";
+// (NOT_SERVING until the owner says otherwise, and again while draining), server reflection
+// (what grpcurl, ghz and probes expect) and the owner's interceptors, besides ModelService;
+// plaintext unless given TLS credentials (tls.ts).
+import { Server, ServerCredentials, type ServerInterceptor } from "@grpc/grpc-js";
 import type { PackageDefinition } from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { HealthImplementation, type ServingStatus } from "grpc-health-check";
@@ -30,11 +30,19 @@ export interface ModelServer {
 
 export async function startModelServer(
   model: Model,
-  options: { listen: Listen; version: string; log: Logger; credentials?: ServerCredentials },
+  options: {
+    listen: Listen;
+    version: string;
+    log: Logger;
+    credentials?: ServerCredentials;
+    interceptors?: ServerInterceptor[];
+  },
 ): Promise<ModelServer> {
   const server = new Server({
     "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
     "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+    // Outermost first: the per-RPC metrics (metrics.ts), and whatever else the owner adds.
+    interceptors: options.interceptors ?? [],
   });
   server.addService(ModelServiceService, modelService(model, options.version, options.log));
   const served = ["", MODEL_SERVICE];

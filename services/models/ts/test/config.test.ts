@@ -4,12 +4,13 @@ import { test } from "node:test";
 import { ConfigError, parseArgs, parseListen, readConfig } from "../src/config";
 import { DiabetesModel } from "../src/diabetes";
 
-test("defaults: 127.0.0.1:0, name diabetes, version 1, ridge, no ready file", () => {
+test("defaults: 127.0.0.1:0, name diabetes, version 1, ridge, no ready file, no metrics", () => {
   assert.deepEqual(readConfig({}), {
     listen: { host: "127.0.0.1", port: 0 },
     name: "diabetes",
     version: "1",
     args: { algorithm: "ridge" },
+    metrics: { host: "127.0.0.1", port: 0 },
   });
 });
 
@@ -20,6 +21,8 @@ test("every variable is read", () => {
     RDV_MODEL_VERSION: "2",
     RDV_MODEL_ARGS: '{"algorithm": "linear", "artifact": "/tmp/a.json"}',
     RDV_MODEL_READY_FILE: "/tmp/ready.json",
+    RDV_MODEL_METRICS_PORT: "9464",
+    RDV_MODEL_METRICS_HOST: "0.0.0.0",
   });
   assert.deepEqual(config, {
     listen: { host: "0.0.0.0", port: 50071 },
@@ -27,7 +30,11 @@ test("every variable is read", () => {
     version: "2",
     args: { algorithm: "linear", artifact: "/tmp/a.json" },
     readyFile: "/tmp/ready.json",
+    metrics: { host: "0.0.0.0", port: 9464 },
   });
+  for (const bad of ["http", "70000", "-1"]) {
+    assert.throws(() => readConfig({ RDV_MODEL_METRICS_PORT: bad }), /RDV_MODEL_METRICS_PORT=/, bad);
+  }
 });
 
 test("listen addresses", () => {

@@ -5,6 +5,7 @@ import { credentials, Metadata, status } from "@grpc/grpc-js";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, test } from "node:test";
@@ -114,6 +115,52 @@ test("a port already taken: exit 1 with the reason logged", async () => {
   } finally {
     first.child.kill("SIGTERM");
     assert.equal(await first.exited, 0);
+  }
+});
+
+/** A loopback TCP port free a moment ago. */
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+test("RDV_MODEL_METRICS_PORT: /metrics counts calls by code and times them, as the Python servers do", async () => {
+  const readyPath = join(tempDir(), "ready.json");
+  const port = await freePort();
+  const proc = start({ RDV_MODEL_READY_FILE: readyPath, RDV_MODEL_METRICS_PORT: String(port) });
+  try {
+    const ready = await readyFile(readyPath);
+    const client = new ModelServiceClient(ready.endpoint, credentials.createInsecure());
+    try {
+      const features = FIXTURE.rows[0] as Record<string, number>;
+      for (let i = 0; i < 3; i++) await call(client.predict.bind(client), predictRequest(features), 5000);
+      const err = await failure(call(client.predict.bind(client), predictRequest({}), 5000));
+      assert.equal(err.code, status.INVALID_ARGUMENT);
+    } finally {
+      client.close();
+    }
+    const response = await fetch(`http://127.0.0.1:${port}/metrics`);
+    assert.equal(response.status, 200);
+    const text = await response.text();
+    const labels = 'grpc_service="rendezvous.v1.ModelService",grpc_method="Predict",grpc_type="unary"';
+    for (const line of [
+      `rdv_grpc_server_handled_total{${labels},grpc_code="OK"} 3`,
+      `rdv_grpc_server_handled_total{${labels},grpc_code="INVALID_ARGUMENT"} 1`,
+      `rdv_grpc_server_handling_seconds_count{${labels}} 4`,
+      `rdv_grpc_server_handling_seconds_bucket{le="0.05",${labels}} `,
+      `rdv_grpc_server_in_flight{${labels}} 0`,
+      "process_cpu_seconds_total ",
+      "process_resident_memory_bytes ",
+      "nodejs_eventloop_lag_seconds ",
+    ]) {
+      assert.ok(text.includes(line), `/metrics lacks ${line}`);
+    }
+  } finally {
+    proc.child.kill("SIGTERM");
+    assert.equal(await proc.exited, 0);
   }
 });
 
