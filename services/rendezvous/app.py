@@ -7,7 +7,7 @@ subject state; bounded by the remaining budget, off the race's critical path), t
 the mailbox's verdict. The collector sidecar streams predictions in over the unix socket;
 each one is offered to its mailbox. After the answer, the mailbox stays open for the
 objective's late-grace window, then its outcome (the answer and every candidate) goes to the
-results topic.
+results topic, waiting for the broker across an outage (`services.rendezvous.outcomes`).
 
 The race's clock starts when the request reached the process, not when its handler ran:
 the event loop's measured lag (`services.core.loop_lag`) is taken off the budget, and a
@@ -65,6 +65,7 @@ from services.core.server import write_ready_file
 from services.core.telemetry import counter, gauge, histogram, inject, tracer
 from services.rendezvous.answer import answer
 from services.rendezvous.mailbox import DISPATCH_FAILED_RULE, Mailbox, MailboxRegistry
+from services.rendezvous.outcomes import OutcomeSender
 from services.rendezvous.policy import Policy, Reason, Verdict
 from services.rendezvous.settings import RendezvousSettings
 from services.rendezvous.validation import validate
@@ -78,7 +79,6 @@ ANSWER_LATENCY = histogram("rdv_answer_latency_seconds", "Score time to answer",
 DELIVERIES = counter("rdv_deliveries", "Predictions delivered by the collector", ("status",))
 SHED = counter("rdv_shed", "Score calls shed for overload", ("objective", "why"))
 DISPATCH_FAILURES = counter("rdv_dispatch_failures", "Tasks not published in time", ("objective",))
-OUTCOMES = counter("rdv_outcomes", "Outcomes published to the results topic", ("result",))
 OBJECTIVE_VERSION = gauge(
     "rdv_objective_version", "The configuration version new requests are decided by", ("objective",)
 )
@@ -214,6 +214,12 @@ class Rendezvous(Component):
         self._request_publishers: dict[str, Publisher[task_pb2.ScoringTask]] = {}
         self._task_publishers: dict[str, Publisher[task_pb2.EnrichedTask]] = {}
         self._outcome_publishers: dict[str, Publisher[task_pb2.Outcome]] = {}
+        self.outcomes = OutcomeSender(
+            max_count=settings.outcome_backlog_max,
+            max_bytes=settings.outcome_backlog_max_bytes,
+            retry_initial_s=settings.outcome_retry_initial_s,
+            retry_max_s=settings.outcome_retry_max_s,
+        )
         self._background: set[asyncio.Task[Any]] = set()
         # Insertion-ordered: the first entry is the oldest answered mailbox.
         self._closers: dict[str, asyncio.TimerHandle] = {}
@@ -351,8 +357,9 @@ class Rendezvous(Component):
                 bus.topics.tasks(name), task_pb2.EnrichedTask
             )
         if name not in self._outcome_publishers:
+            # Held: outcomes wait in the client for the broker (OutcomeSender bounds them).
             self._outcome_publishers[name] = await bus.publisher(
-                bus.topics.results(name), task_pb2.Outcome
+                bus.topics.results(name), task_pb2.Outcome, hold=self.settings.outcome_backlog_max
             )
 
     def facts(self) -> dict[str, Any]:
@@ -373,8 +380,13 @@ class Rendezvous(Component):
         for mailbox_id in list(self._closers):
             self._closers.pop(mailbox_id).cancel()
             self._close_mailbox(mailbox_id)
+        # Outcomes waiting for the broker (an outage just before the stop) get the grace
+        # too, and the rest of the background work what the outcomes left of it.
+        grace_ends = time.monotonic() + self.settings.shutdown_grace_s
+        await self.outcomes.flush(self.settings.shutdown_grace_s)
+        self.outcomes.close()
         if self._background:
-            await asyncio.wait(self._background, timeout=self.settings.shutdown_grace_s)
+            await asyncio.wait(self._background, timeout=max(grace_ends - time.monotonic(), 0))
 
     def _health_changed(self) -> None:
         self._spawn(self.server.set_serving(self.serving))
@@ -625,16 +637,9 @@ class Rendezvous(Component):
             outcome.response.CopyFrom(mailbox.response)
             answered_by = mailbox.response.decision.model or None
         outcome.candidates.extend(mailbox.candidates(answered_by))
-        try:
-            await self._outcome_publishers[mailbox.objective].publish(
-                outcome,
-                key=mailbox.request_id,
-                timeout=self.settings.outcome_publish_timeout_s,
-            )
-            OUTCOMES.labels("published").inc()
-        except BusError:
-            OUTCOMES.labels("failed").inc()
-            log.warning("outcome not published", extra={"request_id": mailbox.request_id})
+        await self.outcomes.send(
+            self._outcome_publishers[mailbox.objective], outcome, mailbox.request_id
+        )
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[Any] = asyncio.create_task(coro)
