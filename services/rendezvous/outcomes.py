@@ -17,6 +17,9 @@ outcomes. What it keeps is the bound and the books:
 - at shutdown the rendezvous waits for the backlog within its drain budget (`flush`); what
   is still waiting when the bus closes is dropped, counted and logged (`close`).
 
+The backlog lives in this process (in the client): a rendezvous killed while the broker is
+away loses it, as it loses the outcomes of its open mailboxes.
+
 Order does not matter (the evaluator keys outcomes by request id); each outcome is
 published once, but for the one the broker stored just before a crash took its receipt
 with it (the client sends that one again).
