@@ -62,6 +62,9 @@ class PulsarSettings(BaseModel):
     # A publish on the request path is also bounded by the caller's budget; this is the
     # ceiling for everything else.
     send_timeout_s: float = 5.0
+    # Messages a publisher keeps waiting for the broker's receipt (the client's default);
+    # one more fails at once. A held publisher (Bus.publisher's `hold`) sets its own.
+    max_pending_messages: int = Field(default=1000, ge=1)
     operation_timeout_s: float = 10.0
     # Publishers batch (see Bus.publisher); false makes every message its own entry.
     batching: bool = True

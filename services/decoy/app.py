@@ -4,7 +4,8 @@ It subscribes like a model (SHARED subscription, so replicas split the work) and
 answers. Unlike a model runner it does not skip expired tasks: the archive is the audit
 and replay record of everything accepted, so every task is archived, late or not. A task
 is acknowledged only after its record is on the archive topic; a failed publish is
-negatively acknowledged and Pulsar redelivers it.
+negatively acknowledged and Pulsar redelivers it; a task archived already that comes again
+is acknowledged without a second record (`services.decoy.archive`).
 
 The decoy needs nothing from the control topic: the rendezvous applies the objective's live
 configuration to each task under the version that decided it, resolving the default consent
@@ -66,14 +67,19 @@ class DecoyComponent(Component):
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
         bus = self.bus
-        publisher = await bus.publisher(bus.topics.archive(self.objective), task_pb2.ArchiveRecord)
+        # Held: a record waits in the client for the broker (one per task in flight at most).
+        publisher = await bus.publisher(
+            bus.topics.archive(self.objective),
+            task_pb2.ArchiveRecord,
+            hold=self.settings.max_in_flight,
+        )
         sealer = Sealer(self.settings.privacy, self.settings.tls)
         stack.push_async_callback(sealer.close)
         self.archiver = Archiver(
             publisher,
             self.objective,
             default_denied=self._default_denied,
-            publish_timeout_s=self.settings.pulsar.send_timeout_s,
+            remember=self.settings.remember_archived,
             sealer=sealer,
         )
         # "earliest" only matters when the subscription is first created: tasks published

@@ -18,6 +18,14 @@ and so does a runner host that hosts the decoy (one receive of a task then serve
 objective's models and its archive). Warm-up tasks are never archived, nor is a task the
 rendezvous marked `skip_archive` (its request fell outside the objective's
 `Sampling.archive_fraction`): both are reported done, so they are acknowledged.
+
+The archive publisher is a held one (`Bus.publisher`'s `hold`, as many as the tasks in
+flight): a record the broker has not confirmed waits in the client across an outage and
+goes out when the broker is back, so a task is never reported failed for a record the broker
+then stores anyway (which its redelivery would archive a second time). A task that comes
+again (its acknowledgement lost with a killed broker, or the enricher published it twice)
+is not archived twice by this process: the `Once` memory of the mailbox ids it archived
+(`remember` of them) acknowledges it as done (`rdv_decoy_redeliveries_skipped`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from opentelemetry import context as otel_context
 from rendezvous.v1 import common_pb2, task_pb2
 
 from services.core.bus import BusError, Envelope, Publisher
+from services.core.once import Once
 from services.core.privacy import Sealer
 from services.core.protos import now_timestamp, redact_pii
 from services.core.telemetry import counter, tracer
@@ -48,6 +57,11 @@ NOT_ARCHIVED = counter(
 )
 # The request fell outside the objective's archive_fraction (ScoringTask.skip_archive).
 SAMPLED_OUT = "sampled_out"
+REDELIVERIES_SKIPPED = counter(
+    "rdv_decoy_redeliveries_skipped",
+    "Tasks acknowledged without a second archive record: this process archived them already",
+    ("objective",),
+)
 ARCHIVE_FAILURES = counter(
     "rdv_decoy_archive_failures",
     "Tasks whose archive publish failed (negatively acknowledged for redelivery)",
@@ -87,15 +101,17 @@ class Archiver:
         objective: str,
         *,
         default_denied: bool,
-        publish_timeout_s: float,
+        remember: int,
         sealer: Sealer | None = None,
     ) -> None:
+        """`publisher` should be a held one (see the module); `remember`: how many of the
+        tasks archived are remembered, so that one coming again is not archived twice."""
         self.publisher = publisher
         self.sealer = sealer
         self.objective = objective
         # Public: a live runner host updates it when the objective's default consent changes.
         self.default_denied = default_denied
-        self._timeout_s = publish_timeout_s
+        self.once = Once(remember, REDELIVERIES_SKIPPED.labels(objective).inc)
         self._archived = {
             dropped: ARCHIVED.labels(objective, str(dropped).lower()) for dropped in (False, True)
         }
@@ -134,15 +150,22 @@ class Archiver:
             self.sampled_out += 1
             self._sampled_out.inc()
             return True
+        # The mailbox id names one accepted request (a client may send a request id twice);
+        # a task that comes again carries the same one.
+        return await self.once.run(task.task.mailbox_id, lambda: self._publish(task, context))
+
+    async def _publish(
+        self, task: task_pb2.EnrichedTask, context: otel_context.Context | None
+    ) -> bool:
         record = archive_record(task, default_denied=self.default_denied)
         request = task.task.request
         if self.sealer is not None:
             record = await self.sealer.seal(record, request.subject_id, request.objective)
         request_id = request.request_id
         try:
-            await self.publisher.publish(
-                record, key=request_id or None, timeout=self._timeout_s, context=context
-            )
+            # No timeout of our own: the held publisher keeps the record until the broker has
+            # it, and fails only what it will not send.
+            await self.publisher.publish(record, key=request_id or None, context=context)
         except BusError as exc:
             self._failures.inc()
             log.warning(

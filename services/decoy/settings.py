@@ -25,5 +25,9 @@ class DecoySettings(ServiceSettings):
     default_archiving: Literal["granted", "denied"] = "granted"
     # Tasks being archived at once.
     max_in_flight: int = Field(default=256, ge=1)
+    # Tasks archived that are remembered (their mailbox ids, the latest first): one that
+    # comes again is acknowledged without a second record (0: none). At 100 req/s, 20 000
+    # cover 200 s, far more than the acknowledgements a killed broker forgets (~1-10 s).
+    remember_archived: int = Field(default=20_000, ge=0)
     # Pause before a failed receive is tried again.
     retry_delay_s: float = Field(default=1.0, gt=0)

@@ -166,8 +166,8 @@ class EnricherComponent(Component):
             self.enricher,
             subscription=self.settings.subscription,
             max_in_flight=self.settings.max_in_flight,
-            send_timeout_s=self.settings.pulsar.send_timeout_s,
             retry_delay_s=self.settings.retry_delay_s,
+            remember=self.settings.remember_published,
         )
         served = _Served(follower, reader, pipeline)
         self._served[objective] = served

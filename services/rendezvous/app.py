@@ -8,7 +8,8 @@ the mailbox's verdict. The collector sidecar streams predictions in over the uni
 each one is offered to its mailbox. After the answer, the mailbox stays open for the
 objective's late-grace window, then its outcome (the answer and every candidate) goes to the
 results topic, sealed under the subject's key when the request names a subject and the mesh
-runs a keyring (`services.core.privacy`; the key is fetched then, never before the answer).
+runs a keyring (`services.core.privacy`; the key is fetched then, never before the answer),
+waiting for the broker across an outage (`services.rendezvous.outcomes`).
 
 The race's clock starts when the request reached the process, not when its handler ran:
 the event loop's measured lag (`services.core.loop_lag`) is taken off the budget, and a
@@ -68,6 +69,7 @@ from services.core.server import write_ready_file
 from services.core.telemetry import counter, gauge, histogram, inject, tracer
 from services.rendezvous.answer import answer
 from services.rendezvous.mailbox import DISPATCH_FAILED_RULE, Mailbox, MailboxRegistry
+from services.rendezvous.outcomes import OutcomeSender
 from services.rendezvous.policy import Policy, Reason, Verdict
 from services.rendezvous.settings import RendezvousSettings
 from services.rendezvous.validation import validate
@@ -103,7 +105,6 @@ OUTCOME_BACKLOG = gauge(
 DELIVERIES = counter("rdv_deliveries", "Predictions delivered by the collector", ("status",))
 SHED = counter("rdv_shed", "Score calls shed for overload", ("objective", "why"))
 DISPATCH_FAILURES = counter("rdv_dispatch_failures", "Tasks not published in time", ("objective",))
-OUTCOMES = counter("rdv_outcomes", "Outcomes published to the results topic", ("result",))
 OBJECTIVE_VERSION = gauge(
     "rdv_objective_version", "The configuration version new requests are decided by", ("objective",)
 )
@@ -275,6 +276,12 @@ class Rendezvous(Component):
         self._request_publishers: dict[str, Publisher[task_pb2.ScoringTask]] = {}
         self._task_publishers: dict[str, Publisher[task_pb2.EnrichedTask]] = {}
         self._outcome_publishers: dict[str, Publisher[task_pb2.Outcome]] = {}
+        self.outcomes = OutcomeSender(
+            max_count=settings.outcome_backlog_max,
+            max_bytes=settings.outcome_backlog_max_bytes,
+            retry_initial_s=settings.outcome_retry_initial_s,
+            retry_max_s=settings.outcome_retry_max_s,
+        )
         self._background: set[asyncio.Task[Any]] = set()
         # Seals each outcome of a request with a subject under the subject's key.
         self._sealer = Sealer(settings.privacy, settings.tls)
@@ -422,8 +429,9 @@ class Rendezvous(Component):
                 bus.topics.tasks(name), task_pb2.EnrichedTask
             )
         if name not in self._outcome_publishers:
+            # Held: outcomes wait in the client for the broker (OutcomeSender bounds them).
             self._outcome_publishers[name] = await bus.publisher(
-                bus.topics.results(name), task_pb2.Outcome
+                bus.topics.results(name), task_pb2.Outcome, hold=self.settings.outcome_backlog_max
             )
 
     def facts(self) -> dict[str, Any]:
@@ -444,8 +452,13 @@ class Rendezvous(Component):
         for mailbox_id in list(self._closers):
             self._closers.pop(mailbox_id).cancel()
             self._close_mailbox(mailbox_id)
+        # Outcomes waiting for the broker (an outage just before the stop) get the grace
+        # too, and the rest of the background work what the outcomes left of it.
+        grace_ends = time.monotonic() + self.settings.shutdown_grace_s
+        await self.outcomes.flush(self.settings.shutdown_grace_s)
+        self.outcomes.close()
         if self._background:
-            await asyncio.wait(self._background, timeout=self.settings.shutdown_grace_s)
+            await asyncio.wait(self._background, timeout=max(grace_ends - time.monotonic(), 0))
 
     def _health_changed(self) -> None:
         self._spawn(self.server.set_serving(self.serving))
@@ -727,20 +740,16 @@ class Rendezvous(Component):
         # After the answer, never before it: the subject's key is fetched (or taken from the
         # cache) here, off the answer path.
         sealed = await self._sealer.seal(outcome, mailbox.subject_id, mailbox.objective)
+        # Not a hop of the request's trace (the close timer runs in its context): it leaves
+        # late_grace after the answer, off the answer path, and would stretch the request's
+        # waterfall to seconds. This task's context only: detached before it ends.
+        token = otel_context.attach(otel_context.Context())
         try:
-            await self._outcome_publishers[mailbox.objective].publish(
-                sealed,
-                key=mailbox.request_id,
-                timeout=self.settings.outcome_publish_timeout_s,
-                # Not a hop of the request's trace (the close timer runs in its context): it
-                # leaves late_grace after the answer, off the answer path, and would stretch
-                # the request's waterfall to seconds.
-                context=otel_context.Context(),
+            await self.outcomes.send(
+                self._outcome_publishers[mailbox.objective], sealed, mailbox.request_id
             )
-            OUTCOMES.labels("published").inc()
-        except BusError:
-            OUTCOMES.labels("failed").inc()
-            log.warning("outcome not published", extra={"request_id": mailbox.request_id})
+        finally:
+            otel_context.detach(token)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[Any] = asyncio.create_task(coro)

@@ -31,7 +31,16 @@ class RendezvousSettings(ServiceSettings):
     request_id_max_length: int = 128
     subject_id_max_length: int = 256
     max_features: int = 1024
-    outcome_publish_timeout_s: float = 5.0
+    # Outcomes the broker has not confirmed (an outage) wait, in the Pulsar client, up to
+    # this many and this many bytes; beyond either an outcome is dropped (counted and
+    # logged). Each waiting outcome also costs ~3 KiB of Python objects besides its bytes.
+    # 20 000: over 3 minutes of outage at 100 req/s (see services/rendezvous/outcomes.py).
+    outcome_backlog_max: int = Field(default=20_000, ge=1)
+    outcome_backlog_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # A publish the client failed all the same is tried again after this pause, doubled
+    # after each failure up to the max.
+    outcome_retry_initial_s: float = Field(default=0.1, gt=0)
+    outcome_retry_max_s: float = Field(default=5.0, gt=0)
     # The event-loop lag probe's period (the rdv_event_loop_lag_seconds metric, and how
     # far a request's clock is started before its handler ran).
     loop_lag_probe_interval_s: float = Field(default=0.02, gt=0)

@@ -6,7 +6,8 @@ topic (replicas of the host split the load), and hands every burst to each hoste
 `ModelRunner` and, when the decoy is hosted here, to the `Archiver`. The task is
 acknowledged once every runner is done with it (published, or skipped) and its archive
 record is on the archive topic; if any of them failed it is negatively acknowledged and
-redelivered (what was already published then arrives again and is counted as a duplicate).
+redelivered (a prediction already published then arrives again and is counted as a
+duplicate; the archive remembers what it archived and does not archive it twice).
 On a small machine that is one receive, one ack and one broker dispatch per task instead
 of one per model and one more for the decoy.
 
@@ -174,14 +175,17 @@ class RunnerHost(Component):
             await self._report(ready=True)
 
     async def _archiver(self, default_denied: bool) -> Archiver:
+        # Held: a record waits in the client for the broker (one per task in flight at most).
         publisher = await self.bus.publisher(
-            self.bus.topics.archive(self.objective), task_pb2.ArchiveRecord
+            self.bus.topics.archive(self.objective),
+            task_pb2.ArchiveRecord,
+            hold=self.settings.concurrency,
         )
         return Archiver(
             publisher,
             self.objective,
             default_denied=default_denied,
-            publish_timeout_s=self.settings.pulsar.send_timeout_s,
+            remember=self.settings.remember_archived,
             sealer=self._sealer,
         )
 

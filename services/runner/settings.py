@@ -96,6 +96,9 @@ class RunnerSettings(ServiceSettings):
     subscription: str = ""
     # Host the objective's decoy: archive every task received (redacted) to its archive topic.
     archive: bool = False
+    # The hosted decoy: tasks archived that are remembered, so that one coming again is
+    # acknowledged without a second record (see DecoySettings.remember_archived).
+    remember_archived: int = Field(default=20_000, ge=0)
     # What an unspecified archiving consent means (the mesh's objective default_consent).
     default_archiving: Literal["granted", "denied"] = "granted"
     # Where a brand-new subscription starts. Tasks older than the SLA are useless, so a

@@ -5,7 +5,10 @@ same suite on it and on the real broker, so a unit test that relies on it relies
 behaviour the broker really has; where the two differ, that suite says so. It models what
 the services depend on: shared, exclusive and failover subscriptions, redelivery of a
 closed consumer's unacknowledged messages, nack redelivery with a count and a limit,
-readers from either end, and (with `unavailable`) a broker that accepts nothing.
+readers from either end, and (with `unavailable`) a broker that accepts nothing for a
+while: a publish then waits for it, as the client does, and fails after the send timeout, or,
+on a held publisher (`hold`), waits for as long as it takes and goes out once the broker is
+back; one more than `hold` waiting fails at once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from services.core.bus import (
     DeadLetterPublisher,
     M,
     Publisher,
+    PublishTimeout,
     RawMessage,
     Reader,
     Start,
@@ -49,14 +53,16 @@ class _MemorySubscriptionState:
 
 
 class _MemoryPublisher(Publisher[Any]):
-    def __init__(self, bus: MemoryBus, topic: str) -> None:
+    def __init__(self, bus: MemoryBus, topic: str, hold: int) -> None:
         self._bus = bus
         self.topic = topic
+        self._hold = hold
+        self.waiting = 0
+        self._closed = asyncio.Event()
 
     async def _send(self, data: bytes, properties: dict[str, str], key: str | None) -> None:
         if self._bus.unavailable:
-            # Like a broker that is down: the send never completes within any budget.
-            await asyncio.Event().wait()
+            await self._wait_for_broker()
         topic = self._bus.topic_state(self.topic)
         raw = RawMessage(
             data=data,
@@ -72,8 +78,38 @@ class _MemoryPublisher(Publisher[Any]):
         async with topic.appended:
             topic.appended.notify_all()
 
+    async def _wait_for_broker(self) -> None:
+        """Like the client with the broker away: keep the message until it is back, for at
+        most the send timeout, or (held) for as long as it takes, `hold` messages at most."""
+        if self._hold and self.waiting >= self._hold:
+            raise BusError(f"pulsar: ProducerQueueIsFull ({self._hold} messages held)")
+        self.waiting += 1
+        try:
+            if self._hold:
+                await self._broker_back()
+            else:
+                await asyncio.wait_for(self._broker_back(), self._bus.settings.send_timeout_s)
+        except TimeoutError as exc:
+            raise PublishTimeout(f"publish to {self.topic} timed out in the client") from exc
+        finally:
+            self.waiting -= 1
+
+    async def _broker_back(self) -> None:
+        waits = [
+            asyncio.ensure_future(self._bus.available.wait()),
+            asyncio.ensure_future(self._closed.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self._closed.is_set():
+            # As the client fails what it still holds when its producer closes.
+            raise BusError("pulsar: AlreadyClosed")
+
     async def close(self) -> None:
-        return None
+        self._closed.set()
 
 
 class _MemorySubscription(Subscription[M]):
@@ -194,8 +230,21 @@ class MemoryBus(Bus):
     def __init__(self, settings: PulsarSettings | None = None) -> None:
         super().__init__(settings or PulsarSettings())
         self._topics: dict[str, _MemoryTopic] = {}
-        # Tests flip this to behave like a broker that accepts nothing.
-        self.unavailable = False
+        # Set while the broker accepts publishes; tests clear it with `unavailable`.
+        self.available = asyncio.Event()
+        self.available.set()
+
+    @property
+    def unavailable(self) -> bool:
+        """Whether the twin behaves like a broker that accepts nothing (tests flip it)."""
+        return not self.available.is_set()
+
+    @unavailable.setter
+    def unavailable(self, value: bool) -> None:
+        if value:
+            self.available.clear()
+        else:
+            self.available.set()
 
     def topic_state(self, topic: str) -> _MemoryTopic:
         state = self._topics.get(topic)
@@ -208,10 +257,16 @@ class MemoryBus(Bus):
         return list(self.topic_state(topic).log)
 
     async def _create_publisher(
-        self, topic: str, batching: bool, max_delay_ms: int, *, exclusive: bool = False
+        self,
+        topic: str,
+        batching: bool,
+        max_delay_ms: int,
+        *,
+        exclusive: bool = False,
+        hold: int = 0,
     ) -> Publisher[Any]:
         # One process, one writer: an exclusive publisher has nobody to exclude here.
-        return _MemoryPublisher(self, topic)
+        return _MemoryPublisher(self, topic, hold)
 
     async def subscribe(
         self,

@@ -84,10 +84,13 @@ def ensure_broker(broker_port: int, web_port: int) -> Broker:
 
     tools/pulsar.sh keeps one run dir per checkout, so two brokers cannot run side by side here.
     """
-    env = {**os.environ, "PULSAR_BROKER_PORT": str(broker_port), "PULSAR_WEB_PORT": str(web_port)}
     pid = _running_broker_pid()
     if pid is not None:
         broker_port, web_port = _conf_port("brokerServicePort"), _conf_port("webServicePort")
+    # The ports the broker listens on: a `restart` (the chaos matrix's broker kill) must bring
+    # it back on those, not on the ports asked for.
+    env = {**os.environ, "PULSAR_BROKER_PORT": str(broker_port), "PULSAR_WEB_PORT": str(web_port)}
+    if pid is not None:
         admin = f"http://127.0.0.1:{web_port}"
         if not _healthy(admin):
             raise RuntimeError(

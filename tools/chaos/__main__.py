@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from tools.bench.environment import ensure_broker
 from tools.chaos.run import ALL_FAULTS, REPO, markdown, matrix, write
 
 DEFAULT_OUT = REPO / "docs" / "results" / "reliability.md"
-# Ports of the matrix's broker when it starts one (a running broker of this checkout is used).
-BROKER_PORT = 6681
-WEB_PORT = 8091
+# Ports of the matrix's broker when it starts one (a running broker of this checkout is used),
+# unless PULSAR_BROKER_PORT / PULSAR_WEB_PORT say others (as for tools/pulsar.sh).
+BROKER_PORT = int(os.environ.get("PULSAR_BROKER_PORT", "6681"))
+WEB_PORT = int(os.environ.get("PULSAR_WEB_PORT", "8091"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -300,7 +300,7 @@ class Bus(abc.ABC):
     def __init__(self, settings: PulsarSettings) -> None:
         self.settings = settings
         self.topics = Topics(settings.tenant_namespace)
-        self._publishers: dict[tuple[str, bool, int, bool], Publisher[Any]] = {}
+        self._publishers: dict[tuple[str, bool, int, bool, int], Publisher[Any]] = {}
         # The message type each topic's publishers were asked for (see `publisher`).
         self._topic_types: dict[str, type[Message]] = {}
         self._publisher_lock = asyncio.Lock()
@@ -313,6 +313,7 @@ class Bus(abc.ABC):
         batching: bool | None = None,
         max_delay_ms: int | None = None,
         exclusive: bool = False,
+        hold: int = 0,
     ) -> Publisher[M]:
         """A publisher for `topic`, shared by every caller in this process.
 
@@ -329,6 +330,15 @@ class Bus(abc.ABC):
         few producers of one process publish to one topic within it shares one broker entry,
         one dispatch and one receive at the other end.
 
+        With `hold` > 0 the publisher keeps up to `hold` messages the broker has not confirmed
+        for as long as the broker is away, and sends them when it is back (no send timeout): a
+        publish without a `timeout` ends when the broker has the message, however long the
+        outage, and fails only when `hold` messages are already waiting (at once) or when the
+        bus closes; either way the client no longer holds the message and will not send it.
+        Without `hold`, a publish fails after `settings.send_timeout_s` with the broker away,
+        and a caller's shorter `timeout` only stops the wait: the client may still send the
+        message it gave up on (a duplicate, if the caller then tries again).
+
         A topic carries one message type: asking for it with another type than before raises
         TypeError. Keying the cache by type as well would hand out a second publisher that
         quietly puts a second type on the topic, and every consumer of the topic would send
@@ -340,7 +350,9 @@ class Bus(abc.ABC):
             batching = self.settings.batching
         if max_delay_ms is None:
             max_delay_ms = self.settings.batching_max_delay_ms
-        cache_key = (topic, batching, max_delay_ms, exclusive)
+        if hold < 0:
+            raise ValueError(f"hold must be >= 0, not {hold}")
+        cache_key = (topic, batching, max_delay_ms, exclusive, hold)
         existing = self._publishers.get(cache_key)
         if existing is not None:
             self._check_topic_type(topic, message_type)
@@ -350,7 +362,7 @@ class Bus(abc.ABC):
             existing = self._publishers.get(cache_key)
             if existing is None:
                 existing = await self._create_publisher(
-                    topic, batching, max_delay_ms, exclusive=exclusive
+                    topic, batching, max_delay_ms, exclusive=exclusive, hold=hold
                 )
                 self._publishers[cache_key] = existing
                 self._topic_types[topic] = message_type
@@ -370,7 +382,13 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def _create_publisher(
-        self, topic: str, batching: bool, max_delay_ms: int, *, exclusive: bool = False
+        self,
+        topic: str,
+        batching: bool,
+        max_delay_ms: int,
+        *,
+        exclusive: bool = False,
+        hold: int = 0,
     ) -> Publisher[Any]: ...
 
     @abc.abstractmethod

@@ -292,7 +292,13 @@ class PulsarBus(Bus):
             raise BusError(f"pulsar: cannot read the token file: {exc}") from exc
 
     async def _create_publisher(
-        self, topic: str, batching: bool, max_delay_ms: int, *, exclusive: bool = False
+        self,
+        topic: str,
+        batching: bool,
+        max_delay_ms: int,
+        *,
+        exclusive: bool = False,
+        hold: int = 0,
     ) -> Publisher[Any]:
         import pulsar
 
@@ -303,10 +309,16 @@ class PulsarBus(Bus):
             if exclusive
             else pulsar.ProducerAccessMode.Shared
         )
+        # A held publisher (see Bus.publisher) is the client's own pending queue: with no send
+        # timeout (0) the producer keeps every message the broker has not confirmed and resends
+        # them all, in order, each time it reconnects (the client's backoff), so nothing
+        # else needs to queue them. `max_pending_messages` bounds it; a full queue refuses the
+        # next send at once (block_if_queue_full would block the event loop's thread).
         with _bus_errors():
             producer = await self._client.create_producer(
                 topic,
-                send_timeout_millis=int(self.settings.send_timeout_s * 1000),
+                send_timeout_millis=0 if hold else int(self.settings.send_timeout_s * 1000),
+                max_pending_messages=hold or self.settings.max_pending_messages,
                 batching_enabled=batching,
                 batching_max_publish_delay_ms=max_delay_ms,
                 block_if_queue_full=False,

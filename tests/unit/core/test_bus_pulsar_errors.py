@@ -220,3 +220,31 @@ def test_a_malformed_service_url_is_a_bus_error() -> None:
     with pytest.raises(BusError) as caught:
         PulsarBus(PulsarSettings(service_url="bogus://127.0.0.1:6650"), "unit")
     assert isinstance(caught.value.__cause__, ValueError)
+
+
+async def test_a_held_publisher_is_the_clients_queue_without_a_send_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What Bus.publisher's `hold` relies on: the client keeps what the broker has not
+    # confirmed, with no send timeout, `hold` messages at most, refusing (not blocking) beyond.
+    created: list[dict[str, Any]] = []
+
+    class _Client(_Stub):
+        async def create_producer(self, topic: str, **options: Any) -> _Stub:
+            created.append(options)
+            return _Stub(lambda *_: False, SYNC_ERROR)
+
+    monkeypatch.setattr(
+        pulsar.asyncio, "Client", lambda *args, **kwargs: _Client(lambda *_: False, SYNC_ERROR)
+    )
+    bus = PulsarBus(PulsarSettings(close_grace_s=0, send_timeout_s=5.0), "unit")
+    try:
+        await bus.publisher(TOPIC, Task)
+        await bus.publisher(TOPIC, Task, hold=300)
+    finally:
+        await bus.close()
+
+    plain, held = created
+    assert (plain["send_timeout_millis"], plain["max_pending_messages"]) == (5000, 1000)
+    assert (held["send_timeout_millis"], held["max_pending_messages"]) == (0, 300)
+    assert held["block_if_queue_full"] is False

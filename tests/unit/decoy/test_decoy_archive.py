@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -106,6 +107,13 @@ def test_nothing_is_listed_when_there_was_no_subject() -> None:
 
 def _archived(bus: MemoryBus, objective: str) -> list[task_pb2.ArchiveRecord]:
     return published(bus, bus.topics.archive(objective), task_pb2.ArchiveRecord)
+
+
+def _unacked(component: DecoyComponent) -> int:
+    """Tasks the decoy received and has not acknowledged (or nacked) yet."""
+    subscription = component._subscription
+    assert subscription is not None
+    return len(subscription._unacked)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -232,8 +240,9 @@ async def test_an_undecodable_task_goes_to_the_dlq_and_the_next_is_archived(
 async def test_a_failed_archive_publish_is_nacked_and_redelivered(
     decoy: tuple[DecoyComponent, MemoryBus, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, bus, objective = decoy
-    archive = await bus.publisher(bus.topics.archive(objective), task_pb2.ArchiveRecord)
+    component, bus, objective = decoy
+    assert component.archiver is not None
+    archive = component.archiver.publisher
     original = archive._send
     calls: list[int] = []
 
@@ -252,6 +261,75 @@ async def test_a_failed_archive_publish_is_nacked_and_redelivered(
     await until(lambda: len(_archived(bus, objective)) == 1)
     assert len(calls) == 2
     assert metric_value("rdv_decoy_archive_failures_total", failures) == before + 1
+
+
+async def test_a_task_that_comes_again_is_acknowledged_without_a_second_record(
+    decoy: tuple[DecoyComponent, MemoryBus, str],
+) -> None:
+    # As after a broker killed before it stored the acknowledgement: the same task again.
+    component, bus, objective = decoy
+    skipped = {"objective": objective}
+    before = metric_value("rdv_decoy_redeliveries_skipped_total", skipped)
+    tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    await tasks.publish(_enriched(objective, "r1"), key="r1")
+    await until(lambda: len(_archived(bus, objective)) == 1)
+
+    await tasks.publish(_enriched(objective, "r1"), key="r1")
+    await tasks.publish(_enriched(objective, "r2"), key="r2")
+    await until(lambda: len(_archived(bus, objective)) == 2)
+    await until(lambda: metric_value("rdv_decoy_redeliveries_skipped_total", skipped) > before)
+
+    archived = [r.task.task.request.request_id for r in _archived(bus, objective)]
+    assert archived == ["r1", "r2"]
+    assert metric_value("rdv_decoy_redeliveries_skipped_total", skipped) == before + 1
+    await until(lambda: _unacked(component) == 0)
+
+
+async def test_a_task_that_comes_again_while_archived_waits_for_that_record(
+    decoy: tuple[DecoyComponent, MemoryBus, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    component, bus, objective = decoy
+    assert component.archiver is not None
+    archive = component.archiver.publisher
+    original = archive._send
+    release = asyncio.Event()
+    sends: list[int] = []
+
+    async def slow(data: bytes, properties: dict[str, str], key: str | None) -> None:
+        sends.append(1)
+        await release.wait()
+        await original(data, properties, key)
+
+    monkeypatch.setattr(archive, "_send", slow)
+    tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    await tasks.publish(_enriched(objective, "r1"), key="r1")
+    await until(lambda: len(sends) == 1)
+    await tasks.publish(_enriched(objective, "r1"), key="r1")
+    await until(lambda: component.archiver is not None and component.archiver.once.skipped == 1)
+    release.set()
+
+    await until(lambda: len(_archived(bus, objective)) == 1 and _unacked(component) == 0)
+    assert len(sends) == 1
+
+
+async def test_a_record_waits_for_the_broker_instead_of_failing(
+    decoy: tuple[DecoyComponent, MemoryBus, str],
+) -> None:
+    # The outage outlasts the send timeout (0.2 s): the held record is neither failed nor
+    # redelivered (which could archive it twice); it goes out when the broker is back.
+    component, bus, objective = decoy
+    failures = {"objective": objective}
+    before = metric_value("rdv_decoy_archive_failures_total", failures)
+    tasks = await bus.publisher(bus.topics.tasks(objective), task_pb2.EnrichedTask)
+    await tasks.publish(_enriched(objective, "r1"), key="r1")
+    bus.unavailable = True  # before the decoy got to it (the publish above did not yield)
+    await asyncio.sleep(0.6)
+    assert _archived(bus, objective) == []
+    assert _unacked(component) == 1
+
+    bus.unavailable = False
+    await until(lambda: len(_archived(bus, objective)) == 1 and _unacked(component) == 0)
+    assert metric_value("rdv_decoy_archive_failures_total", failures) == before
 
 
 def test_the_mesh_default_consent_applies(tmp_path: Path) -> None:
