@@ -246,8 +246,8 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                 ),
                 panel(
                     "Outcome backlog",
-                    "Outcomes of closed mailboxes whose publish has not completed "
-                    "(rdv_outcome_backlog). Growing: the results topic is not taking them.",
+                    "Outcomes waiting for the broker's receipt (rdv_outcome_backlog), held "
+                    "across an outage. Growing: the results topic is not taking them.",
                     [target("sum(rdv_outcome_backlog)", "backlog")],
                     "short",
                     threshold=100,

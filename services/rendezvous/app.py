@@ -99,9 +99,6 @@ MAILBOXES = gauge(
     "Open mailboxes: awaiting their answer, or answered and open for late predictions (grace)",
     ("state",),
 )
-OUTCOME_BACKLOG = gauge(
-    "rdv_outcome_backlog", "Outcomes of closed mailboxes whose publish has not completed"
-)
 DELIVERIES = counter("rdv_deliveries", "Predictions delivered by the collector", ("status",))
 SHED = counter("rdv_shed", "Score calls shed for overload", ("objective", "why"))
 DISPATCH_FAILURES = counter("rdv_dispatch_failures", "Tasks not published in time", ("objective",))
@@ -288,12 +285,10 @@ class Rendezvous(Component):
         # Insertion-ordered: the first entry is the oldest answered mailbox.
         self._closers: dict[str, asyncio.TimerHandle] = {}
         self._awaiting = 0
-        self._outcomes_publishing = 0
         self._streams = 0
         # Read at scrape time, nothing on the request path (one rendezvous per process).
         MAILBOXES.labels("awaiting").set_function(lambda: self._awaiting)
         MAILBOXES.labels("grace").set_function(lambda: len(self._closers))
-        OUTCOME_BACKLOG.set_function(lambda: self._outcomes_publishing)
         self._warm = not settings.warmup
         # Set once open() is done: from then on a new version rewrites the ready file.
         self._opened = False
@@ -714,16 +709,9 @@ class Rendezvous(Component):
             return
         mailbox.close()
         if not mailbox.warmup:
-            self._outcomes_publishing += 1
             self._spawn(self._publish_outcome(mailbox))
 
     async def _publish_outcome(self, mailbox: Mailbox) -> None:
-        try:
-            await self._send_outcome(mailbox)
-        finally:
-            self._outcomes_publishing -= 1
-
-    async def _send_outcome(self, mailbox: Mailbox) -> None:
         outcome = task_pb2.Outcome(
             request_id=mailbox.request_id,
             objective=mailbox.objective,
