@@ -103,10 +103,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log_file = state_dir / "supervisor.log"
-    supervisor_env = {
-        **os.environ,
-        **(token_command.mesh_auth_env(state_dir) if args.auth else {}),
-    }
+    if args.auth:
+        supervisor_env.update(token_command.mesh_auth_env(state_dir))
     command = [
         sys.executable,
         "-m",
