@@ -58,12 +58,14 @@ class SupervisorSettings(BaseSettings):
     stop_grace_s: float = 10.0
     restart_backoff_initial_s: float = 0.5
     restart_backoff_max_s: float = 10.0
-    # Nice value of the answer path (rendezvous, collector). On 2 cores a booting broker or a
+    # Nice value of the answer path (rendezvous, collector), once ready (see
+    # Supervised._prioritise). On 2 cores a booting broker or a
     # burst of model work starves them; measured during broker restarts: 2-3 answers in 450
     # missed a 50 ms SLA by 15-40 ms at nice 0, none at -10. Needs root or CAP_SYS_NICE;
     # without it the processes run at the default priority and a warning says so.
     latency_critical_nice: int = -10
-    # Real-time round-robin priority (1-99) for the answer path, above every ordinary process:
+    # Real-time round-robin priority (1-99) for the answer path once it is ready (not while
+    # it starts and warms up), above every ordinary process:
     # nice -10 still left the rendezvous waiting 30-55 ms behind a CPU-bound neighbour now and
     # then (CFS wake-up granularity on 2 busy cores), and the SLA test failed beside stress-ng.
     # The kernel's RT throttling (95 % of each second) keeps a runaway from starving the box.
@@ -93,6 +95,14 @@ async def check_health(
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
     except (grpc.aio.AioRpcError, OSError):
         return False
+
+
+def _threads(pid: int) -> list[int]:
+    """The thread ids of process `pid` (none once it is gone)."""
+    try:
+        return [int(thread) for thread in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
 
 
 class Supervised:
@@ -126,8 +136,6 @@ class Supervised:
             cwd=REPO_ROOT if self.spec.command else None,
         )
         log_handle.close()
-        if self.spec.latency_critical:
-            self._prioritise(self.process.pid)
         self.started_at = time.time()
         self.status = "starting"
         if self._watcher is None:
@@ -135,24 +143,40 @@ class Supervised:
             self._watcher.add_done_callback(self._watcher_ended)
 
     def _prioritise(self, pid: int) -> None:
-        # Called right after exec, while the child has one thread: its threads inherit both.
+        """Nice and real-time priority for a latency-critical process, once it is ready.
+
+        Not from exec: a process starting up (seconds of imports and connections, on a busy
+        machine) and warming up at a high priority takes the CPU from the runners, models
+        and broker, and a rendezvous replica restarting under load would then hold up the
+        answers of the replicas still serving (measured: their p50 from 14 ms to 80-360 ms
+        for the 5 s a replica took to start at nice -10)."""
+        threads = _threads(pid)
         try:
-            os.setpriority(os.PRIO_PROCESS, pid, self.settings.latency_critical_nice)
+            # On Linux both are per thread: each thread it has by now (threads started
+            # later inherit their creator's).
+            for thread in threads:
+                os.setpriority(os.PRIO_PROCESS, thread, self.settings.latency_critical_nice)
         except PermissionError:
             log.warning(
                 "cannot raise the answer path's CPU priority; it runs at the default",
                 extra={"component": self.spec.name},
             )
             return
+        except ProcessLookupError:
+            return  # it exited meanwhile: its watcher restarts it
         priority = self.settings.latency_critical_rt_priority
-        if priority > 0:
-            try:
-                os.sched_setscheduler(pid, os.SCHED_RR, os.sched_param(priority))
-            except PermissionError:
-                log.warning(
-                    "no real-time priority for the answer path; nice only",
-                    extra={"component": self.spec.name},
-                )
+        if priority <= 0:
+            return
+        try:
+            for thread in threads:
+                os.sched_setscheduler(thread, os.SCHED_RR, os.sched_param(priority))
+        except PermissionError:
+            log.warning(
+                "no real-time priority for the answer path; nice only",
+                extra={"component": self.spec.name},
+            )
+        except ProcessLookupError:
+            pass
 
     def _watcher_ended(self, task: asyncio.Task[None]) -> None:
         # A watcher that dies leaves its process unsupervised: say so loudly.
@@ -171,6 +195,8 @@ class Supervised:
                 self.spec.endpoint, self.spec.health_service, tls=self.spec.client_tls
             ):
                 self.status = "ready"
+                if self.spec.latency_critical and self.process is not None:
+                    self._prioritise(self.process.pid)
                 return True
             await asyncio.sleep(0.2)
         self.status = "not ready"
