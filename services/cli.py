@@ -2,6 +2,7 @@
 
 rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls] [--auth]   broker + every component
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
+              [--rendezvous-replicas N]         ... N rendezvous, clients round-robin over them
 rendezvous status                                 what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
@@ -33,7 +34,13 @@ from typing import Any
 from services import token_command
 from services.control import cli as objective_commands
 from services.core import client
-from services.core.channels import STATE_TLS_KEY, state_client_tls
+from services.core.channels import (
+    REPLICA_SERVICE_CONFIG,
+    STATE_TLS_KEY,
+    replicated_target,
+    state_client_tls,
+    target_addresses,
+)
 from services.core.settings import REPO_ROOT
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
@@ -123,6 +130,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         command.append("--owns-broker")
     if args.tls:
         command += ["--tls", "--certs-dir", str(args.certs_dir.resolve())]
+    if args.rendezvous_replicas is not None:
+        command += ["--rendezvous-replicas", str(args.rendezvous_replicas)]
     with log_file.open("ab") as log:
         # A session of its own: the mesh outlives this command, `rendezvous down` ends it.
         supervisor = subprocess.Popen(
@@ -169,14 +178,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         if tls.client_enabled
         else "-plaintext"
     )
+    replicas = target_addresses(endpoint)
     print(
         f"\nScoringService at {endpoint} (gRPC{', mTLS' if tls.client_enabled else ''}, "
         f"reflection on). Try:\n"
         f"  tools/bin/grpcurl {transport} -d '{body}' \\\n"
-        f"    {endpoint} rendezvous.v1.ScoringService/Score\n"
+        f"    {replicas[0]} rendezvous.v1.ScoringService/Score\n"
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
     )
+    if len(replicas) > 1:
+        print(
+            f"\n{len(replicas)} rendezvous replicas ({', '.join(replicas)}), each with its own "
+            "collector and return address. Python and other C-core clients pass the target "
+            "above as it is, with the round-robin service config in `rendezvous status --json` "
+            "(client_service_config); grpcurl and ghz (grpc-go) dial one replica "
+            "(docs/deploy.md#scale-out-on-one-machine)."
+        )
     if args.auth:
         print(
             f"\nAuth is on (key: {token_command.mesh_secret(state_dir)}). Get a token first:\n"
@@ -257,6 +275,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(
             f"phase: {state['phase']}  endpoint: {state['endpoint']}  "
+            f"rendezvous replicas: {len(target_addresses(state['endpoint']))}  "
             f"control: {state.get('control_endpoint', '-')}  "
             f"evaluator: {state.get('evaluator_endpoint') or '-'}  "
             f"dashboard: {state.get('dashboard_url') or '-'}  broker: {state['pulsar_url']}"
@@ -272,13 +291,22 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from services.supervisor.app import Supervisor, SupervisorSettings
     from services.supervisor.certs import client_only, ensure_certs, mesh_tls
     from services.supervisor.live import LiveMesh
-    from services.supervisor.plan import EvaluatorAddress, Ports, plan_control
+    from services.supervisor.plan import EvaluatorAddress, Ports, plan_control, reserve_ports
 
     configure_logging("supervisor")
     # Read here only to fail early on a bad file; the control component seeds the topic
     # from it and everything else is planned from the topic.
     mesh = load_mesh(args.mesh)
     settings = SupervisorSettings()
+    try:
+        listens = mesh.rendezvous.replica_listens(args.rendezvous_replicas)
+    except ValueError as error:
+        print(f"cannot run the rendezvous replicas: {error}", file=sys.stderr)
+        return 2
+    # Replicas start stage by stage: ports handed out meanwhile must not take theirs.
+    reserve_ports(
+        [*listens, settings.control_listen, settings.evaluator_listen, settings.dashboard_listen]
+    )
     ports = Ports()
     tls = None
     if args.tls:
@@ -303,7 +331,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         args.pulsar_url,
         args.pulsar_admin_url,
         args.state_dir,
-        mesh.rendezvous.listen,
+        listens,
         ports,
         objectives=mesh.objectives,
         evaluator=evaluator,
@@ -314,7 +342,9 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         [control],
         args.state_dir / "state.json",
         facts={
-            "endpoint": mesh.rendezvous.listen,
+            # What clients dial: one address, or the round-robin target of every replica.
+            "endpoint": replicated_target(listens),
+            **({"client_service_config": REPLICA_SERVICE_CONFIG} if len(listens) > 1 else {}),
             "control_endpoint": control.endpoint,
             "evaluator_endpoint": evaluator.listen if evaluator else None,
             "dashboard_url": (
@@ -439,6 +469,23 @@ def cmd_demo_promote(args: argparse.Namespace) -> int:
     return 1 if failed or report.missing_archive else 0
 
 
+def _replicas(text: str) -> int:
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return count
+
+
+def _replicas_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rendezvous-replicas",
+        type=_replicas,
+        metavar="N",
+        help="rendezvous instances, each with its own collector and return address, on ports "
+        "rendezvous.port_step apart (default: the mesh file's rendezvous.replicas, 1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rendezvous", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -470,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--auth", action="store_true", help="bearer-token auth on, with a key under the state dir"
     )
+    _replicas_option(up)
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -526,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     supervise.add_argument("--owns-broker", action="store_true")
     supervise.add_argument("--tls", action="store_true")
     supervise.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
+    _replicas_option(supervise)
     supervise.set_defaults(handler=cmd_supervise)
     return parser
 

@@ -4,7 +4,9 @@ The control component comes first (`plan_control`): it seeds the control topic f
 file. Everything else is planned from the configurations on that topic (`plan`): a model
 container per deployment the supervisor runs locally (a `kind`, no `endpoint`), the runner
 hosts of each objective's replica groups (live: each follows its objective and serves its
-group), the enricher when some objective is enriched, the rendezvous and its collector.
+group), the enricher when some objective is enriched, the rendezvous and its collector —
+one pair per rendezvous replica, each with its own instance name (its return address,
+`rdv.predictions.rdv-<i>`), delivery socket and port.
 Planned again for every new version, the plan is compared with what runs (`diff`): what to
 start, what to stop, what to restart because its settings changed.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import random
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +40,16 @@ from services.runner.settings import group_subscription
 # Start order: a stage starts once every process of the stage before is ready. The control
 # component seeds the topic everything else is planned from. The rendezvous and its
 # collector start together: the rendezvous serves only once a collector stream is open and
-# its warm-up through the whole path is done.
+# its warm-up through the whole path is done. Rendezvous replicas start one after the
+# other (replica i in stage STAGE_RENDEZVOUS + i): each warms up alone, so one's warm-up
+# traffic does not slow another's races and hold its warm-up back.
 STAGE_CONTROL = 0
 STAGE_MODELS = 1
 STAGE_CONSUMERS = 2
 STAGE_RENDEZVOUS = 3
-STAGE_COLLECTOR = STAGE_RENDEZVOUS
 
-RENDEZVOUS_INSTANCE = "rdv-0"
+RENDEZVOUS = "rendezvous"
+COLLECTOR = "collector"
 CONTROL = "control"
 ENRICHER = "enricher"
 EVALUATOR = "evaluator"
@@ -91,6 +95,15 @@ PORT_RANGE = (20000, 32000)
 _handed_out: set[int] = set()
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A loopback TCP port that is free now and not in the ephemeral range."""
     low, high = PORT_RANGE
@@ -100,14 +113,32 @@ def free_port() -> int:
         port = rng.randrange(low, high)
         if port in _handed_out or ephemeral_low <= port <= ephemeral_high:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if not _bindable(port):
+            continue
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def free_port_series(count: int, step: int) -> int:
+    """A port p such that p, p + step, ..., p + (count - 1) * step are all free now and
+    handed out (the addresses of `count` rendezvous replicas `step` ports apart)."""
+    for _ in range(1000):
+        first = free_port()
+        rest = [first + i * step for i in range(1, count)]
+        if all(port not in _handed_out and _bindable(port) for port in rest):
+            _handed_out.update(rest)
+            return first
+    raise RuntimeError(f"no {count} free ports {step} apart")
+
+
+def reserve_ports(addresses: Iterable[str]) -> None:
+    """Keep the ports of fixed addresses (host:port) out of what `free_port` hands out: a
+    rendezvous replica that starts in a later stage must still find its port free."""
+    for address in addresses:
+        _, _, port = address.rpartition(":")
+        if port.isdigit():
+            _handed_out.add(int(port))
 
 
 @dataclass
@@ -135,6 +166,17 @@ class EvaluatorAddress:
 
     listen: str
     dashboard_listen: str
+
+
+def rendezvous_instance(replica: int) -> str:
+    """The instance name of rendezvous replica `replica`: its return address's suffix."""
+    return f"rdv-{replica}"
+
+
+def replica_process(base: str, replica: int, replicas: int) -> str:
+    """The process name of replica `replica` of `replicas` ("rendezvous" when alone, else
+    "rendezvous-0", "rendezvous-1", ...)."""
+    return base if replicas == 1 else f"{base}-{replica}"
 
 
 def model_directory(state_dir: Path) -> Path:
@@ -253,14 +295,16 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
     state_dir: Path,
     pulsar_url: str,
     pulsar_admin_url: str,
-    rendezvous_listen: str,
+    rendezvous_listen: str | Sequence[str],
     ports: Ports | None = None,
     evaluator: EvaluatorAddress | None = None,
     pulsar_env: Mapping[str, str] | None = None,
     tls: TlsSettings | None = None,
 ) -> list[ProcessSpec]:
     """Every process serving `configs` (the control component aside), models first, the
-    collector last. `ports` keeps addresses across plans (a fresh one when not given).
+    collectors last. `rendezvous_listen`: where the rendezvous listens, or each replica's
+    address (a rendezvous and a collector per replica). `ports` keeps addresses across
+    plans (a fresh one when not given).
     `evaluator` adds the evaluator (off the answer path; it reads the results topics).
     `pulsar_env` (`PulsarSettings.security_env()`: token, TLS) goes to every process under
     its own prefix; `tls` puts every process on mTLS."""
@@ -268,7 +312,6 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
         state_dir, pulsar_url, pulsar_admin_url, ports or Ports(), pulsar_env, tls=tls
     )
     add = planner.add
-    socket_path = state_dir / RENDEZVOUS_INSTANCE / "delivery.sock"
     directory = model_directory(state_dir)
     containers: set[str] = set()
     for objective, config in sorted(configs.items()):
@@ -348,27 +391,9 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             STAGE_CONSUMERS,
             {"FOLLOW": "true", "SERVE_ONLY": json.dumps(sorted(configs))},
         )
-    add(
-        "rendezvous",
-        "services.rendezvous",
-        "RDV_RENDEZVOUS_",
-        STAGE_RENDEZVOUS,
-        {
-            "INSTANCE": RENDEZVOUS_INSTANCE,
-            "DELIVERY_SOCKET": str(socket_path),
-            "SERVE_ONLY": json.dumps(sorted(configs)),
-        },
-        listen=rendezvous_listen,
-        latency_critical=True,
-    )
-    add(
-        "collector",
-        "services.collector",
-        "RDV_COLLECTOR_",
-        STAGE_COLLECTOR,
-        {"INSTANCE": RENDEZVOUS_INSTANCE, "DELIVERY_SOCKET": str(socket_path)},
-        latency_critical=True,
-    )
+    listens = [rendezvous_listen] if isinstance(rendezvous_listen, str) else rendezvous_listen
+    for replica, listen in enumerate(listens):
+        _plan_rendezvous(planner, replica, len(listens), listen, configs)
     if evaluator is not None:
         # With the rendezvous: it only reads what the answer path writes, so nothing waits
         # for it, and a long retained history to read does not hold the mesh back.
@@ -385,6 +410,44 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             role="evaluator",
         )
     return planner.specs
+
+
+def _plan_rendezvous(
+    planner: _Planner,
+    replica: int,
+    replicas: int,
+    listen: str,
+    configs: Mapping[str, objective_pb2.ObjectiveConfig],
+) -> None:
+    """Rendezvous replica `replica` and its collector: its own instance (so its own return
+    address), delivery socket and port, in a stage of its own."""
+    instance = rendezvous_instance(replica)
+    socket_path = planner.state_dir / instance / "delivery.sock"
+    stage = STAGE_RENDEZVOUS + replica
+    labels = {"instance": instance}
+    planner.add(
+        replica_process(RENDEZVOUS, replica, replicas),
+        "services.rendezvous",
+        "RDV_RENDEZVOUS_",
+        stage,
+        {
+            "INSTANCE": instance,
+            "DELIVERY_SOCKET": str(socket_path),
+            "SERVE_ONLY": json.dumps(sorted(configs)),
+        },
+        listen=listen,
+        latency_critical=True,
+        labels=labels,
+    )
+    planner.add(
+        replica_process(COLLECTOR, replica, replicas),
+        "services.collector",
+        "RDV_COLLECTOR_",
+        stage,
+        {"INSTANCE": instance, "DELIVERY_SOCKET": str(socket_path)},
+        latency_critical=True,
+        labels=labels,
+    )
 
 
 def model_endpoints(specs: Sequence[ProcessSpec]) -> dict[str, str]:
