@@ -8,12 +8,14 @@ token authentication gives the supervisor its token file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +24,9 @@ from typing import Any
 
 import pytest
 import yaml
+from rendezvous.v1 import task_pb2
 
+from services.core.bus import PulsarBus
 from services.supervisor.plan import free_port
 from tests.conftest import REPO, PulsarBroker
 
@@ -49,6 +53,27 @@ class RunningMesh:
     def control_endpoint(self) -> str:
         return str(self.state()["control_endpoint"])
 
+    async def outcomes(
+        self, objective: str, ids: set[str], quiet_s: float = 30.0
+    ) -> dict[str, task_pb2.Outcome]:
+        """The outcomes of `ids` on the objective's results topic, read from the start until
+        every one is found or nothing more came for `quiet_s` (what was found, then)."""
+        bus = PulsarBus(self.broker.settings(), f"test-outcomes-{uuid.uuid4().hex[:6]}")
+        found: dict[str, task_pb2.Outcome] = {}
+        try:
+            reader = await bus.reader(bus.topics.results(objective), task_pb2.Outcome)
+            while len(found) < len(ids):
+                try:
+                    envelope = await asyncio.wait_for(reader.read_next(), quiet_s)
+                except TimeoutError:
+                    break
+                if envelope.message.request_id in ids:
+                    found[envelope.message.request_id] = envelope.message
+            await reader.close()
+        finally:
+            await bus.close()
+        return found
+
 
 @contextmanager
 def supervised_mesh(
@@ -59,7 +84,9 @@ def supervised_mesh(
     supervise_args: Sequence[str] = (),
 ) -> Iterator[RunningMesh]:
     """Run the mesh `document` (a mesh file's content; `rendezvous.listen` is where it
-    answers) until the block ends; yields once the supervisor says it is ready.
+    answers, the first replica's address with `rendezvous.replicas` or
+    `--rendezvous-replicas`) until the block ends; yields once the supervisor says it is
+    ready.
     `supervise_args` are more options of `rendezvous supervise` (e.g. `--tls`)."""
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(yaml.safe_dump(document))
@@ -112,6 +139,8 @@ def supervised_mesh(
                 break
             time.sleep(0.5)
         assert running.state()["phase"] == "ready", f"mesh not ready; logs in {state_dir}/logs"
+        # What clients dial: the round-robin target of every replica when there are several.
+        running.endpoint = str(running.state()["endpoint"])
         yield running
     finally:
         supervisor.send_signal(signal.SIGTERM)

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc, task_pb2
+from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
 
 from services.core.protos import set_values
 from services.demo import diabetes_dataset
@@ -103,23 +103,6 @@ async def _score_all(endpoint: str, run_id: str) -> list[scoring_pb2.ScoreRespon
         return answers
 
 
-async def _outcomes(mesh: RunningMesh, ids: set[str]) -> dict[str, task_pb2.Outcome]:
-    from services.core.bus import PulsarBus
-
-    bus = PulsarBus(mesh.broker.settings(), "test-polyglot")
-    found: dict[str, task_pb2.Outcome] = {}
-    try:
-        reader = await bus.reader(bus.topics.results(OBJECTIVE), task_pb2.Outcome)
-        while len(found) < len(ids):
-            envelope = await asyncio.wait_for(reader.read_next(), 30)
-            if envelope.message.request_id in ids:
-                found[envelope.message.request_id] = envelope.message
-        await reader.close()
-    finally:
-        await bus.close()
-    return found
-
-
 @pytest.mark.asyncio
 async def test_every_language_answers_and_they_agree_to_1e_9(mesh: RunningMesh) -> None:
     processes = {p["name"]: p for p in mesh.state()["processes"]}
@@ -131,7 +114,9 @@ async def test_every_language_answers_and_they_agree_to_1e_9(mesh: RunningMesh) 
     for name in CONTAINERS:
         # Each challenger answers its arm (a third); the incumbent the rest.
         assert won[name] >= REQUESTS * 0.15, won
-    outcomes = await _outcomes(mesh, {a.request_id for a in answers})
+    ids = {a.request_id for a in answers}
+    outcomes = await mesh.outcomes(OBJECTIVE, ids)
+    assert outcomes.keys() == ids
     for outcome in outcomes.values():
         scores = {
             c.prediction.model: c.prediction.prediction.score
