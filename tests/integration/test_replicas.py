@@ -1,9 +1,10 @@
 """Scale-out on one machine, under the real supervisor on the real broker, with load.
 
 - Two rendezvous replicas (`--rendezvous-replicas 2`) behind the round-robin target the
-  supervisor records: both answer (outcomes say which instance), one killed with SIGKILL
-  mid-load leaves the client answered by the other, the supervisor restarts it, and it
-  gets calls again only once it is warm.
+  supervisor records, their tasks through the enricher to one runner host (and its decoy):
+  both answer (outcomes say which instance), one killed with SIGKILL mid-load leaves the
+  client answered by the other, the supervisor restarts it, and it gets calls again only
+  once it is warm.
 - Two runner hosts of one replica group on one shared subscription: each task goes to one
   of them and is scored once per model; one killed, the other takes every task.
 """
@@ -53,8 +54,9 @@ RESTART_BACKOFF_S = 4.0
 # Tasks the killed runner host held when it died are redelivered to the other after their
 # deadline, and skipped: requests this close to the kill may get no prediction.
 KILL_SETTLE_S = 1.0
-# The results topic is read from the start: once nothing more comes for this long, it is all.
-OUTCOMES_QUIET_S = 5.0
+# The results topic is read from the start: once nothing more comes for this long, it is all
+# (the outcomes a killed rendezvous took with it never come).
+OUTCOMES_QUIET_S = 10.0
 LATE_GRACE_MS = 300
 # A rendezvous warms up before it serves (150 in-time races in a row by default): on a
 # 2-core machine shared with other work that can take a minute; 30 still shows the
@@ -63,16 +65,23 @@ WARMUP = {"RDV_RENDEZVOUS_WARMUP_CONSECUTIVE": "30", "RDV_RENDEZVOUS_WARMUP_MAX_
 PORT_STEP = 10
 
 
-def _objective(name: str, replicas: int = 1, sla_ms: float = SLA_MS) -> dict[str, Any]:
+def _objective(
+    name: str, replicas: int = 1, sla_ms: float = SLA_MS, enriched: bool = False
+) -> dict[str, Any]:
+    """Two models; `enriched`: tasks pass through the enricher, and the decoy archives them
+    (every hop that forwards a task, or publishes for it, on the way)."""
+    models = [
+        {"name": model, "role": role, "kind": "sum", "replicas": replicas}
+        for model, role in ((f"{name}-inc", "incumbent"), (f"{name}-chal", "challenger"))
+    ]
+    if enriched:
+        models.append({"name": "decoy", "role": "decoy", "replicas": replicas})
     return {
         "sla_ms": sla_ms,
         "late_grace_ms": LATE_GRACE_MS,
-        "enrichment": "none",
+        "enrichment": "subject_state" if enriched else "none",
         "features": [{"name": "x"}],
-        "models": [
-            {"name": model, "role": role, "kind": "sum", "replicas": replicas}
-            for model, role in ((f"{name}-inc", "incumbent"), (f"{name}-chal", "challenger"))
-        ],
+        "models": models,
         "policy": [{"until_ms": sla_ms - 5, "accept": [f"{name}-inc", f"{name}-chal"]}],
         "default": {"score": -1.0},
     }
@@ -179,7 +188,7 @@ async def test_two_rendezvous_replicas_one_killed_the_other_answers_and_it_rejoi
             "listen": f"127.0.0.1:{free_port_series(2, PORT_STEP)}",
             "port_step": PORT_STEP,
         },
-        "objectives": {objective: _objective(objective)},
+        "objectives": {objective: _objective(objective, enriched=True)},
     }
     # No evaluator: it is not on the answer path and would only add a process.
     env = {"RDV_SUPERVISOR_EVALUATOR_LISTEN": "", **WARMUP}
@@ -190,18 +199,19 @@ async def test_two_rendezvous_replicas_one_killed_the_other_answers_and_it_rejoi
         assert mesh.endpoint.startswith("ipv4:") and len(replicas) == 2
         assert [mesh.process(f"rendezvous-{i}")["endpoint"] for i in (0, 1)] == replicas
         assert {mesh.process(f"collector-{i}")["instance"] for i in (0, 1)} == {"rdv-0", "rdv-1"}
+        assert "enricher" in {p["name"] for p in mesh.state()["processes"]}
         victim = mesh.process("rendezvous-1")
 
-        calls: list[Call] = []
-        stop = asyncio.Event()
-        load = asyncio.create_task(_load(mesh.endpoint, objective, stop, calls))
-        await asyncio.sleep(STEADY_S)
-        # What reaches each replica's return address from the kill on.
+        # What reaches each replica's return address from now on (both are warm by now).
         watches = [
             _Watch(client_bus, client_bus.topics.predictions(f"rdv-{i}"), objective) for i in (0, 1)
         ]
         for watch in watches:
             await watch.start()
+        calls: list[Call] = []
+        stop = asyncio.Event()
+        load = asyncio.create_task(_load(mesh.endpoint, objective, stop, calls))
+        await asyncio.sleep(STEADY_S)
         killed_s = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
 
@@ -278,6 +288,10 @@ async def test_two_rendezvous_replicas_one_killed_the_other_answers_and_it_rejoi
         # channel watches health, and a rendezvous is SERVING only once warm.
         assert len(down) >= RATE * 1.0, figures
         assert instances(down) == Counter({"rdv-0": len(down)}), figures
+        # Every prediction went to the return address of the replica holding its request.
+        for instance, watch in enumerate(watches):
+            holders = {outcomes[i].rendezvous_instance for i in watch.request_ids if i in outcomes}
+            assert holders <= {f"rdv-{instance}"}, figures
         # Its warm-up went through the whole path to its own return address; not one of its
         # warm-up predictions reached the other replica (client requests are named
         # "<objective>-<n>", warm-up ones are not).
@@ -332,14 +346,12 @@ async def test_runner_host_replicas_split_the_tasks_and_one_takes_all_when_the_o
         await load
 
         ok = {c.request_id for c in calls if c.status == "OK"}
-        outcomes = await mesh.outcomes(objective, ok, OUTCOMES_QUIET_S)
+        outcomes = await mesh.outcomes(objective, ok)
 
         def scored(call: Call) -> Counter[tuple[str, str]]:
             """(host, model) of every prediction the request received."""
-            return Counter(
-                (c.prediction.runner, c.prediction.model)
-                for c in outcomes[call.request_id].candidates
-            )
+            outcome = outcomes.get(call.request_id, task_pb2.Outcome())
+            return Counter((c.prediction.runner, c.prediction.model) for c in outcome.candidates)
 
         # Tasks the killed host held are redelivered to the other: one it had scored but not
         # acknowledged is scored again (at least once), so requests sent around the kill may
@@ -358,8 +370,9 @@ async def test_runner_host_replicas_split_the_tasks_and_one_takes_all_when_the_o
             "... while one was down": dict(per_host(alone)),
             "... after it came back": dict(per_host(after)),
             "requests within 1 s of the kill scored twice": sum(
-                outcomes[c.request_id].duplicates > 0 for c in near
+                outcomes[c.request_id].duplicates > 0 for c in near if c.request_id in outcomes
             ),
+            "outcomes missing": len(ok - set(outcomes)),
             "... not scored": sum(not scored(c) for c in near),
             "host down for (s)": round(respawned_s - killed_s, 1),
         }
