@@ -27,7 +27,7 @@ NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 TSGEN := tools/tsgen/node_modules/.installed
 MODEL_TS := services/models/ts
 # Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
-GO_DIRS := services/models/go services/models/artifacts gen/go
+GO_DIRS := services/models/go services/models/artifacts gen/go examples/goclient
 
 .PHONY: help setup venv mlserver tools go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         unit integration test test-go ts test-ts check \
