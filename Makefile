@@ -157,8 +157,8 @@ pulsar-down: ## Stop the broker
 ghz-smoke: setup ## Start a model container and call it through reflection with ghz
 	tools/ghz-smoke.sh
 
-up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere)
-	$(BIN)/rendezvous up $(if $(TLS),--tls)
+up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere; RENDEZVOUS_REPLICAS=N: N rendezvous)
+	$(BIN)/rendezvous up $(if $(TLS),--tls) $(if $(RENDEZVOUS_REPLICAS),--rendezvous-replicas $(RENDEZVOUS_REPLICAS))
 
 up-tls: ## Bring the mesh up with mTLS on every gRPC server and client (certificates in .run/certs)
 	$(MAKE) up TLS=1
