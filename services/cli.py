@@ -228,7 +228,8 @@ def _print_processes(state: dict[str, Any] | None) -> None:
     print(f"{'process':28} {'role':12} {'endpoint':22} {'pid':>7} {'restarts':>8}  status")
     for process in state["processes"]:
         print(
-            f"{process['name']:28} {process['role'] or '-':12} {process['endpoint']:22} "
+            f"{process['name']:28} {process['role'] or process.get('instance') or '-':12} "
+            f"{process['endpoint']:22} "
             f"{process['pid'] or '-':>7} {process['restarts']:>8}  {process['status']}"
         )
     for process in state["processes"]:
