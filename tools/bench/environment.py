@@ -16,13 +16,15 @@ from typing import Any, Protocol
 
 import yaml
 
-from services.supervisor.plan import free_port
+from services.core.mesh import RendezvousEntry
+from services.supervisor.plan import free_port, free_port_series
 
 REPO = Path(__file__).resolve().parents[2]
 PULSAR_SH = REPO / "tools" / "pulsar.sh"
 PULSAR_RUN = REPO / ".run" / "pulsar"
 BENCH_MESH = REPO / "deploy" / "mesh" / "bench-systems.yaml"
 STANDALONE = "org.apache.pulsar.PulsarStandaloneStarter"
+RENDEZVOUS_PORT_STEP = RendezvousEntry().port_step
 
 
 def log(message: str) -> None:
@@ -107,13 +109,23 @@ def ensure_broker(broker_port: int, web_port: int) -> Broker:
 class Mesh:
     """The bench mesh under the real supervisor (`services.cli supervise`), as the tests run it."""
 
-    def __init__(self, broker: Broker, work_dir: Path, mesh_template: Path = BENCH_MESH) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        work_dir: Path,
+        mesh_template: Path = BENCH_MESH,
+        rendezvous_replicas: int = 1,
+    ) -> None:
         self.broker = broker
         self.root = work_dir / "mesh"
         self.state_dir = self.root / "state"
         self.document: dict[str, Any] = yaml.safe_load(mesh_template.read_text())
-        self.endpoint = f"127.0.0.1:{free_port()}"
-        self.document.setdefault("rendezvous", {})["listen"] = self.endpoint
+        rendezvous = self.document.setdefault("rendezvous", {})
+        step = int(rendezvous.get("port_step", RENDEZVOUS_PORT_STEP))
+        first = free_port_series(rendezvous_replicas, step)
+        rendezvous.update(listen=f"127.0.0.1:{first}", replicas=rendezvous_replicas)
+        # The first replica's address until the supervisor says what clients dial.
+        self.endpoint = str(rendezvous["listen"])
         self.control_endpoint = f"127.0.0.1:{free_port()}"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -163,6 +175,8 @@ class Mesh:
             time.sleep(0.5)
         if self.state()["phase"] != "ready":
             raise RuntimeError(f"mesh not ready; logs in {self.state_dir}/logs")
+        # One address, or the round-robin target of every rendezvous replica.
+        self.endpoint = str(self.state()["endpoint"])
         log(f"mesh ready: rendezvous on {self.endpoint}")
 
     def stop(self) -> None:
@@ -193,7 +207,9 @@ class Mesh:
         pids: dict[str, int] = {}
         for process in self.state()["processes"]:
             name: str = process["name"]
-            shared = name in ("enricher", "rendezvous", "collector")
+            shared = name in ("enricher", "rendezvous", "collector") or name.startswith(
+                ("rendezvous-", "collector-")
+            )
             own = (
                 name == f"decoy-{objective}"
                 or name.startswith(f"runners-{objective}-")
