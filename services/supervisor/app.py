@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,14 @@ class SupervisorSettings(BaseSettings):
     stop_grace_s: float = 10.0
     restart_backoff_initial_s: float = 0.5
     restart_backoff_max_s: float = 10.0
-    # Nice value of the answer path (rendezvous, collector), once ready (see
-    # Supervised._prioritise). On 2 cores a booting broker or a
+    # Nice value of the answer path (rendezvous, collector); a restarted one gets it once
+    # ready (see Supervised._prioritise). On 2 cores a booting broker or a
     # burst of model work starves them; measured during broker restarts: 2-3 answers in 450
     # missed a 50 ms SLA by 15-40 ms at nice 0, none at -10. Needs root or CAP_SYS_NICE;
     # without it the processes run at the default priority and a warning says so.
     latency_critical_nice: int = -10
-    # Real-time round-robin priority (1-99) for the answer path once it is ready (not while
-    # it starts and warms up), above every ordinary process:
+    # Real-time round-robin priority (1-99) for the answer path (a restarted one: once
+    # ready, not while it starts and warms up), above every ordinary process:
     # nice -10 still left the rendezvous waiting 30-55 ms behind a CPU-bound neighbour now and
     # then (CFS wake-up granularity on 2 busy cores), and the SLA test failed beside stress-ng.
     # The kernel's RT throttling (95 % of each second) keeps a runaway from starving the box.
@@ -105,6 +106,19 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
+def _each_thread(threads: list[int], apply: Callable[[int], None]) -> bool:
+    """`apply` to each thread still there (one that ended meanwhile is passed over); False
+    when the kernel does not permit it."""
+    for thread in threads:
+        try:
+            apply(thread)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return False
+    return True
+
+
 class Supervised:
     """One process and its restarts."""
 
@@ -136,6 +150,10 @@ class Supervised:
             cwd=REPO_ROOT if self.spec.command else None,
         )
         log_handle.close()
+        if self.spec.latency_critical and self.restarts == 0:
+            # The first start: nothing serves yet, and the warm-up is quickest at the
+            # priority the process will serve at (a restart waits until ready, below).
+            self._prioritise(self.process.pid)
         self.started_at = time.time()
         self.status = "starting"
         if self._watcher is None:
@@ -143,40 +161,33 @@ class Supervised:
             self._watcher.add_done_callback(self._watcher_ended)
 
     def _prioritise(self, pid: int) -> None:
-        """Nice and real-time priority for a latency-critical process, once it is ready.
+        """Nice and real-time priority for a latency-critical process: from exec when it
+        first starts, once it is ready when it is restarted.
 
-        Not from exec: a process starting up (seconds of imports and connections, on a busy
-        machine) and warming up at a high priority takes the CPU from the runners, models
-        and broker, and a rendezvous replica restarting under load would then hold up the
-        answers of the replicas still serving (measured: their p50 from 14 ms to 80-360 ms
-        for the 5 s a replica took to start at nice -10)."""
+        A restart happens while the mesh serves: a process starting up (seconds of imports
+        and connections, on a busy machine) and warming up at a high priority takes the CPU
+        from the runners, models and broker, and a rendezvous replica restarting under load
+        would hold up the answers of the replicas still serving (measured: their p50 from
+        14 ms to 80-360 ms for the 5 s a replica took to start at nice -10)."""
+        # On Linux both are per thread: each thread it has by now (threads started later
+        # inherit their creator's).
         threads = _threads(pid)
-        try:
-            # On Linux both are per thread: each thread it has by now (threads started
-            # later inherit their creator's).
-            for thread in threads:
-                os.setpriority(os.PRIO_PROCESS, thread, self.settings.latency_critical_nice)
-        except PermissionError:
+        nice = self.settings.latency_critical_nice
+        if not _each_thread(threads, lambda thread: os.setpriority(os.PRIO_PROCESS, thread, nice)):
             log.warning(
                 "cannot raise the answer path's CPU priority; it runs at the default",
                 extra={"component": self.spec.name},
             )
             return
-        except ProcessLookupError:
-            return  # it exited meanwhile: its watcher restarts it
         priority = self.settings.latency_critical_rt_priority
-        if priority <= 0:
-            return
-        try:
-            for thread in threads:
-                os.sched_setscheduler(thread, os.SCHED_RR, os.sched_param(priority))
-        except PermissionError:
+        if priority > 0 and not _each_thread(
+            threads,
+            lambda thread: os.sched_setscheduler(thread, os.SCHED_RR, os.sched_param(priority)),
+        ):
             log.warning(
                 "no real-time priority for the answer path; nice only",
                 extra={"component": self.spec.name},
             )
-        except ProcessLookupError:
-            pass
 
     def _watcher_ended(self, task: asyncio.Task[None]) -> None:
         # A watcher that dies leaves its process unsupervised: say so loudly.
@@ -195,7 +206,7 @@ class Supervised:
                 self.spec.endpoint, self.spec.health_service, tls=self.spec.client_tls
             ):
                 self.status = "ready"
-                if self.spec.latency_critical and self.process is not None:
+                if self.spec.latency_critical and self.restarts > 0 and self.process is not None:
                     self._prioritise(self.process.pid)
                 return True
             await asyncio.sleep(0.2)

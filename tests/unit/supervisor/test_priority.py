@@ -1,0 +1,82 @@
+"""The answer path's CPU priority (`Supervised._prioritise`): nice and real-time round robin
+for every thread of a real process, applied when it is ready, a thread ending meanwhile
+passed over."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.supervisor.app import Supervised, SupervisorSettings, _each_thread, _threads
+from services.supervisor.plan import ProcessSpec
+
+THREADS = 4
+# A tid no process has (above the kernel's pid_max default).
+GONE = 4_194_305
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="raising priority needs root (or CAP_SYS_NICE)"
+)
+
+
+@pytest.fixture
+def threaded() -> Iterator[int]:
+    """A process with THREADS threads besides its main one, sleeping."""
+    code = (
+        "import threading, time\n"
+        f"for _ in range({THREADS}): threading.Thread(target=time.sleep, args=(60,)).start()\n"
+        "time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while len(_threads(process.pid)) < THREADS + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_every_thread_gets_nice_and_real_time_priority(threaded: int, tmp_path: Path) -> None:
+    spec = ProcessSpec(
+        name="rendezvous",
+        module="services.rendezvous",
+        stage=3,
+        env={},
+        endpoint="127.0.0.1:1",
+        ready_file=tmp_path / "ready.json",
+        log_file=tmp_path / "log",
+        latency_critical=True,
+    )
+    settings = SupervisorSettings(latency_critical_nice=-5, latency_critical_rt_priority=2)
+    threads = _threads(threaded)
+    assert len(threads) == THREADS + 1
+    assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_OTHER}
+    Supervised(spec, settings)._prioritise(threaded)
+    assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_RR}
+    assert {os.sched_getparam(t).sched_priority for t in threads} == {2}
+    # Read from /proc: nice is field 19 of a thread's stat.
+    nice = {
+        int(Path(f"/proc/{threaded}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        for t in threads
+    }
+    assert nice == {-5}
+
+
+def test_a_thread_that_ended_is_passed_over(threaded: int) -> None:
+    applied: list[int] = []
+
+    def renice(thread: int) -> None:
+        os.setpriority(os.PRIO_PROCESS, thread, 0)
+        applied.append(thread)
+
+    threads = _threads(threaded)
+    assert _each_thread([GONE, *threads], renice)
+    assert applied == threads
