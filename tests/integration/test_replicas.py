@@ -125,6 +125,20 @@ async def _load(target: str, prefix: str, stop: asyncio.Event, into: list[Call])
         await asyncio.gather(*pending)
 
 
+async def _load_then_kill(
+    target: str, objective: str, pid: int
+) -> tuple[list[Call], asyncio.Event, asyncio.Task[None], float]:
+    """Load at RATE for STEADY_S, then SIGKILL `pid` with the load going on: the calls (more
+    to come), what stops the load, the load, and when the kill was."""
+    calls: list[Call] = []
+    stop = asyncio.Event()
+    load = asyncio.create_task(_load(target, objective, stop, calls))
+    await asyncio.sleep(STEADY_S)
+    killed_s = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    return calls, stop, load, killed_s
+
+
 class _Watch:
     """Every prediction of `objective` published to a return address from now on."""
 
@@ -208,12 +222,7 @@ async def test_two_rendezvous_replicas_one_killed_the_other_answers_and_it_rejoi
         ]
         for watch in watches:
             await watch.start()
-        calls: list[Call] = []
-        stop = asyncio.Event()
-        load = asyncio.create_task(_load(mesh.endpoint, objective, stop, calls))
-        await asyncio.sleep(STEADY_S)
-        killed_s = time.monotonic()
-        os.kill(victim["pid"], signal.SIGKILL)
+        calls, stop, load, killed_s = await _load_then_kill(mesh.endpoint, objective, victim["pid"])
 
         # Back, and warm: until then it answers health NOT_SERVING (or not at all), and a
         # call sent before that moment cannot have gone to it.
@@ -323,12 +332,7 @@ async def test_runner_host_replicas_split_the_tasks_and_one_takes_all_when_the_o
         assert {p["name"] for p in mesh.state()["processes"]} >= set(hosts)
         victim = mesh.process(hosts[1])
 
-        calls: list[Call] = []
-        stop = asyncio.Event()
-        load = asyncio.create_task(_load(mesh.endpoint, objective, stop, calls))
-        await asyncio.sleep(STEADY_S)
-        killed_s = time.monotonic()
-        os.kill(victim["pid"], signal.SIGKILL)
+        calls, stop, load, killed_s = await _load_then_kill(mesh.endpoint, objective, victim["pid"])
 
         # The supervisor starts it again after RESTART_BACKOFF_S: meanwhile the other host
         # has every task.
