@@ -59,18 +59,18 @@ class SupervisorSettings(BaseSettings):
     stop_grace_s: float = 10.0
     restart_backoff_initial_s: float = 0.5
     restart_backoff_max_s: float = 10.0
-    # Nice value of the answer path (rendezvous, collector); a restarted one gets it once
-    # ready (see Supervised._prioritise). On 2 cores a booting broker or a
-    # burst of model work starves them; measured during broker restarts: 2-3 answers in 450
-    # missed a 50 ms SLA by 15-40 ms at nice 0, none at -10. Needs root or CAP_SYS_NICE;
-    # without it the processes run at the default priority and a warning says so.
+    # Nice value of the answer path (rendezvous, collector); a replica restarted while others
+    # serve gets it once ready (Supervised._prioritise_when_ready). On 2 cores a booting
+    # broker or a burst of model work starves them; measured during broker restarts: 2-3
+    # answers in 450 missed a 50 ms SLA by 15-40 ms at nice 0, none at -10. Needs root or
+    # CAP_SYS_NICE; without it the processes run at the default priority and a warning says so.
     latency_critical_nice: int = -10
-    # Real-time round-robin priority (1-99) for the answer path (a restarted one: once
-    # ready, not while it starts and warms up), above every ordinary process:
-    # nice -10 still left the rendezvous waiting 30-55 ms behind a CPU-bound neighbour now and
-    # then (CFS wake-up granularity on 2 busy cores), and the SLA test failed beside stress-ng.
-    # The kernel's RT throttling (95 % of each second) keeps a runaway from starving the box.
-    # 0: nice only. Needs root or CAP_SYS_NICE; without it, nice alone, then nothing.
+    # Real-time round-robin priority (1-99) for the answer path (likewise), above every
+    # ordinary process: nice -10 still left the rendezvous waiting 30-55 ms behind a
+    # CPU-bound neighbour now and then (CFS wake-up granularity on 2 busy cores), and the SLA
+    # test failed beside stress-ng. The kernel's RT throttling (95 % of each second) keeps a
+    # runaway from starving the box. 0: nice only. Needs root or CAP_SYS_NICE; without it,
+    # nice alone, then nothing.
     latency_critical_rt_priority: int = Field(default=1, ge=0, le=99)
     # Where the control component (ControlPlaneService) listens.
     control_listen: str = "127.0.0.1:50052"
@@ -150,9 +150,8 @@ class Supervised:
             cwd=REPO_ROOT if self.spec.command else None,
         )
         log_handle.close()
-        if self.spec.latency_critical and self.restarts == 0:
-            # The first start: nothing serves yet, and the warm-up is quickest at the
-            # priority the process will serve at (a restart waits until ready, below).
+        if self.spec.latency_critical and not self._prioritise_when_ready:
+            # Quickest back (and warm) at the priority it serves at.
             self._prioritise(self.process.pid)
         self.started_at = time.time()
         self.status = "starting"
@@ -160,15 +159,19 @@ class Supervised:
             self._watcher = asyncio.create_task(self._watch())
             self._watcher.add_done_callback(self._watcher_ended)
 
-    def _prioritise(self, pid: int) -> None:
-        """Nice and real-time priority for a latency-critical process: from exec when it
-        first starts, once it is ready when it is restarted.
+    @property
+    def _prioritise_when_ready(self) -> bool:
+        """Whether this start gets its priority once ready rather than from exec: a replica
+        restarted while the others serve (`ProcessSpec.replicated`). Starting up (seconds of
+        imports and connections, on a busy machine) and warming up at a high priority, it
+        would take the CPU from the runners, models and broker the others' answers wait for
+        (measured: their p50 from 14 ms to 80-360 ms for the 5 s a rendezvous replica took
+        to start at nice -10). Anything else gets it from exec: on a first start nothing
+        serves yet, and a lone rendezvous is quickest back and warm at that priority."""
+        return self.spec.latency_critical and self.spec.replicated and self.restarts > 0
 
-        A restart happens while the mesh serves: a process starting up (seconds of imports
-        and connections, on a busy machine) and warming up at a high priority takes the CPU
-        from the runners, models and broker, and a rendezvous replica restarting under load
-        would hold up the answers of the replicas still serving (measured: their p50 from
-        14 ms to 80-360 ms for the 5 s a replica took to start at nice -10)."""
+    def _prioritise(self, pid: int) -> None:
+        """Nice and real-time priority for a latency-critical process."""
         # On Linux both are per thread: each thread it has by now (threads started later
         # inherit their creator's).
         threads = _threads(pid)
@@ -206,7 +209,7 @@ class Supervised:
                 self.spec.endpoint, self.spec.health_service, tls=self.spec.client_tls
             ):
                 self.status = "ready"
-                if self.spec.latency_critical and self.restarts > 0 and self.process is not None:
+                if self._prioritise_when_ready and self.process is not None:
                     self._prioritise(self.process.pid)
                 return True
             await asyncio.sleep(0.2)

@@ -79,6 +79,10 @@ class ProcessSpec:
     command: list[str] = field(default_factory=list)
     # How to reach the process's server (its health check): plaintext when None.
     client_tls: TlsSettings | None = None
+    # One of several replicas serving side by side (rendezvous replicas and their
+    # collectors): restarted, it gets its latency-critical priority only once ready, so its
+    # start-up does not take the CPU the others' answers wait for.
+    replicated: bool = False
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -425,7 +429,7 @@ def _plan_rendezvous(
     socket_path = planner.state_dir / instance / "delivery.sock"
     stage = STAGE_RENDEZVOUS + replica
     labels = {"instance": instance}
-    planner.add(
+    rendezvous = planner.add(
         replica_process(RENDEZVOUS, replica, replicas),
         "services.rendezvous",
         "RDV_RENDEZVOUS_",
@@ -439,7 +443,7 @@ def _plan_rendezvous(
         latency_critical=True,
         labels=labels,
     )
-    planner.add(
+    collector = planner.add(
         replica_process(COLLECTOR, replica, replicas),
         "services.collector",
         "RDV_COLLECTOR_",
@@ -448,6 +452,7 @@ def _plan_rendezvous(
         latency_critical=True,
         labels=labels,
     )
+    rendezvous.replicated = collector.replicated = replicas > 1
 
 
 def model_endpoints(specs: Sequence[ProcessSpec]) -> dict[str, str]:

@@ -85,6 +85,7 @@ def test_one_replica_keeps_the_names_of_a_single_rendezvous(tmp_path: Path) -> N
     assert {"rendezvous", "collector"} <= set(specs)
     assert specs["rendezvous"].env["RDV_RENDEZVOUS_INSTANCE"] == "rdv-0"
     assert specs["rendezvous"].endpoint == "127.0.0.1:50051"
+    assert not specs["rendezvous"].replicated and not specs["collector"].replicated
 
 
 def test_each_replica_has_its_own_collector_return_address_socket_and_port(
@@ -109,6 +110,8 @@ def test_each_replica_has_its_own_collector_return_address_socket_and_port(
             assert specs[name].stage == STAGE_RENDEZVOUS + replica
             assert specs[name].labels["instance"] == f"rdv-{replica}"
             assert specs[name].latency_critical
+            # Restarted, it takes its priority only once ready: the other serves meanwhile.
+            assert specs[name].replicated
     # Nothing shared: two return addresses, two sockets, two ports.
     for column in zip(*seen, strict=True):
         assert len(set(column)) == 2

@@ -1,6 +1,6 @@
 """The answer path's CPU priority (`Supervised._prioritise`): nice and real-time round robin
-for every thread of a real process, applied when it is ready, a thread ending meanwhile
-passed over."""
+for every thread of a real process, a thread ending meanwhile passed over; from exec, but
+once ready for a replica restarted while the others serve."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def threaded() -> Iterator[int]:
         process.wait()
 
 
-def test_every_thread_gets_nice_and_real_time_priority(threaded: int, tmp_path: Path) -> None:
-    spec = ProcessSpec(
+def _spec(tmp_path: Path, *, replicated: bool = False) -> ProcessSpec:
+    return ProcessSpec(
         name="rendezvous",
         module="services.rendezvous",
         stage=3,
@@ -54,7 +54,24 @@ def test_every_thread_gets_nice_and_real_time_priority(threaded: int, tmp_path: 
         ready_file=tmp_path / "ready.json",
         log_file=tmp_path / "log",
         latency_critical=True,
+        replicated=replicated,
     )
+
+
+def test_only_a_replica_restarted_waits_until_ready(tmp_path: Path) -> None:
+    settings = SupervisorSettings()
+    lone, replica = (
+        Supervised(_spec(tmp_path), settings),
+        Supervised(_spec(tmp_path, replicated=True), settings),
+    )
+    assert not lone._prioritise_when_ready and not replica._prioritise_when_ready
+    lone.restarts = replica.restarts = 1
+    assert not lone._prioritise_when_ready
+    assert replica._prioritise_when_ready
+
+
+def test_every_thread_gets_nice_and_real_time_priority(threaded: int, tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
     settings = SupervisorSettings(latency_critical_nice=-5, latency_critical_rt_priority=2)
     threads = _threads(threaded)
     assert len(threads) == THREADS + 1
