@@ -138,7 +138,8 @@ class Supervised:
         with contextlib.suppress(FileNotFoundError):
             self.spec.ready_file.unlink()
         log_handle = self.spec.log_file.open("ab")
-        env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
+        restart_env = self.spec.restart_env if self.restarts > 0 else {}
+        env = {**os.environ, **self.spec.env, **restart_env, "PYTHONUNBUFFERED": "1"}
         argv = self.spec.command or [sys.executable, "-m", self.spec.module]
         self.process = await asyncio.create_subprocess_exec(
             *argv,

@@ -83,6 +83,9 @@ class ProcessSpec:
     # collectors): restarted, it gets its latency-critical priority only once ready, so its
     # start-up does not take the CPU the others' answers wait for.
     replicated: bool = False
+    # Settings a restart runs with, over `env` (a rendezvous replica rejoining: a gentler
+    # warm-up, RendezvousSettings.rejoining).
+    restart_env: dict[str, str] = field(default_factory=dict)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -453,6 +456,8 @@ def _plan_rendezvous(
         labels=labels,
     )
     rendezvous.replicated = collector.replicated = replicas > 1
+    if replicas > 1:
+        rendezvous.restart_env = {"RDV_RENDEZVOUS_REJOINING": "true"}
 
 
 def model_endpoints(specs: Sequence[ProcessSpec]) -> dict[str, str]:

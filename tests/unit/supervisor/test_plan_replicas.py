@@ -16,6 +16,7 @@ from services.collector.settings import CollectorSettings
 from services.core.mesh import Mesh
 from services.core.topics import Topics
 from services.rendezvous.settings import RendezvousSettings
+from services.rendezvous.warmup import Warmup
 from services.supervisor.plan import (
     STAGE_RENDEZVOUS,
     ProcessSpec,
@@ -127,3 +128,27 @@ def test_up_and_supervise_take_the_replica_count() -> None:
     assert parser.parse_args([*supervise, "--rendezvous-replicas", "3"]).rendezvous_replicas == 3
     with pytest.raises(SystemExit):
         parser.parse_args(["up", "--rendezvous-replicas", "0"])
+
+
+def test_a_replica_restarted_rejoins_with_a_gentler_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs = _specs(_mesh(), tmp_path, replicas=2)
+    for replica in (0, 1):
+        spec = specs[f"rendezvous-{replica}"]
+        # Its first start warms up as any rendezvous; a restart runs with restart_env too.
+        assert "RDV_RENDEZVOUS_REJOINING" not in spec.env
+        monkeypatch.delenv("RDV_RENDEZVOUS_REJOINING", raising=False)
+        first = _settings(spec, monkeypatch, RendezvousSettings)
+        assert Warmup(first, [], _no_race).rate == first.warmup_rate
+        restarted = ProcessSpec(**{**spec.__dict__, "env": {**spec.env, **spec.restart_env}})
+        rejoining = _settings(restarted, monkeypatch, RendezvousSettings)
+        assert Warmup(rejoining, [], _no_race).rate == rejoining.rejoin_warmup_rate
+        assert rejoining.rejoin_warmup_rate < rejoining.warmup_rate
+        assert not specs[f"collector-{replica}"].restart_env
+    lone = _specs(_mesh(), tmp_path)
+    assert not lone["rendezvous"].restart_env
+
+
+async def _no_race(request: Any) -> float | None:
+    return None

@@ -1,6 +1,7 @@
-"""The answer path's CPU priority (`Supervised._prioritise`): nice and real-time round robin
-for every thread of a real process, a thread ending meanwhile passed over; from exec, but
-once ready for a replica restarted while the others serve."""
+"""What a supervised process starts with, on real processes: the answer path's CPU priority
+(`Supervised._prioritise`: nice and real-time round robin for every thread, a thread ending
+meanwhile passed over; from exec, but once ready for a replica restarted while the others
+serve), and the settings only a restart gets (`ProcessSpec.restart_env`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ THREADS = 4
 # A tid no process has (above the kernel's pid_max default).
 GONE = 4_194_305
 
-pytestmark = pytest.mark.skipif(
+needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="raising priority needs root (or CAP_SYS_NICE)"
 )
 
@@ -70,6 +71,7 @@ def test_only_a_replica_restarted_waits_until_ready(tmp_path: Path) -> None:
     assert replica._prioritise_when_ready
 
 
+@needs_root
 def test_every_thread_gets_nice_and_real_time_priority(threaded: int, tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     settings = SupervisorSettings(latency_critical_nice=-5, latency_critical_rt_priority=2)
@@ -87,6 +89,7 @@ def test_every_thread_gets_nice_and_real_time_priority(threaded: int, tmp_path: 
     assert nice == {-5}
 
 
+@needs_root
 def test_a_thread_that_ended_is_passed_over(threaded: int) -> None:
     applied: list[int] = []
 
@@ -97,3 +100,24 @@ def test_a_thread_that_ended_is_passed_over(threaded: int) -> None:
     threads = _threads(threaded)
     assert _each_thread([GONE, *threads], renice)
     assert applied == threads
+
+
+async def test_only_a_restart_runs_with_the_restart_settings(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    spec = _spec(tmp_path)
+    spec.latency_critical = False
+    spec.command = [
+        sys.executable,
+        "-c",
+        f"import os; open({str(seen)!r}, 'a').write(os.environ.get('RDV_X', '-') + ' ')",
+    ]
+    spec.restart_env = {"RDV_X": "rejoining"}
+    # The watcher would restart it after the backoff: not within this test.
+    process = Supervised(spec, SupervisorSettings(restart_backoff_initial_s=600))
+    for restarts in (0, 1):
+        process.restarts = restarts
+        await process.start()
+        assert process.process is not None
+        await process.process.wait()
+    await process.stop()
+    assert seen.read_text().split() == ["-", "rejoining"]
