@@ -166,8 +166,10 @@ class Supervised:
         restarted while the others serve (`ProcessSpec.replicated`). Starting up (seconds of
         imports and connections, on a busy machine) and warming up at a high priority, it
         would take the CPU from the runners, models and broker the others' answers wait for
-        (measured: their p50 from 14 ms to 80-360 ms for the 5 s a rendezvous replica took
-        to start at nice -10). Anything else gets it from exec: on a first start nothing
+        (measured, one run on the shared 2-core machine: the other replica's answers, 12-20
+        ms before, took 50-370 ms for the 5 s a rendezvous replica took to start at nice
+        -10, and its default share rose from 2 % to 64 %; started at nice 0, 16 % against
+        12 % before). Anything else gets it from exec: on a first start nothing
         serves yet, and a lone rendezvous is quickest back and warm at that priority."""
         return self.spec.latency_critical and self.spec.replicated and self.restarts > 0
 
