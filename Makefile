@@ -40,7 +40,7 @@ NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 TSGEN := tools/tsgen/node_modules/.installed
 MODEL_TS := services/models/ts
 # Go sources that gofmt checks (gen/go is generated formatted, and checked all the same).
-GO_DIRS := services/models/go services/models/artifacts gen/go
+GO_DIRS := services/models/go services/models/artifacts gen/go examples/goclient
 
 .PHONY: help setup setup-peers venv mlserver tools jaeger go-plugins model-go browser gen gen-check lint lint-go fmt buf-breaking \
         helm-tools k8s-schemas helm-check \
@@ -216,8 +216,8 @@ pulsar-down: ## Stop the broker
 ghz-smoke: setup ## Start a model container and call it through reflection with ghz
 	tools/ghz-smoke.sh
 
-up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere; TRACES=1: Jaeger)
-	$(BIN)/rendezvous up $(if $(TLS),--tls) $(if $(TRACES),--traces)
+up: setup ## Bring the whole mesh up (broker included) and print the endpoint (TLS=1: mTLS everywhere; TRACES=1: Jaeger; RENDEZVOUS_REPLICAS=N: N rendezvous)
+	$(BIN)/rendezvous up $(if $(TLS),--tls) $(if $(TRACES),--traces) $(if $(RENDEZVOUS_REPLICAS),--rendezvous-replicas $(RENDEZVOUS_REPLICAS))
 
 up-tls: ## Bring the mesh up with mTLS on every gRPC server and client (certificates in .run/certs)
 	$(MAKE) up TLS=1

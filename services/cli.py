@@ -4,6 +4,7 @@ rendezvous up [--mesh FILE] [--pulsar-url URL] [--tls] [--auth]   broker + every
               [--traces]                          ... and Jaeger, every process tracing to it
               [--pulsar-auth] [--pulsar-token-file F]  ... with token authentication
               [--pulsar-tls] [--pulsar-tls-trust-certs-file F]  ... with the broker on TLS
+              [--rendezvous-replicas N]         ... N rendezvous, clients round-robin over them
 rendezvous status [--metrics]                     what runs, where, and whether it is healthy
 rendezvous score [--features JSON]                one request, the answer as JSON
 rendezvous demo [--requests N] [--rate R]         traffic, its ground truth, the evaluation
@@ -37,7 +38,13 @@ from typing import Any
 from services import erase_command, token_command, trace_command
 from services.control import cli as objective_commands
 from services.core import client
-from services.core.channels import STATE_TLS_KEY, state_client_tls
+from services.core.channels import (
+    REPLICA_SERVICE_CONFIG,
+    STATE_TLS_KEY,
+    replicated_target,
+    state_client_tls,
+    target_addresses,
+)
 from services.core.settings import REPO_ROOT, PulsarSettings
 from services.evaluator import replay as replay_command
 from services.evaluator import report_command
@@ -159,6 +166,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         command += ["--tls", "--certs-dir", str(args.certs_dir.resolve())]
     if args.traces:
         command.append("--traces")
+    if args.rendezvous_replicas is not None:
+        command += ["--rendezvous-replicas", str(args.rendezvous_replicas)]
     with log_file.open("ab") as log:
         # A session of its own: the mesh outlives this command, `rendezvous down` ends it.
         supervisor = subprocess.Popen(
@@ -210,11 +219,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         if tls.client_enabled
         else "-plaintext"
     )
+    replicas = target_addresses(endpoint)
     print(
         f"\nScoringService at {endpoint} (gRPC{', mTLS' if tls.client_enabled else ''}, "
         f"reflection on). Try:\n"
         f"  tools/bin/grpcurl {transport} -d '{body}' \\\n"
-        f"    {endpoint} rendezvous.v1.ScoringService/Score\n"
+        f"    {replicas[0]} rendezvous.v1.ScoringService/Score\n"
         f"  .venv/bin/rendezvous score\n  make demo\n"
         f"  .venv/bin/rendezvous report --objective demo\n  make down"
     )
@@ -224,6 +234,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"\nTraces go to Jaeger (OTLP {traces['otlp_endpoint']}); its query API at "
             f"{traces['query_url']}/api/traces. One request's waterfall:\n"
             "  .venv/bin/rendezvous trace REQUEST_ID   (the request_id `rendezvous score` prints)"
+        )
+    if len(replicas) > 1:
+        print(
+            f"\n{len(replicas)} rendezvous replicas ({', '.join(replicas)}), each with its own "
+            "collector and return address. Python and other C-core clients pass the target "
+            "above as it is, with the round-robin service config in `rendezvous status --json` "
+            "(client_service_config); grpcurl and ghz (grpc-go) dial one replica "
+            "(docs/deploy.md#scale-out-on-one-machine)."
         )
     if args.auth:
         print(
@@ -259,7 +277,8 @@ def _print_processes(state: dict[str, Any] | None) -> None:
     print(f"{'process':28} {'role':12} {'endpoint':22} {'pid':>7} {'restarts':>8}  status")
     for process in state["processes"]:
         print(
-            f"{process['name']:28} {process['role'] or '-':12} {process['endpoint']:22} "
+            f"{process['name']:28} {process['role'] or process.get('instance') or '-':12} "
+            f"{process['endpoint']:22} "
             f"{process['pid'] or '-':>7} {process['restarts']:>8}  {process['status']}"
         )
     for process in state["processes"]:
@@ -321,6 +340,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(
             f"phase: {state['phase']}  endpoint: {state['endpoint']}  "
+            f"rendezvous replicas: {len(target_addresses(state['endpoint']))}  "
             f"control: {state.get('control_endpoint', '-')}  "
             f"evaluator: {state.get('evaluator_endpoint') or '-'}  "
             f"keyring: {state.get('keyring_endpoint') or '-'}  "
@@ -346,6 +366,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         plan_jaeger,
         plan_keyring,
         privacy_env,
+        reserve_ports,
     )
 
     configure_logging("supervisor")
@@ -355,6 +376,21 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     settings = SupervisorSettings()
     if args.traces:
         settings.traces = True
+    try:
+        listens = mesh.rendezvous.replica_listens(args.rendezvous_replicas)
+    except ValueError as error:
+        print(f"cannot run the rendezvous replicas: {error}", file=sys.stderr)
+        return 2
+    # Replicas start stage by stage: ports handed out meanwhile must not take theirs.
+    reserve_ports(
+        [
+            *listens,
+            settings.control_listen,
+            settings.keyring_listen,
+            settings.evaluator_listen,
+            settings.dashboard_listen,
+        ]
+    )
     ports = Ports()
     tls = None
     if args.tls:
@@ -399,7 +435,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         args.pulsar_url,
         args.pulsar_admin_url,
         args.state_dir,
-        mesh.rendezvous.listen,
+        listens,
         ports,
         objectives=mesh.objectives,
         evaluator=evaluator,
@@ -418,7 +454,9 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         first,
         args.state_dir / "state.json",
         facts={
-            "endpoint": mesh.rendezvous.listen,
+            # What clients dial: one address, or the round-robin target of every replica.
+            "endpoint": replicated_target(listens),
+            **({"client_service_config": REPLICA_SERVICE_CONFIG} if len(listens) > 1 else {}),
             "control_endpoint": control.endpoint,
             "keyring_endpoint": keyring.endpoint if keyring else None,
             "evaluator_endpoint": evaluator.listen if evaluator else None,
@@ -542,6 +580,23 @@ def cmd_demo_promote(args: argparse.Namespace) -> int:
     return 1 if failed or report.missing_archive else 0
 
 
+def _replicas(text: str) -> int:
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return count
+
+
+def _replicas_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rendezvous-replicas",
+        type=_replicas,
+        metavar="N",
+        help="rendezvous instances, each with its own collector and return address, on ports "
+        "rendezvous.port_step apart (default: the mesh file's rendezvous.replicas, 1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rendezvous", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -589,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run Jaeger on loopback and send every process's spans to it (rendezvous trace)",
     )
+    _replicas_option(up)
     up.set_defaults(handler=cmd_up)
 
     down = sub.add_parser("down", help="stop the mesh, and the broker if `up` started it")
@@ -651,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     supervise.add_argument("--tls", action="store_true")
     supervise.add_argument("--certs-dir", type=Path, default=DEFAULT_CERTS_DIR)
     supervise.add_argument("--traces", action="store_true")
+    _replicas_option(supervise)
     supervise.set_defaults(handler=cmd_supervise)
     return parser
 

@@ -76,6 +76,12 @@ def main() -> int:
     args = parser.parse_args()
 
     state = json.loads(args.state.read_text())
+    if "," in state["endpoint"]:
+        # ghz (grpc-go) dials one address: it cannot balance over the replicas' list.
+        sys.exit(
+            f"the mesh runs rendezvous replicas ({state['endpoint']}); ghz dials one "
+            "address: measure a mesh with one (tools/bench/replicas.py compares them)"
+        )
     model = next(p for p in state["processes"] if p["name"] == "model-diabetes-ridge")
     systems = {
         "direct model call": (model["endpoint"], "rendezvous.v1.ModelService/Predict",

@@ -44,6 +44,10 @@ _CONSENT = {
 
 Role = Literal["incumbent", "challenger", "canary", "decoy"]
 
+# Rendezvous instances one mesh runs side by side (each with a collector) on one machine.
+MAX_RENDEZVOUS_REPLICAS = 16
+MAX_PORT = 65535
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -170,9 +174,35 @@ class ObjectiveEntry(_Strict):
 
 
 class RendezvousEntry(_Strict):
-    """Where the public scoring endpoint listens."""
+    """Where the public scoring endpoint listens, and how many rendezvous instances serve it.
+
+    Each replica is a rendezvous with its own collector and return address; replica i
+    listens on `listen`'s port + i * `port_step` (50051, 50061, ...: a step of 10 keeps
+    clear of the control plane and the evaluator next door, 50052 and 50053), and clients
+    round-robin over them all (`services.core.channels.replicated_target`)."""
 
     listen: str = "127.0.0.1:50051"
+    replicas: int = Field(default=1, ge=1, le=MAX_RENDEZVOUS_REPLICAS)
+    port_step: int = Field(default=10, ge=1)
+
+    def replica_listens(self, replicas: int | None = None) -> list[str]:
+        """Where each replica listens (`replicas` instead of the file's, when given)."""
+        count = self.replicas if replicas is None else replicas
+        if not 1 <= count <= MAX_RENDEZVOUS_REPLICAS:
+            raise ValueError(
+                f"rendezvous replicas must be 1-{MAX_RENDEZVOUS_REPLICAS}, not {count}"
+            )
+        if count == 1:
+            return [self.listen]
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"rendezvous.listen {self.listen!r} must be host:port")
+        last = int(port) + (count - 1) * self.port_step
+        if last > MAX_PORT:
+            raise ValueError(
+                f"{count} replicas {self.port_step} ports apart run past port {MAX_PORT}"
+            )
+        return [f"{host}:{int(port) + i * self.port_step}" for i in range(count)]
 
 
 class Mesh(_Strict):

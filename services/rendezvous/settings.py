@@ -61,6 +61,13 @@ class RendezvousSettings(ServiceSettings):
     # Warm-up before SERVING (see services/rendezvous/warmup.py).
     warmup: bool = True
     warmup_rate: float = Field(default=50.0, gt=0)
+    # Restarted while other replicas serve (the local supervisor sets it on such a restart):
+    # the broker, runners and models are warm already and busy with the others' answers;
+    # warm-up traffic at warmup_rate would add as much work for them as a busy client (on a
+    # 2-core machine, 50 req/s of warm-up beside 40 req/s of clients). It warms up at
+    # rejoin_warmup_rate instead, taking longer to rejoin rather than slowing the others.
+    rejoining: bool = False
+    rejoin_warmup_rate: float = Field(default=10.0, gt=0)
     warmup_consecutive: int = Field(default=150, ge=1)
     warmup_consecutive_per_objective: int = Field(default=10, ge=1)
     warmup_within_fraction: float = Field(default=0.5, gt=0, le=1)

@@ -8,7 +8,8 @@ model runner, the collector, the mailbox race) at `warmup_rate`, open loop, for 
 objective, until enough races in a row saw the path itself (the first prediction's arrival,
 less the time the model took: a model slow by design says nothing about the mesh) take at
 most `warmup_within_fraction` of the SLA, for `warmup_min_s` at least and `warmup_max_s` at
-most.
+most. A replica restarted while other replicas serve (`rejoining`) warms up at
+`rejoin_warmup_rate` instead: the path is warm already, and busy with their answers.
 Warm-up tasks carry `warmup: true`: the models score them, but they are never archived,
 never in an outcome and never counted as traffic. Health turns SERVING only afterwards, so
 `rendezvous up` returns when the first real request will be answered in time.
@@ -86,6 +87,12 @@ class Warmup:
         self.progress = WarmupProgress()
         self._per_objective = {config.objective: 0 for config in configs}
 
+    @property
+    def rate(self) -> float:
+        """Warm-up races per second: gentler for a replica rejoining replicas that serve."""
+        settings = self.settings
+        return settings.rejoin_warmup_rate if settings.rejoining else settings.warmup_rate
+
     def warm(self, elapsed_s: float) -> bool:
         settings = self.settings
         return (
@@ -99,6 +106,7 @@ class Warmup:
     async def run(self) -> bool:
         """True when the path got warm within `warmup_max_s`."""
         settings = self.settings
+        rate = self.rate
         self.progress.state = "running"
         started = time.monotonic()
         requests = [(config, warmup_request(config)) for config in self.configs]
@@ -110,7 +118,7 @@ class Warmup:
             if self.progress.seconds >= settings.warmup_max_s:
                 ok = False
                 break
-            await asyncio.sleep(max(0.0, started + index / settings.warmup_rate - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
             config, request = requests[index % len(requests)]
             task = asyncio.create_task(self._one(config, request))
             pending.add(task)

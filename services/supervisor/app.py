@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +93,18 @@ class SupervisorSettings(BaseSettings):
     stop_grace_s: float = 10.0
     restart_backoff_initial_s: float = 0.5
     restart_backoff_max_s: float = 10.0
-    # Nice value of the answer path (rendezvous, collector). On 2 cores a booting broker or a
-    # burst of model work starves them; measured during broker restarts: 2-3 answers in 450
-    # missed a 50 ms SLA by 15-40 ms at nice 0, none at -10. Needs root or CAP_SYS_NICE;
-    # without it the processes run at the default priority and a warning says so.
+    # Nice value of the answer path (rendezvous, collector); a replica restarted while others
+    # serve gets it once ready (Supervised._prioritise_when_ready). On 2 cores a booting
+    # broker or a burst of model work starves them; measured during broker restarts: 2-3
+    # answers in 450 missed a 50 ms SLA by 15-40 ms at nice 0, none at -10. Needs root or
+    # CAP_SYS_NICE; without it the processes run at the default priority and a warning says so.
     latency_critical_nice: int = -10
-    # Real-time round-robin priority (1-99) for the answer path, above every ordinary process:
-    # nice -10 still left the rendezvous waiting 30-55 ms behind a CPU-bound neighbour now and
-    # then (CFS wake-up granularity on 2 busy cores), and the SLA test failed beside stress-ng.
-    # The kernel's RT throttling (95 % of each second) keeps a runaway from starving the box.
-    # 0: nice only. Needs root or CAP_SYS_NICE; without it, nice alone, then nothing.
+    # Real-time round-robin priority (1-99) for the answer path (likewise), above every
+    # ordinary process: nice -10 still left the rendezvous waiting 30-55 ms behind a
+    # CPU-bound neighbour now and then (CFS wake-up granularity on 2 busy cores), and the SLA
+    # test failed beside stress-ng. The kernel's RT throttling (95 % of each second) keeps a
+    # runaway from starving the box. 0: nice only. Needs root or CAP_SYS_NICE; without it,
+    # nice alone, then nothing.
     latency_critical_rt_priority: int = Field(default=1, ge=0, le=99)
     # Where the control component (ControlPlaneService) listens.
     control_listen: str = "127.0.0.1:50052"
@@ -163,6 +166,27 @@ async def check_health(
         return False
 
 
+def _threads(pid: int) -> list[int]:
+    """The thread ids of process `pid` (none once it is gone)."""
+    try:
+        return [int(thread) for thread in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def _each_thread(threads: list[int], apply: Callable[[int], None]) -> bool:
+    """`apply` to each thread still there (one that ended meanwhile is passed over); False
+    when the kernel does not permit it."""
+    for thread in threads:
+        try:
+            apply(thread)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return False
+    return True
+
+
 class Supervised:
     """One process and its restarts."""
 
@@ -188,7 +212,8 @@ class Supervised:
         # Export to the mesh's trace store, each process as its own service; a variable the
         # environment already sets wins.
         traced = self.traces.env(self.spec.name) if self.traces and self.spec.traced else {}
-        env = {**traced, **os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
+        restart_env = self.spec.restart_env if self.restarts > 0 else {}
+        env = {**traced, **os.environ, **self.spec.env, **restart_env, "PYTHONUNBUFFERED": "1"}
         argv = self.spec.command or [sys.executable, "-m", self.spec.module]
         self.process = await asyncio.create_subprocess_exec(
             *argv,
@@ -200,7 +225,8 @@ class Supervised:
             cwd=REPO_ROOT if self.spec.command else None,
         )
         log_handle.close()
-        if self.spec.latency_critical:
+        if self.spec.latency_critical and not self._prioritise_when_ready:
+            # Quickest back (and warm) at the priority it serves at.
             self._prioritise(self.process.pid)
         self.started_at = time.time()
         self.status = "starting"
@@ -208,25 +234,40 @@ class Supervised:
             self._watcher = asyncio.create_task(self._watch())
             self._watcher.add_done_callback(self._watcher_ended)
 
+    @property
+    def _prioritise_when_ready(self) -> bool:
+        """Whether this start gets its priority once ready rather than from exec: a replica
+        restarted while the others serve (`ProcessSpec.replicated`). Starting up (seconds of
+        imports and connections, on a busy machine) and warming up at a high priority, it
+        would take the CPU from the runners, models and broker the others' answers wait for
+        (measured, one run on the shared 2-core machine: the other replica's answers, 12-20
+        ms before, took 50-370 ms for the 5 s a rendezvous replica took to start at nice
+        -10, and its default share rose from 2 % to 64 %; started at nice 0, 16 % against
+        12 % before). Anything else gets it from exec: on a first start nothing
+        serves yet, and a lone rendezvous is quickest back and warm at that priority."""
+        return self.spec.latency_critical and self.spec.replicated and self.restarts > 0
+
     def _prioritise(self, pid: int) -> None:
-        # Called right after exec, while the child has one thread: its threads inherit both.
-        try:
-            os.setpriority(os.PRIO_PROCESS, pid, self.settings.latency_critical_nice)
-        except PermissionError:
+        """Nice and real-time priority for a latency-critical process."""
+        # On Linux both are per thread: each thread it has by now (threads started later
+        # inherit their creator's).
+        threads = _threads(pid)
+        nice = self.settings.latency_critical_nice
+        if not _each_thread(threads, lambda thread: os.setpriority(os.PRIO_PROCESS, thread, nice)):
             log.warning(
                 "cannot raise the answer path's CPU priority; it runs at the default",
                 extra={"component": self.spec.name},
             )
             return
         priority = self.settings.latency_critical_rt_priority
-        if priority > 0:
-            try:
-                os.sched_setscheduler(pid, os.SCHED_RR, os.sched_param(priority))
-            except PermissionError:
-                log.warning(
-                    "no real-time priority for the answer path; nice only",
-                    extra={"component": self.spec.name},
-                )
+        if priority > 0 and not _each_thread(
+            threads,
+            lambda thread: os.sched_setscheduler(thread, os.SCHED_RR, os.sched_param(priority)),
+        ):
+            log.warning(
+                "no real-time priority for the answer path; nice only",
+                extra={"component": self.spec.name},
+            )
 
     def _watcher_ended(self, task: asyncio.Task[None]) -> None:
         # A watcher that dies leaves its process unsupervised: say so loudly.
@@ -246,6 +287,8 @@ class Supervised:
                 self.spec.endpoint, self.spec.health_service, tls=self.spec.client_tls
             ):
                 self.status = "ready"
+                if self._prioritise_when_ready and self.process is not None:
+                    self._prioritise(self.process.pid)
                 return True
             await asyncio.sleep(0.2)
         self.status = "not ready"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 from services.core.bus import Bus, connect
@@ -45,7 +45,7 @@ class LiveMesh:
         pulsar_url: str,
         pulsar_admin_url: str,
         state_dir: Path,
-        rendezvous_listen: str,
+        rendezvous_listen: str | Sequence[str],
         ports: Ports,
         objectives: Iterable[str] = (),
         retry_delay_s: float = 0.5,
@@ -63,6 +63,7 @@ class LiveMesh:
         # process that writes, reads or forgets records about a subject.
         self.privacy = privacy
         self.state_dir = state_dir
+        # One address, or one per rendezvous replica.
         self.rendezvous_listen = rendezvous_listen
         self.ports = ports
         # The mesh file's objectives: the topic holds each once the control component seeded

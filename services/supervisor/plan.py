@@ -5,7 +5,9 @@ file; the keyring starts beside it (`plan_keyring`), before anything that writes
 about a subject. Everything else is planned from the configurations on that topic (`plan`): a model
 container per deployment the supervisor runs locally (a `kind`, no `endpoint`), the runner
 hosts of each objective's replica groups (live: each follows its objective and serves its
-group), the enricher when some objective is enriched, the rendezvous and its collector.
+group), the enricher when some objective is enriched, the rendezvous and its collector —
+one pair per rendezvous replica, each with its own instance name (its return address,
+`rdv.predictions.rdv-<i>`), delivery socket and port.
 Planned again for every new version, the plan is compared with what runs (`diff`): what to
 start, what to stop, what to restart because its settings changed.
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import random
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,17 +44,19 @@ from services.runner.settings import group_subscription
 # Start order: a stage starts once every process of the stage before is ready. The control
 # component seeds the topic everything else is planned from. The rendezvous and its
 # collector start together: the rendezvous serves only once a collector stream is open and
-# its warm-up through the whole path is done.
+# its warm-up through the whole path is done. Rendezvous replicas start one after the
+# other (replica i in stage STAGE_RENDEZVOUS + i): each warms up alone, so one's warm-up
+# traffic does not slow another's races and hold its warm-up back.
 # The trace store first (`rendezvous up --traces`): every process exports to it from its start.
 STAGE_TRACES = -1
 STAGE_CONTROL = 0
 STAGE_MODELS = 1
 STAGE_CONSUMERS = 2
 STAGE_RENDEZVOUS = 3
-STAGE_COLLECTOR = STAGE_RENDEZVOUS
 
-RENDEZVOUS_INSTANCE = "rdv-0"
 JAEGER = "jaeger"
+RENDEZVOUS = "rendezvous"
+COLLECTOR = "collector"
 CONTROL = "control"
 KEYRING = "keyring"
 # Planned once, before the control topic is read, and never planned from it: a new version
@@ -93,6 +97,13 @@ class ProcessSpec:
     writes_ready_file: bool = True
     # Whether the process exports spans to the mesh's trace store, when it has one.
     traced: bool = True
+    # One of several replicas serving side by side (rendezvous replicas and their
+    # collectors): restarted, it gets its latency-critical priority only once ready, so its
+    # start-up does not take the CPU the others' answers wait for.
+    replicated: bool = False
+    # Settings a restart runs with, over `env` (a rendezvous replica rejoining: a gentler
+    # warm-up, RendezvousSettings.rejoining).
+    restart_env: dict[str, str] = field(default_factory=dict)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -109,6 +120,15 @@ PORT_RANGE = (20000, 32000)
 _handed_out: set[int] = set()
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A loopback TCP port that is free now and not in the ephemeral range."""
     low, high = PORT_RANGE
@@ -118,14 +138,32 @@ def free_port() -> int:
         port = rng.randrange(low, high)
         if port in _handed_out or ephemeral_low <= port <= ephemeral_high:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if not _bindable(port):
+            continue
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def free_port_series(count: int, step: int) -> int:
+    """A port p such that p, p + step, ..., p + (count - 1) * step are all free now and
+    handed out (the addresses of `count` rendezvous replicas `step` ports apart)."""
+    for _ in range(1000):
+        first = free_port()
+        rest = [first + i * step for i in range(1, count)]
+        if all(port not in _handed_out and _bindable(port) for port in rest):
+            _handed_out.update(rest)
+            return first
+    raise RuntimeError(f"no {count} free ports {step} apart")
+
+
+def reserve_ports(addresses: Iterable[str]) -> None:
+    """Keep the ports of fixed addresses (host:port) out of what `free_port` hands out: a
+    rendezvous replica that starts in a later stage must still find its port free."""
+    for address in addresses:
+        _, _, port = address.rpartition(":")
+        if port.isdigit():
+            _handed_out.add(int(port))
 
 
 @dataclass
@@ -153,6 +191,17 @@ class EvaluatorAddress:
 
     listen: str
     dashboard_listen: str
+
+
+def rendezvous_instance(replica: int) -> str:
+    """The instance name of rendezvous replica `replica`: its return address's suffix."""
+    return f"rdv-{replica}"
+
+
+def replica_process(base: str, replica: int, replicas: int) -> str:
+    """The process name of replica `replica` of `replicas` ("rendezvous" when alone, else
+    "rendezvous-0", "rendezvous-1", ...)."""
+    return base if replicas == 1 else f"{base}-{replica}"
 
 
 def model_directory(state_dir: Path) -> Path:
@@ -394,7 +443,7 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
     state_dir: Path,
     pulsar_url: str,
     pulsar_admin_url: str,
-    rendezvous_listen: str,
+    rendezvous_listen: str | Sequence[str],
     ports: Ports | None = None,
     evaluator: EvaluatorAddress | None = None,
     pulsar_env: Mapping[str, str] | None = None,
@@ -402,17 +451,18 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
     privacy: Mapping[str, str] | None = None,
 ) -> list[ProcessSpec]:
     """Every process serving `configs` (the control component and the keyring aside),
-    models first, the collector last. `ports` keeps addresses across plans (a fresh one
-    when not given). `evaluator` adds the evaluator (off the answer path; it reads the
-    results topics). `pulsar_env` (`PulsarSettings.security_env()`: token, TLS) goes to
-    every process under its own prefix; `tls` puts every process on mTLS; `privacy`
-    (`privacy_env`) to the rendezvous, runner hosts, the enricher and the evaluator."""
+    models first, the collectors last. `rendezvous_listen`: where the rendezvous listens,
+    or each replica's address (a rendezvous and a collector per replica). `ports` keeps
+    addresses across plans (a fresh one when not given). `evaluator` adds the evaluator
+    (off the answer path; it reads the results topics). `pulsar_env`
+    (`PulsarSettings.security_env()`: token, TLS) goes to every process under its own
+    prefix; `tls` puts every process on mTLS; `privacy` (`privacy_env`) to the rendezvous
+    replicas, runner hosts, the enricher and the evaluator."""
     keys = dict(privacy or {})
     planner = _Planner(
         state_dir, pulsar_url, pulsar_admin_url, ports or Ports(), pulsar_env, tls=tls
     )
     add = planner.add
-    socket_path = state_dir / RENDEZVOUS_INSTANCE / "delivery.sock"
     directory = model_directory(state_dir)
     containers: set[str] = set()
     for objective, config in sorted(configs.items()):
@@ -487,28 +537,9 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             STAGE_CONSUMERS,
             {"FOLLOW": "true", "SERVE_ONLY": json.dumps(sorted(configs)), **keys},
         )
-    add(
-        "rendezvous",
-        "services.rendezvous",
-        "RDV_RENDEZVOUS_",
-        STAGE_RENDEZVOUS,
-        {
-            "INSTANCE": RENDEZVOUS_INSTANCE,
-            "DELIVERY_SOCKET": str(socket_path),
-            "SERVE_ONLY": json.dumps(sorted(configs)),
-            **keys,
-        },
-        listen=rendezvous_listen,
-        latency_critical=True,
-    )
-    add(
-        "collector",
-        "services.collector",
-        "RDV_COLLECTOR_",
-        STAGE_COLLECTOR,
-        {"INSTANCE": RENDEZVOUS_INSTANCE, "DELIVERY_SOCKET": str(socket_path)},
-        latency_critical=True,
-    )
+    listens = [rendezvous_listen] if isinstance(rendezvous_listen, str) else rendezvous_listen
+    for replica, listen in enumerate(listens):
+        _plan_rendezvous(planner, replica, len(listens), listen, configs, keys=keys)
     if evaluator is not None:
         # With the rendezvous: it only reads what the answer path writes, so nothing waits
         # for it, and a long retained history to read does not hold the mesh back.
@@ -526,6 +557,50 @@ def plan(  # noqa: PLR0917 (the mesh's coordinates, each needed)
             role="evaluator",
         )
     return planner.specs
+
+
+def _plan_rendezvous(
+    planner: _Planner,
+    replica: int,
+    replicas: int,
+    listen: str,
+    configs: Mapping[str, objective_pb2.ObjectiveConfig],
+    *,
+    keys: Mapping[str, str],
+) -> None:
+    """Rendezvous replica `replica` and its collector: its own instance (so its own return
+    address), delivery socket and port, in a stage of its own; `keys`: its privacy settings."""
+    instance = rendezvous_instance(replica)
+    socket_path = planner.state_dir / instance / "delivery.sock"
+    stage = STAGE_RENDEZVOUS + replica
+    labels = {"instance": instance}
+    rendezvous = planner.add(
+        replica_process(RENDEZVOUS, replica, replicas),
+        "services.rendezvous",
+        "RDV_RENDEZVOUS_",
+        stage,
+        {
+            "INSTANCE": instance,
+            "DELIVERY_SOCKET": str(socket_path),
+            "SERVE_ONLY": json.dumps(sorted(configs)),
+            **keys,
+        },
+        listen=listen,
+        latency_critical=True,
+        labels=labels,
+    )
+    collector = planner.add(
+        replica_process(COLLECTOR, replica, replicas),
+        "services.collector",
+        "RDV_COLLECTOR_",
+        stage,
+        {"INSTANCE": instance, "DELIVERY_SOCKET": str(socket_path)},
+        latency_critical=True,
+        labels=labels,
+    )
+    rendezvous.replicated = collector.replicated = replicas > 1
+    if replicas > 1:
+        rendezvous.restart_env = {"RDV_RENDEZVOUS_REJOINING": "true"}
 
 
 def model_endpoints(specs: Sequence[ProcessSpec]) -> dict[str, str]:

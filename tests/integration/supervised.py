@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,16 +56,19 @@ class RunningMesh:
         return str(self.state()["control_endpoint"])
 
     async def outcomes(
-        self, objective: str, ids: set[str], timeout_s: float = 30.0
+        self, objective: str, ids: set[str], quiet_s: float = 30.0
     ) -> dict[str, task_pb2.Outcome]:
-        """The outcomes of the requests `ids` on the objective's results topic, by request id
-        (each read within `timeout_s` of the one before)."""
-        bus = PulsarBus(self.broker.settings(), "test-outcomes")
+        """The outcomes of `ids` on the objective's results topic, read from the start until
+        every one is found or nothing more came for `quiet_s` (what was found, then)."""
+        bus = PulsarBus(self.broker.settings(), f"test-outcomes-{uuid.uuid4().hex[:6]}")
         found: dict[str, task_pb2.Outcome] = {}
         try:
             reader = await bus.reader(bus.topics.results(objective), task_pb2.Outcome)
             while len(found) < len(ids):
-                envelope = await asyncio.wait_for(reader.read_next(), timeout_s)
+                try:
+                    envelope = await asyncio.wait_for(reader.read_next(), quiet_s)
+                except TimeoutError:
+                    break
                 if envelope.message.request_id in ids:
                     found[envelope.message.request_id] = envelope.message
             await reader.close()
@@ -102,7 +106,9 @@ def supervised_mesh(
     supervise_args: Sequence[str] = (),
 ) -> Iterator[RunningMesh]:
     """Run the mesh `document` (a mesh file's content; `rendezvous.listen` is where it
-    answers) until the block ends; yields once the supervisor says it is ready.
+    answers, the first replica's address with `rendezvous.replicas` or
+    `--rendezvous-replicas`) until the block ends; yields once the supervisor says it is
+    ready.
     `supervise_args` are more options of `rendezvous supervise` (e.g. `--tls`)."""
     mesh_file = root / "mesh.yaml"
     mesh_file.write_text(yaml.safe_dump(document))
@@ -152,6 +158,8 @@ def supervised_mesh(
                 break
             time.sleep(0.5)
         assert running.state()["phase"] == "ready", f"mesh not ready; logs in {state_dir}/logs"
+        # What clients dial: the round-robin target of every replica when there are several.
+        running.endpoint = str(running.state()["endpoint"])
         yield running
     finally:
         supervisor.send_signal(signal.SIGTERM)

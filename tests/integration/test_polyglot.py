@@ -114,7 +114,9 @@ async def test_every_language_answers_and_they_agree_to_1e_9(mesh: RunningMesh) 
     for name in CONTAINERS:
         # Each challenger answers its arm (a third); the incumbent the rest.
         assert won[name] >= REQUESTS * 0.15, won
-    outcomes = await mesh.outcomes(OBJECTIVE, {a.request_id for a in answers})
+    ids = {a.request_id for a in answers}
+    outcomes = await mesh.outcomes(OBJECTIVE, ids)
+    assert outcomes.keys() == ids
     for outcome in outcomes.values():
         scores = {
             c.prediction.model: c.prediction.prediction.score

@@ -17,13 +17,15 @@ from typing import Any, Protocol
 
 import yaml
 
-from services.supervisor.plan import free_port
+from services.core.mesh import RendezvousEntry
+from services.supervisor.plan import free_port, free_port_series
 
 REPO = Path(__file__).resolve().parents[2]
 PULSAR_SH = REPO / "tools" / "pulsar.sh"
 PULSAR_RUN = REPO / ".run" / "pulsar"
 BENCH_MESH = REPO / "deploy" / "mesh" / "bench-systems.yaml"
 STANDALONE = "org.apache.pulsar.PulsarStandaloneStarter"
+RENDEZVOUS_PORT_STEP = RendezvousEntry().port_step
 
 
 def log(message: str) -> None:
@@ -116,6 +118,7 @@ class Mesh:
         broker: Broker,
         work_dir: Path,
         mesh_template: Path = BENCH_MESH,
+        rendezvous_replicas: int = 1,
         *,
         supervise_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
@@ -128,8 +131,12 @@ class Mesh:
         self.root = work_dir / "mesh"
         self.state_dir = self.root / "state"
         self.document: dict[str, Any] = yaml.safe_load(mesh_template.read_text())
-        self.endpoint = f"127.0.0.1:{free_port()}"
-        self.document.setdefault("rendezvous", {})["listen"] = self.endpoint
+        rendezvous = self.document.setdefault("rendezvous", {})
+        step = int(rendezvous.get("port_step", RENDEZVOUS_PORT_STEP))
+        first = free_port_series(rendezvous_replicas, step)
+        rendezvous.update(listen=f"127.0.0.1:{first}", replicas=rendezvous_replicas)
+        # The first replica's address until the supervisor says what clients dial.
+        self.endpoint = str(rendezvous["listen"])
         self.control_endpoint = f"127.0.0.1:{free_port()}"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -181,6 +188,8 @@ class Mesh:
             time.sleep(0.5)
         if self.state()["phase"] != "ready":
             raise RuntimeError(f"mesh not ready; logs in {self.state_dir}/logs")
+        # One address, or the round-robin target of every rendezvous replica.
+        self.endpoint = str(self.state()["endpoint"])
         log(f"mesh ready: rendezvous on {self.endpoint}")
 
     def stop(self) -> None:
@@ -211,7 +220,9 @@ class Mesh:
         pids: dict[str, int] = {}
         for process in self.state()["processes"]:
             name: str = process["name"]
-            shared = name in ("enricher", "rendezvous", "collector")
+            shared = name in ("enricher", "rendezvous", "collector") or name.startswith(
+                ("rendezvous-", "collector-")
+            )
             own = (
                 name == f"decoy-{objective}"
                 or name.startswith(f"runners-{objective}-")

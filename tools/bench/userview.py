@@ -10,7 +10,8 @@ samples the CPU time of every process of the mesh (the supervisor's `state.json`
 broker, and reports milliseconds of CPU per answered request, per process.
 
 It runs in its own process, with the generated stubs only: what a gRPC client in any language
-sees, one loopback connection, no server-side figure.
+sees, one loopback connection per rendezvous replica (round robin over a replicated target),
+no server-side figure.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import grpc
 from rendezvous.v1 import scoring_pb2, scoring_pb2_grpc
 
+from services.core.channels import aio_channel
 from services.core.protos import set_values
 from tools.bench.load import quantile
 from tools.bench.probes import CpuMeter
@@ -128,7 +130,8 @@ async def drive(
     request = scoring_pb2.ScoreRequest(objective=objective)
     set_values(request.features, FEATURES)
     meter = CpuMeter(pids or {})
-    async with grpc.aio.insecure_channel(target) as channel:
+    # The mesh's channel builder: round robin over the replicas of a replicated target.
+    async with aio_channel(target) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         await channel.channel_ready()
 
