@@ -43,6 +43,11 @@ async def test_a_race_is_counted_per_model_late_ones_included(mesh: Mesh) -> Non
     # The incumbent answers at 5 ms; the challenger comes after the 50 ms SLA, so after the
     # answer whoever gave it, within the grace.
     mesh.script.plan = {"incumbent": (5, 10.0), "challenger": (80, 20.0), "canary": (2, 30.0)}
+    # The fixture's start-up can leave the loop behind for a moment, and a request then is
+    # shed (test_race covers shedding); this test counts a race, so it waits for the loop.
+    lag = mesh.rendezvous.loop_lag
+    assert lag is not None
+    await until(lambda: lag.behind_s() == 0)
     models = ("incumbent", "challenger", "canary")
     roles = {"incumbent": "MODEL_ROLE_INCUMBENT", "": "MODEL_ROLE_UNSPECIFIED"}
     arrived = {model: arrivals(model) for model in models}
