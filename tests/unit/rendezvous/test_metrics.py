@@ -3,6 +3,8 @@ open mailboxes, the outcome backlog, the SLA in force, and Score's per-RPC count
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from rendezvous.v1 import scoring_pb2
@@ -10,6 +12,9 @@ from rendezvous.v1 import scoring_pb2
 from tests.helpers import metric_value, until
 from tests.unit.rendezvous.conftest import Mesh
 from tests.unit.rendezvous.test_race import outcome_of, request
+
+SHED_RETRIES = 5
+SHED_RETRY_DELAY_S = 0.1
 
 
 def arrivals(model: str) -> float:
@@ -39,6 +44,21 @@ def score_calls(code: str) -> float:
     return metric_value("rdv_grpc_server_handled_total", labels)
 
 
+async def _score_once_not_shed(mesh: Mesh) -> scoring_pb2.ScoreResponse:
+    """One answered Score. A loop that is behind (the fixture's start-up, a collection of a
+    heap grown over a whole test session) sheds the call before any race, counting nothing
+    this module checks (test_race covers shedding): then the call is made again."""
+    for _ in range(SHED_RETRIES):
+        try:
+            response: scoring_pb2.ScoreResponse = await mesh.stub.Score(request())
+            return response
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            await asyncio.sleep(SHED_RETRY_DELAY_S)
+    raise AssertionError(f"shed {SHED_RETRIES} times in a row")
+
+
 async def test_a_race_is_counted_per_model_late_ones_included(mesh: Mesh) -> None:
     # The incumbent answers at 5 ms; the challenger comes after the 50 ms SLA, so after the
     # answer whoever gave it, within the grace.
@@ -54,7 +74,7 @@ async def test_a_race_is_counted_per_model_late_ones_included(mesh: Mesh) -> Non
         "incumbent": answers("incumbent", roles["incumbent"]),
         "": answers("default", roles[""], "ANSWER_SOURCE_DEFAULT"),
     }
-    response = await mesh.stub.Score(request())
+    response = await _score_once_not_shed(mesh)
     winner = response.decision.model
     # Counted under the model the client was told answered (on a busy machine, the default).
     if winner:
