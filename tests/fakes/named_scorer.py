@@ -1,5 +1,6 @@
 """A stand-in rendezvous replica for channel tests: `ScoringService.Score` answers with the
-replica's name as the request id, after `delay_ms`; health SERVING unless told otherwise.
+replica's name as the request id (after `delay_ms` for a request whose objective is
+HOLD); health SERVING unless told otherwise.
 
 `python -m tests.fakes.named_scorer NAME DELAY_MS` serves one on a free loopback port in a
 process of its own (so a test can kill it with SIGKILL) and prints the port once it serves.
@@ -17,10 +18,13 @@ from services.core.server import GrpcServer
 from services.core.settings import TlsSettings
 
 SERVICE = "rendezvous.v1.ScoringService"
+# The objective of a request answered only after the replica's delay.
+HOLD = "hold"
 
 
 class NamedScorer(scoring_pb2_grpc.ScoringServiceServicer):
-    """Says who answered; waits `delay_s` first (a call in flight to kill)."""
+    """Says who answered; waits `delay_s` first for a HOLD request (a call in flight to
+    kill), answers any other at once."""
 
     def __init__(self, name: str, delay_s: float = 0.0) -> None:
         self.name = name
@@ -31,7 +35,8 @@ class NamedScorer(scoring_pb2_grpc.ScoringServiceServicer):
         self, request: scoring_pb2.ScoreRequest, context: Any
     ) -> scoring_pb2.ScoreResponse:
         self.calls += 1
-        await asyncio.sleep(self.delay_s)
+        if request.objective == HOLD:
+            await asyncio.sleep(self.delay_s)
         return scoring_pb2.ScoreResponse(request_id=self.name)
 
 

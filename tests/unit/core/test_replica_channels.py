@@ -27,7 +27,7 @@ from services.core.channels import (
 from services.core.server import GrpcServer
 from services.supervisor.certs import mesh_tls
 from tests.conftest import REPO
-from tests.fakes.named_scorer import NamedScorer, named_server
+from tests.fakes.named_scorer import HOLD, NamedScorer, named_server
 from tools.certs import write_loopback_certs
 
 TIMEOUT_S = 5.0
@@ -132,8 +132,8 @@ async def test_the_blocking_channel_balances_too(
 
 @pytest.fixture
 def doomed() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A replica in a process of its own whose every answer takes 3 s: calls to it are in
-    flight when it is killed."""
+    """A replica in a process of its own whose answers to HOLD requests take 3 s: calls to
+    it are in flight when it is killed."""
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.fakes.named_scorer", "doomed", "3000"],
         cwd=REPO,
@@ -159,14 +159,14 @@ async def test_a_call_in_flight_on_a_replica_killed_is_answered_by_another(
     try:
         target = replicated_target([doomed_endpoint, survivor.endpoint])
         async with aio_channel(target) as channel:
-            await asyncio.wait_for(channel.channel_ready(), TIMEOUT_S)
             stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-            # Round robin: of four calls at once, two are held by the doomed replica.
-            calls = [
-                asyncio.ensure_future(stub.Score(scoring_pb2.ScoreRequest(), timeout=TIMEOUT_S))
-                for _ in range(4)
-            ]
-            await asyncio.sleep(0.5)
+            assert set(await _until(stub, {"doomed", "survivor"})) == {"doomed", "survivor"}
+            # Round robin over both: of four calls at once, two are held by the doomed one.
+            hold = scoring_pb2.ScoreRequest(objective=HOLD)
+            calls = [asyncio.ensure_future(stub.Score(hold, timeout=TIMEOUT_S)) for _ in range(4)]
+            answered = asyncio.as_completed(calls, timeout=SETTLE_S)
+            for _ in range(2):
+                assert (await next(answered)).request_id == "survivor"
             assert sum(call.done() for call in calls) == 2
             started = time.monotonic()
             process.kill()
