@@ -350,6 +350,9 @@ class Supervised:
             "pid": self.process.pid if self.process else None,
             "status": self.status,
             "restarts": self.restarts,
+            # Wall clock of the last exec: state.json is rewritten once a second, so a reader
+            # that needs to know when a restart happened takes it from here, not from polling.
+            "started_at": self.started_at,
             "log": str(self.spec.log_file),
             **({"warmup": warmup} if warmup else {}),
             **self.spec.labels,
