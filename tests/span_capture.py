@@ -28,6 +28,8 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
+from services.core import tracing
+
 _RECORDING = ParentBased(ALWAYS_ON)
 
 
@@ -60,7 +62,10 @@ _SWITCH = _Switch()
 
 
 def install() -> TracerProvider:
-    """The session's provider (installed on the first call)."""
+    """The session's provider (installed on the first call). The process counts as one that
+    exports spans (`services.core.tracing.exporting`): its servers and channels get the gRPC
+    instrumentation whose spans the tests capture."""
+    tracing.set_exporting(True)
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         trace.set_tracer_provider(TracerProvider(sampler=_SWITCH))

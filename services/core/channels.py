@@ -165,8 +165,10 @@ def aio_channel(
     chain = [*client_interceptors(), *interceptors]
     options = [*balancing_options(target), *options]
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=list(options), interceptors=chain)
-    return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=chain)
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=chain or None)
+    return grpc.aio.secure_channel(
+        target, credentials, options=list(options), interceptors=chain or None
+    )
 
 
 def sync_channel(

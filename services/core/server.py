@@ -30,7 +30,7 @@ from services.core.channels import read_pem
 from services.core.errors import ErrorInterceptor
 from services.core.rpc_metrics import RpcMetricsInterceptor
 from services.core.settings import AuthSettings, TlsSettings
-from services.core.tracing import server_interceptor
+from services.core.tracing import server_interceptors as tracing_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def server_interceptors(auth: AuthSettings | None) -> list[grpc.aio.ServerInterc
     the auth interceptor inside it, which maps its refusals.
     """
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        server_interceptor(),
+        *tracing_interceptors(),
         RpcMetricsInterceptor(),
         ErrorInterceptor(),
     ]

@@ -67,6 +67,7 @@ from services.core.protos import duration_from_seconds, duration_ms, timestamp_f
 from services.core.sampling import ARCHIVE, CHALLENGERS, SHARES, draw
 from services.core.server import write_ready_file
 from services.core.telemetry import counter, gauge, histogram, inject, tracer
+from services.core.tracing import continue_caller_trace
 from services.rendezvous.answer import answer
 from services.rendezvous.mailbox import DISPATCH_FAILED_RULE, Mailbox, MailboxRegistry
 from services.rendezvous.outcomes import OutcomeSender
@@ -759,7 +760,8 @@ class _ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     async def Score(
         self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> scoring_pb2.ScoreResponse:
-        return await self._rendezvous.score(request, context)
+        with continue_caller_trace(context.invocation_metadata()):
+            return await self._rendezvous.score(request, context)
 
 
 class _DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):

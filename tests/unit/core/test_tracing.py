@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 from opentelemetry.trace import SpanKind
 from rendezvous.v1 import model_pb2, model_pb2_grpc, task_pb2
 
+from services.core import tracing
 from services.core.bus import Envelope
 from services.core.channels import aio_channel
 from services.core.consumer import BoundedConsumer
@@ -97,6 +98,34 @@ async def test_a_server_continues_the_callers_trace(
     assert format(server.context.trace_id, "032x") == TRACE_ID
     assert server.parent is not None and format(server.parent.span_id, "016x") == CALLER_SPAN
     assert server.attributes is not None and server.attributes["rpc.grpc.status_code"] == 0
+
+
+async def test_exporting_nothing_no_grpc_span_is_made_yet_a_callers_trace_continues(
+    serve_model: ServeModel, spans: Captured
+) -> None:
+    tracing.set_exporting(False)
+    try:
+        assert tracing.server_interceptors() == []
+        assert tracing.client_interceptors() == []
+        # What Score does with the metadata a caller sent: its trace is current inside.
+        with tracing.continue_caller_trace((("traceparent", TRACEPARENT), ("x-other", "1"))):
+            current = trace.get_current_span().get_span_context()
+            assert format(current.trace_id, "032x") == TRACE_ID
+            assert format(current.span_id, "016x") == CALLER_SPAN
+        assert not trace.get_current_span().get_span_context().is_valid
+        # A server and a channel made meanwhile: a call through them makes no gRPC span.
+        model = await serve_model("sum")
+        async with aio_channel(model.container.endpoint) as channel:
+            await model_pb2_grpc.ModelServiceStub(channel).Predict(
+                model_pb2.PredictRequest(request_id="r-quiet", objective="o"),
+                metadata=(("traceparent", TRACEPARENT),),
+                timeout=5,
+            )
+        assert not spans.named("/rendezvous.v1.ModelService/Predict")
+    finally:
+        tracing.set_exporting(True)
+    # Exporting again: the same call is traced (the test above is not vacuous).
+    assert len(tracing.server_interceptors()) == 1
 
 
 async def test_a_mesh_channel_sends_its_trace_and_health_checks_make_no_span(
