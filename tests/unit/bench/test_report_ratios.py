@@ -111,3 +111,17 @@ def test_ray_processes_are_named_stably_whatever_method_they_run() -> None:
     assert ray_process_name(["python3", "-m", "ray.util.client.server"]) == "ray-client-server"
     assert ray_process_name(["python3", "/v/bin/ray", "start", "--head"]) == "ray-start"
     assert ray_process_name(["python3", "something.py"]) == "ray-other"
+
+
+def test_the_smoke_tells_shed_calls_from_failed_ones() -> None:
+    def smoke(errors: int, kinds: dict[str, int]) -> list[str]:
+        rows = [row("S2", 20, 10.0, 30.0, 20.0, errors=errors, error_kinds=kinds)]
+        rows[0]["error_share"] = errors / 100
+        return report.smoke_problems({"unavailable": {}, "summary": rows}, ["S2"])
+
+    # Two of 100 calls shed while the loop stalled: speed, not sanity.
+    assert smoke(2, {"ResourceExhausted": 2}) == []
+    # Two of 100 failed otherwise: more than 1 %.
+    assert smoke(2, {"Unavailable": 2}) == ["S2 at 20 req/s: 2 errors (2.0%)"]
+    # Most calls shed at the smoke's rate: something is wrong.
+    assert smoke(30, {"ResourceExhausted": 30}) == ["S2 at 20 req/s: 30 calls shed (30.0%)"]
