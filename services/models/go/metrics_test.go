@@ -2,6 +2,7 @@ package main
 
 import (
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
@@ -15,14 +16,22 @@ import (
 )
 
 // freePort is a loopback TCP port free a moment ago.
+// freePort is a loopback port free now, below the kernel's ephemeral range (as the
+// supervisor picks them, services/supervisor/plan.py): a port from Listen(":0") is ephemeral
+// and can be handed again, a moment later, to the child's own gRPC listener on port 0.
 func freePort(t *testing.T) int {
 	t.Helper()
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 100 {
+		port := 20000 + rand.IntN(12000)
+		listener, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err != nil {
+			continue
+		}
+		listener.Close()
+		return port
 	}
-	defer listener.Close()
-	return listener.Addr().(*net.TCPAddr).Port
+	t.Fatal("no free port in 20000-32000")
+	return 0
 }
 
 func scrape(t *testing.T, port int) string {

@@ -119,21 +119,63 @@ test("a port already taken: exit 1 with the reason logged", async () => {
 });
 
 /** A loopback TCP port free a moment ago. */
+/**
+ * A loopback port free now, below the kernel's ephemeral range (as the supervisor picks
+ * them, services/supervisor/plan.py): a port from `listen(0)` is ephemeral and can be handed
+ * again, a moment later, to the child's own gRPC listener on port 0.
+ */
 async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    const server = createServer();
+    const bound = await new Promise<boolean>((resolve) => {
+      server.once("error", () => resolve(false));
+      server.listen(port, "127.0.0.1", () => resolve(true));
+    });
+    if (bound) {
+      await new Promise((resolve) => server.close(resolve));
+      return port;
+    }
+  }
+  throw new Error("no free port in 20000-32000");
+}
+
+/**
+ * A container serving /metrics on a port picked free just before. The pick can be taken again
+ * before the child binds it (by the child's own gRPC listener, an ephemeral port too, or by
+ * any other process): the container then says so and exits 1, as it should, and the test
+ * tries another port rather than fail on the machine's luck.
+ */
+async function startWithMetrics(): Promise<{ proc: ReturnType<typeof start>; port: number; endpoint: string }> {
+  const failures: string[] = [];
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const readyPath = join(tempDir(), "ready.json");
+    const port = await freePort();
+    const proc = start({ RDV_MODEL_READY_FILE: readyPath, RDV_MODEL_METRICS_PORT: String(port) });
+    let code: number | null | undefined;
+    void proc.exited.then((c) => (code = c));
+    const deadline = Date.now() + 10_000;
+    while (!existsSync(readyPath) && code === undefined && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    if (existsSync(readyPath)) {
+      const ready = JSON.parse(readFileSync(readyPath, "utf-8")) as { endpoint: string };
+      return { proc, port, endpoint: ready.endpoint };
+    }
+    proc.child.kill("SIGKILL");
+    await proc.exited;
+    // Only a taken metrics port is the machine's luck; anything else fails the test.
+    assert.match(proc.stderr(), /cannot serve the metrics/, `exit ${String(code)}: ${proc.stderr()}`);
+    failures.push(`port ${port}: ${proc.stderr().trim()}`);
+  }
+  throw new Error(`no metrics port could be bound in 3 attempts: ${failures.join("; ")}`);
 }
 
 test("RDV_MODEL_METRICS_PORT: /metrics counts calls by code and times them, as the Python servers do", async () => {
-  const readyPath = join(tempDir(), "ready.json");
-  const port = await freePort();
-  const proc = start({ RDV_MODEL_READY_FILE: readyPath, RDV_MODEL_METRICS_PORT: String(port) });
+  const { proc, port, endpoint } = await startWithMetrics();
+  let text: string;
   try {
-    const ready = await readyFile(readyPath);
-    const client = new ModelServiceClient(ready.endpoint, credentials.createInsecure());
+    const client = new ModelServiceClient(endpoint, credentials.createInsecure());
     try {
       const features = FIXTURE.rows[0] as Record<string, number>;
       for (let i = 0; i < 3; i++) await call(client.predict.bind(client), predictRequest(features), 5000);
@@ -144,23 +186,26 @@ test("RDV_MODEL_METRICS_PORT: /metrics counts calls by code and times them, as t
     }
     const response = await fetch(`http://127.0.0.1:${port}/metrics`);
     assert.equal(response.status, 200);
-    const text = await response.text();
-    const labels = 'grpc_service="rendezvous.v1.ModelService",grpc_method="Predict",grpc_type="unary"';
-    for (const line of [
-      `rdv_grpc_server_handled_total{${labels},grpc_code="OK"} 3`,
-      `rdv_grpc_server_handled_total{${labels},grpc_code="INVALID_ARGUMENT"} 1`,
-      `rdv_grpc_server_handling_seconds_count{${labels}} 4`,
-      `rdv_grpc_server_handling_seconds_bucket{le="0.05",${labels}} `,
-      `rdv_grpc_server_in_flight{${labels}} 0`,
-      "process_cpu_seconds_total ",
-      "process_resident_memory_bytes ",
-      "nodejs_eventloop_lag_seconds ",
-    ]) {
-      assert.ok(text.includes(line), `/metrics lacks ${line}`);
-    }
-  } finally {
-    proc.child.kill("SIGTERM");
-    assert.equal(await proc.exited, 0);
+    text = await response.text();
+  } catch (err) {
+    proc.child.kill("SIGKILL");
+    throw err;
+  }
+  // The metrics server closes with the container: SIGTERM still drains and exits 0.
+  proc.child.kill("SIGTERM");
+  assert.equal(await proc.exited, 0, proc.stderr());
+  const labels = 'grpc_service="rendezvous.v1.ModelService",grpc_method="Predict",grpc_type="unary"';
+  for (const line of [
+    `rdv_grpc_server_handled_total{${labels},grpc_code="OK"} 3`,
+    `rdv_grpc_server_handled_total{${labels},grpc_code="INVALID_ARGUMENT"} 1`,
+    `rdv_grpc_server_handling_seconds_count{${labels}} 4`,
+    `rdv_grpc_server_handling_seconds_bucket{le="0.05",${labels}} `,
+    `rdv_grpc_server_in_flight{${labels}} 0`,
+    "process_cpu_seconds_total ",
+    "process_resident_memory_bytes ",
+    "nodejs_eventloop_lag_seconds ",
+  ]) {
+    assert.ok(text.includes(line), `/metrics lacks ${line}`);
   }
 });
 
