@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -11,10 +12,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rendezvous.v1 import delivery_pb2, delivery_pb2_grpc, scoring_pb2, task_pb2
 
+from services.core.mesh import to_config
 from services.core.protos import duration_ms
 from tests.fakes.memory_bus import MemoryBus
-from tests.helpers import metric_value, until
-from tests.unit.rendezvous.conftest import Mesh
+from tests.helpers import in_one_of, metric_value, until
+from tests.unit.rendezvous.conftest import OBJECTIVE, Mesh, running_mesh
 
 
 def request(**features: float) -> scoring_pb2.ScoreRequest:
@@ -22,6 +24,11 @@ def request(**features: float) -> scoring_pb2.ScoreRequest:
     for key, value in (features or {"x": 1.0}).items():
         out.features[key].number_value = value
     return out
+
+
+# Runs of a timed scenario: client and server share this process, which a busy machine can
+# deschedule (tests.helpers.in_one_of).
+ATTEMPTS = 3
 
 
 async def outcome_of(bus: MemoryBus, request_id: str, timeout: float = 2.0) -> task_pb2.Outcome:
@@ -37,44 +44,61 @@ async def outcome_of(bus: MemoryBus, request_id: str, timeout: float = 2.0) -> t
 
 async def test_preferred_model_in_time_wins(mesh: Mesh) -> None:
     mesh.script.plan = {"incumbent": (5, 10.0), "challenger": (1, 20.0)}
-    response = await mesh.stub.Score(request())
-    assert response.decision.model == "incumbent"
-    assert response.decision.reason == scoring_pb2.DECISION_REASON_ACCEPTED
-    assert response.decision.rule_index == 0
-    assert response.score == 10.0
-    assert duration_ms(response.elapsed) < 20
+
+    async def scenario() -> None:
+        response = await mesh.stub.Score(request())
+        assert response.decision.model == "incumbent"
+        assert response.decision.reason == scoring_pb2.DECISION_REASON_ACCEPTED
+        assert response.decision.rule_index == 0
+        assert response.score == 10.0
+        assert duration_ms(response.elapsed) < 20
+
+    await in_one_of(ATTEMPTS, scenario)
 
 
 async def test_preferred_late_gives_the_next_in_order(mesh: Mesh) -> None:
     mesh.script.plan = {"incumbent": (80, 10.0), "challenger": (3, 20.0)}
-    started = time.monotonic()
-    response = await mesh.stub.Score(request())
-    waited_ms = (time.monotonic() - started) * 1000
-    assert (response.decision.model, response.decision.rule_index) == ("challenger", 1)
-    assert 19 <= duration_ms(response.elapsed) < 30
-    assert waited_ms < 40
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        response = await mesh.stub.Score(request())
+        waited_ms = (time.monotonic() - started) * 1000
+        assert (response.decision.model, response.decision.rule_index) == ("challenger", 1)
+        assert 19 <= duration_ms(response.elapsed) < 30
+        assert waited_ms < 40
+
+    await in_one_of(ATTEMPTS, scenario)
 
 
 async def test_all_late_gives_the_default_within_the_sla(mesh: Mesh) -> None:
     mesh.script.plan = {"incumbent": (90, 10.0), "challenger": (90, 20.0)}
-    started = time.monotonic()
-    response = await mesh.stub.Score(request())
-    waited_ms = (time.monotonic() - started) * 1000
-    assert response.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT
-    assert response.decision.reason == scoring_pb2.DECISION_REASON_SLA_DEFAULT
-    assert response.score == -1.0
-    assert 50 <= waited_ms < 65
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        response = await mesh.stub.Score(request())
+        waited_ms = (time.monotonic() - started) * 1000
+        assert response.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT
+        assert response.decision.reason == scoring_pb2.DECISION_REASON_SLA_DEFAULT
+        assert response.score == -1.0
+        assert 50 <= waited_ms < 65
+
+    await in_one_of(ATTEMPTS, scenario)
 
 
 async def test_client_deadline_tightens_the_sla(mesh: Mesh) -> None:
     mesh.script.plan = {"incumbent": (90, 10.0)}
-    started = time.monotonic()
-    # The call succeeds (no DEADLINE_EXCEEDED): the answer left before the client's deadline.
-    response = await mesh.stub.Score(request(), timeout=0.015)
-    waited_ms = (time.monotonic() - started) * 1000
-    assert response.decision.reason == scoring_pb2.DECISION_REASON_CLIENT_DEADLINE
-    assert duration_ms(response.elapsed) < 15
-    assert waited_ms < 30
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        # The call succeeds (no DEADLINE_EXCEEDED): the answer left before the client's
+        # deadline.
+        response = await mesh.stub.Score(request(), timeout=0.015)
+        waited_ms = (time.monotonic() - started) * 1000
+        assert response.decision.reason == scoring_pb2.DECISION_REASON_CLIENT_DEADLINE
+        assert duration_ms(response.elapsed) < 15
+        assert waited_ms < 30
+
+    await in_one_of(ATTEMPTS, scenario)
 
 
 async def test_model_error_falls_back(mesh: Mesh) -> None:
@@ -173,27 +197,40 @@ async def test_oversize_request_is_resource_exhausted(mesh: Mesh) -> None:
     )
 
 
-async def test_overload_is_shed(mesh: Mesh) -> None:
-    mesh.script.plan = {}
-    calls = [mesh.stub.Score(request()) for _ in range(80)]
-    results = await asyncio.gather(*calls, return_exceptions=True)
+async def test_overload_is_shed(tmp_path: Path) -> None:
+    # A one-second SLA and no model answering: every admitted race stays in flight for a
+    # second, so the 80 calls overlap however slowly a busy machine starts them, and all
+    # past max_in_flight (50) are shed.
+    slow = OBJECTIVE.model_copy(update={"sla_ms": 1000})
+    async with running_mesh(tmp_path, {"demo": to_config("demo", slow)}) as mesh:
+        mesh.script.plan = {}
+        calls = [mesh.stub.Score(request()) for _ in range(80)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
     shed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     answered = [r for r in results if isinstance(r, scoring_pb2.ScoreResponse)]
-    assert shed and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in shed)
-    assert len(answered) >= 50
-    assert all(r.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT for r in answered)
+    assert len(shed) == 30, [r for r in results if not isinstance(r, scoring_pb2.ScoreResponse)]
+    assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in shed)
+    assert all(e.details() == "too many requests in flight; retry later" for e in shed)
+    assert len(answered) == 50
+    assert all(r.decision.reason == scoring_pb2.DECISION_REASON_SLA_DEFAULT for r in answered)
 
 
 async def test_broker_down_answers_default_within_sla(mesh: Mesh) -> None:
     mesh.script.plan = {"incumbent": (1, 1.0)}
-    mesh.bus.unavailable = True
-    started = time.monotonic()
-    response = await mesh.stub.Score(request())
-    waited_ms = (time.monotonic() - started) * 1000
-    assert response.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT
-    assert response.decision.reason == scoring_pb2.DECISION_REASON_DISPATCH_FAILED
-    assert waited_ms < 65
-    mesh.bus.unavailable = False
+
+    async def scenario() -> None:
+        mesh.bus.unavailable = True
+        try:
+            started = time.monotonic()
+            response = await mesh.stub.Score(request())
+            waited_ms = (time.monotonic() - started) * 1000
+        finally:
+            mesh.bus.unavailable = False
+        assert response.decision.source == scoring_pb2.ANSWER_SOURCE_DEFAULT
+        assert response.decision.reason == scoring_pb2.DECISION_REASON_DISPATCH_FAILED
+        assert waited_ms < 65
+
+    await in_one_of(ATTEMPTS, scenario)
     assert (await mesh.stub.Score(request())).decision.model == "incumbent"
 
 
