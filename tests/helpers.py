@@ -26,6 +26,10 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+# Between two runs of a timed scenario (in_one_of), times the run's index.
+IN_ONE_OF_PAUSE_S = 0.5
+
+
 async def in_one_of(attempts: int, scenario: Callable[[], Awaitable[None]]) -> None:
     """Pass when one of `attempts` runs of a timed scenario holds.
 
@@ -35,7 +39,10 @@ async def in_one_of(attempts: int, scenario: Callable[[], Awaitable[None]]) -> N
     the failure then lists them all.
     """
     failures: list[str] = []
-    for _ in range(attempts):
+    for attempt in range(attempts):
+        if attempt:
+            # Apart in time: a stall that spoiled one run should be over by the next.
+            await asyncio.sleep(IN_ONE_OF_PAUSE_S * attempt)
         try:
             await scenario()
             return

@@ -375,9 +375,11 @@ async def test_all_late_gives_the_default_within_the_sla(mesh: RunningMesh) -> N
 
 async def test_client_deadline_tightens_the_sla(mesh: RunningMesh) -> None:
     async def scenario() -> None:
-        response, _ = await score(mesh, request("alllate"), timeout=0.03)
+        # The call succeeds (no DEADLINE_EXCEEDED): the race was cut to the client's 30 ms,
+        # not run to the objective's 60 ms (both models take 300).
+        response, waited = await score(mesh, request("alllate"), timeout=0.03)
         assert response.decision.reason == scoring_pb2.DECISION_REASON_CLIENT_DEADLINE
-        assert duration_ms(response.elapsed) < 30
+        assert waited < SLA_MS
 
     await in_one_of(3, scenario)
 
