@@ -167,19 +167,26 @@ async def test_an_arm_scores_whatever_the_sampling_and_denied_consent_races_the_
         answered = {}
         for n in range(16):
             response = await mesh.stub.Score(request(f"arm-{n}"))
-            answered[f"arm-{n}"] = (response.decision.model, response.decision.rule)
+            answered[f"arm-{n}"] = response.decision
         refused = [(await mesh.stub.Score(request(f"no-{n}", denied))) for n in range(6)]
         published_tasks = tasks(mesh)
-    for request_id, (model, rule) in answered.items():
+    for request_id, decision in answered.items():
         in_arm = draw("demo", request_id, SHARES) < 0.5
-        assert model == ("challenger" if in_arm else "incumbent")
-        assert rule.endswith("(challenger's arm)" if in_arm else "(control arm)")
         scorers = list(published_tasks[request_id].scorers)
         assert ("challenger" in scorers) == in_arm
-    assert {model for model, _ in answered.values()} == {"incumbent", "challenger"}
+        if decision.rule_index != 0:
+            # A busy machine delayed the arm's prediction past the first step (shared loop):
+            # the second step, which has no arms, decided.
+            assert decision.rule_index == 1 and decision.model in ("incumbent", "canary")
+            continue
+        assert decision.model == ("challenger" if in_arm else "incumbent")
+        assert decision.rule.endswith("(challenger's arm)" if in_arm else "(control arm)")
+    first_step = [d.model for d in answered.values() if d.rule_index == 0]
+    assert set(first_step) == {"incumbent", "challenger"}, answered
     # A subject who denied experimentation is in no arm: the incumbent, by the control arm.
     for response in refused:
         assert response.decision.model == "incumbent"
-        assert response.decision.rule.endswith("(control arm)")
+        if response.decision.rule_index == 0:
+            assert response.decision.rule.endswith("(control arm)")
     for n in range(6):
         assert "challenger" not in published_tasks[f"no-{n}"].scorers
