@@ -500,11 +500,12 @@ async def test_answers_leave_within_the_sla_at_25_requests_per_second(
     mesh: RunningMesh,
 ) -> None:
     # The server's own clock (started when the request reached the process, loop lag
-    # included): 99 % of answers leave by SLA + 5 ms, whoever answered, and none later
-    # than twice the SLA. At 25 req/s: this mesh of twenty processes reaches its knee on
-    # this 2-core VM near 50 req/s (on 12-02, 30 of 500 answers at 50 req/s left past
-    # SLA + 5 ms, the rendezvous descheduled up to 20 ms), and a test of the SLA mechanism
-    # must not be a load test of the machine; `make bench` measures the rates.
+    # included): 97 % of answers leave by SLA + 5 ms (the share the broker-outage test
+    # below holds too), whoever answered, and none later than twice the SLA. At 25 req/s:
+    # this mesh of twenty processes reaches its knee on this 2-core VM near 50 req/s (on
+    # 12-02, 30 of 500 answers at 50 req/s left past SLA + 5 ms, the rendezvous
+    # descheduled up to 20 ms), and a test of the SLA mechanism must not be a load test of
+    # the machine; `make bench` measures the rates.
     rate, seconds, sla_ms = 25, 20, 60.0
     async with grpc.aio.insecure_channel(mesh.endpoint) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
@@ -518,7 +519,7 @@ async def test_answers_leave_within_the_sla_at_25_requests_per_second(
     assert len(responses) == rate * seconds
     # On failure, the slowest answers and how far behind the rendezvous' loop ran.
     late = sum(e > sla_ms + 5.0 for e in elapsed)
-    assert late <= 0.01 * len(elapsed), (late, elapsed[-10:], _loop_lag(mesh))
+    assert late <= 0.03 * len(elapsed), (late, elapsed[-10:], _loop_lag(mesh))
     assert elapsed[-1] <= 2 * sla_ms, (elapsed[-10:], _loop_lag(mesh))
     # The path works (CI runs this beside a core of unrelated load, where later models mean
     # more defaults: the designed answer, not a failure).
